@@ -1,0 +1,1 @@
+//! Benchmark peers and measurement helpers.
