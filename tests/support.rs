@@ -1,1 +1,90 @@
-//! Shared helpers for the loopback integration tests.
+//! Shared helpers for Floodgate's loopback integration tests.
+//!
+//! The tests live in this separate crate (not in `engine/tests`) so that they
+//! use the engine only through its public API, as an application does, and
+//! so that helper binaries (`floodgate-probe`, run in child processes for
+//! the fd-exhaustion and no-io_uring cases) can be built beside them.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Tests in one binary share the process's fd table; the ones that count
+/// descriptors hold this lock so that no other test opens any meanwhile.
+pub fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Number of open descriptors of this process.
+pub fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Waits until `cond` holds, re-checking whenever the engine may have moved.
+/// It waits on a count, not on a clock: the 120 s bound only turns a hang
+/// into a failure that names `what`.
+pub fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let give_up = Instant::now() + Duration::from_secs(120);
+    while !cond() {
+        assert!(Instant::now() < give_up, "gave up waiting for: {what}");
+        std::thread::park_timeout(Duration::from_millis(1));
+    }
+}
+
+/// Connects to `addr`, retrying while the kernel answers with a transient
+/// refusal (a full SYN queue can make connect fail with EAGAIN on loopback).
+pub fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
+    let mut tries = 0;
+    loop {
+        match TcpStream::connect(addr) {
+            Ok(s) => return Ok(s),
+            Err(e) if tries < 100 && e.raw_os_error() == Some(libc::EAGAIN) => tries += 1,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Sets SO_LINGER 0 so that dropping `s` sends an RST and leaves no
+/// TIME_WAIT behind (tests make tens of thousands of connections).
+pub fn reset_on_drop(s: &TcpStream) {
+    let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
+}
+
+/// A client that sends `id` (8 bytes), waits for the server to close, then
+/// resets.
+pub fn tagged_client(addr: SocketAddr, id: u64) -> io::Result<()> {
+    let mut s = connect(addr)?;
+    s.write_all(&id.to_le_bytes())?;
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest)?;
+    reset_on_drop(&s);
+    Ok(())
+}
+
+/// Reads the 8-byte id a [`tagged_client`] sent.
+pub fn read_id(s: &mut impl Read) -> io::Result<u64> {
+    let mut b = [0u8; 8];
+    s.read_exact(&mut b)?;
+    Ok(u64::from_le_bytes(b))
+}
+
+/// Pins the calling thread to `core`, if it exists.
+pub fn pin(core: usize) -> bool {
+    core_affinity::get_core_ids()
+        .and_then(|ids| ids.into_iter().find(|c| c.id == core))
+        .map(core_affinity::set_for_current)
+        .unwrap_or(false)
+}
+
+/// The cores this process may run on.
+pub fn cores() -> Vec<usize> {
+    core_affinity::get_core_ids()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| c.id)
+        .collect()
+}

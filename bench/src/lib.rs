@@ -1,1 +1,14 @@
-//! Benchmark peers and measurement helpers.
+//! Benchmark peers and measurement helpers for Floodgate.
+//!
+//! - [`peer`]: the command line, pinning and listener setup shared by the peer servers in
+//!   `src/bin/` (`peer_std`, `peer_epoll`, `peer_tokio`, `peer_uring`). Each peer accepts a TCP
+//!   connection, writes one byte (`x`) and closes it, on one thread.
+//! - [`measure`]: readers of `/proc` counters (process CPU time, voluntary context switches, a
+//!   core's busy time) and [`measure::CpuQuota`], a cgroup CPU cap for saturated runs.
+//!
+//! Only loopback addresses are ever used by anything in this crate.
+
+#![warn(missing_docs)]
+
+pub mod measure;
+pub mod peer;

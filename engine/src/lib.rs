@@ -1,9 +1,81 @@
-//! Floodgate (being written).
+//! # Floodgate
+//!
+//! A lock-free, high-throughput TCP accept engine for Linux on io_uring, made
+//! to be embedded in high-load proxies.
+//!
+//! A [`Listener`] runs one shard per core. Each shard is a thread pinned to
+//! its core, with its own io_uring and its own `SO_REUSEPORT` listening
+//! socket; a classic-BPF program steers each new connection to the shard on
+//! the CPU that received it. The shard keeps one multishot ACCEPT posted and
+//! puts each accepted socket into its lock-free backlog ring, bounded by the
+//! effective backlog `min(requested, provider ceiling)`. When the ring is
+//! full the shard stops accepting (backpressure, never loss) until the
+//! application drains it.
+//!
+//! Delivery, all from the same rings:
+//! - blocking [`Listener::accept`], [`Listener::try_accept`] and
+//!   [`Listener::accept_timeout`], from any number of threads;
+//! - the accept event [`Listener::accept_event`], a descriptor readable
+//!   while connections are pending, for the application's own event loop;
+//! - an inline handler ([`ListenerBuilder::handler`]), called on the shard
+//!   thread: the fastest path.
+//!
+//! ```
+//! use std::io::Read;
+//! use std::net::TcpStream;
+//! use floodgate::Listener;
+//!
+//! // One shard, inline handler: reply "x" and close, on the shard's ring.
+//! let listener = Listener::builder("127.0.0.1:0".parse()?)
+//!     .shards(1)
+//!     .handler(|conn, ctx| {
+//!         let _ = ctx.reply_and_close(conn, b"x");
+//!     })
+//!     .build()?;
+//! let mut client = TcpStream::connect(listener.local_addr())?;
+//! let mut reply = Vec::new();
+//! client.read_to_end(&mut reply)?;
+//! assert_eq!(reply, b"x");
+//! listener.shutdown();
+//! let total = listener.stats().total();
+//! assert_eq!(total.accepted, 1);
+//! assert_eq!(total.delivered, 1);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! Kernel requirements: io_uring with multishot ACCEPT (5.19; older kernels
+//! fall back to single-shot accepts, reported in
+//! [`ShardStats::multishot`]); SINGLE_ISSUER + DEFER_TASKRUN (6.1) are used
+//! when present. Where io_uring is missing or disabled, `build()` returns
+//! [`Error::UringUnavailable`] naming the cause.
 #![deny(unsafe_code, unsafe_op_in_unsafe_fn)]
 #![deny(missing_docs, missing_debug_implementations)]
+#![doc(test(attr(deny(warnings))))]
+
+mod accept;
+mod acceptor;
+mod backlog;
+mod config;
+mod conn;
+mod context;
+mod error;
+mod shard;
+mod stats;
+mod sys;
 
 pub mod cidr;
 pub mod proxy_protocol;
 pub mod rate_limit;
 pub mod sni;
 pub mod syn;
+
+pub use accept::{BacklogLength, Listener};
+pub use acceptor::Handler;
+pub use config::{
+    kernel_somaxconn, ListenerBuilder, Steering, DEFAULT_BACKLOG, DEFAULT_CEILING, MAX_CEILING,
+};
+pub use conn::Admitted;
+pub use context::ShardContext;
+pub use error::{ConfigError, Error, UringUnavailable};
+pub use stats::{Backoffs, KernelQueue, ListenerStats, ShardStats};
+pub use sys::RingSetup;

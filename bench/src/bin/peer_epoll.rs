@@ -1,0 +1,80 @@
+//! Benchmark peer: `mio` (epoll) event loop on one thread.
+//!
+//! The listener is nonblocking; on each readable event `accept()` is drained until
+//! `WouldBlock`, and each accepted socket gets one nonblocking `write(b"x")` (one byte into an
+//! empty send buffer always fits; on error the socket is simply dropped) and is dropped (closed).
+
+use std::io::{ErrorKind, Write};
+
+use clap::Parser;
+use floodgate_bench::peer::{self, PeerArgs, REPLY};
+use mio::net::TcpListener;
+use mio::{Events, Interest, Poll, Token};
+
+const NAME: &str = "peer_epoll";
+const LISTENER: Token = Token(0);
+
+/// One-thread epoll (mio) accept loop: drain accept, write one byte, close.
+#[derive(Parser, Debug)]
+#[command(name = NAME, version, about)]
+struct Cli {
+    #[command(flatten)]
+    peer: PeerArgs,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let std_listener = peer::start(NAME, &cli.peer);
+    if let Err(e) = std_listener.set_nonblocking(true) {
+        peer::fatal(
+            NAME,
+            format_args!("cannot make the listener nonblocking: {e}"),
+        );
+    }
+    let mut listener = TcpListener::from_std(std_listener);
+    let mut poll = match Poll::new() {
+        Ok(p) => p,
+        Err(e) => peer::fatal(NAME, format_args!("epoll_create failed: {e}")),
+    };
+    if let Err(e) = poll
+        .registry()
+        .register(&mut listener, LISTENER, Interest::READABLE)
+    {
+        peer::fatal(NAME, format_args!("cannot register the listener: {e}"));
+    }
+    let mut events = Events::with_capacity(64);
+    loop {
+        if let Err(e) = poll.poll(&mut events, None) {
+            if e.kind() == ErrorKind::Interrupted {
+                continue;
+            }
+            peer::fatal(NAME, format_args!("epoll_wait failed: {e}"));
+        }
+        for event in events.iter() {
+            if event.token() == LISTENER {
+                drain_accept(&listener);
+            }
+        }
+    }
+}
+
+/// Accepts until `WouldBlock` (mio registers edge-triggered), replying to each connection.
+fn drain_accept(listener: &TcpListener) {
+    loop {
+        match listener.accept() {
+            Ok((mut stream, _)) => {
+                // One byte into an empty send buffer: succeeds unless the peer is gone.
+                let _ = stream.write(REPLY);
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::ConnectionAborted
+                        | ErrorKind::ConnectionReset
+                        | ErrorKind::Interrupted
+                ) => {}
+            Err(e) => peer::fatal(NAME, format_args!("accept failed: {e}")),
+        }
+    }
+}

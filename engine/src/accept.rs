@@ -1,0 +1,367 @@
+//! The running listener and its delivery: blocking `accept()`,
+//! `try_accept()`, `accept_timeout()` and the accept event fd share one path
+//! over the shards' backlog rings.
+//!
+//! The accept event is an eventfd that is readable while connections are
+//! pending in the rings (the seed's FD_ACCEPT notification): a shard that
+//! pushes signals it once; a consumer that finds the rings empty clears it
+//! and checks again, so a push racing with the clear re-signals. Blocking
+//! accept waits on the same eventfd with `poll(2)`.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use socket2::Socket;
+
+use crate::backlog::Backlog;
+use crate::conn::Admitted;
+use crate::error::Error;
+use crate::shard::ShardControl;
+use crate::stats::{Counters, KernelQueue, ListenerStats};
+use crate::sys::{self, RingSetup};
+
+/// Listener-wide state of the notified accept.
+#[derive(Debug)]
+pub(crate) struct Delivery {
+    event: OwnedFd,
+    signalled: AtomicBool,
+    /// Connections pushed into rings and not yet popped (may run ahead of
+    /// the rings by the pushes in progress, never behind).
+    pending: AtomicUsize,
+    closed: AtomicBool,
+}
+
+impl Delivery {
+    pub fn new() -> Result<Self, Error> {
+        Ok(Delivery {
+            event: sys::eventfd().map_err(|e| Error::setup("eventfd", e))?,
+            signalled: AtomicBool::new(false),
+            pending: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    /// Before a push: count it first so a consumer never sees the ring ahead
+    /// of the count.
+    pub fn will_push(&self) {
+        self.pending.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The push that `will_push` announced failed (ring full).
+    pub fn push_failed(&self) {
+        self.pending.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// After a pop.
+    pub fn popped(&self) {
+        self.pending.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Makes the accept event readable (one write until it is cleared).
+    pub fn notify(&self) {
+        if !self.signalled.swap(true, Ordering::SeqCst) {
+            sys::eventfd_signal(self.event.as_fd());
+        }
+    }
+
+    /// Clears the accept event, then re-signals if anything is pending or
+    /// the listener closed meanwhile.
+    ///
+    /// The re-signal writes unconditionally: a shard that pushed between our
+    /// `store(false)` and the clear saw `signalled == false`, set it and
+    /// wrote, and the clear swallowed its write; `signalled` is then already
+    /// true, so `notify` would not write again and the event would be lost.
+    fn quiesce(&self) {
+        self.signalled.store(false, Ordering::SeqCst);
+        sys::eventfd_clear(self.event.as_fd());
+        if self.pending.load(Ordering::SeqCst) > 0 || self.closed.load(Ordering::SeqCst) {
+            self.signalled.store(true, Ordering::SeqCst);
+            sys::eventfd_signal(self.event.as_fd());
+        }
+    }
+}
+
+/// What a shard shares with the listener handle.
+#[derive(Debug)]
+pub(crate) struct ShardShared {
+    pub backlog: Backlog,
+    pub counters: Counters,
+    pub control: Arc<ShardControl>,
+    /// The shard's listening socket, for the kernel's view in stats; `None`
+    /// after shutdown.
+    pub socket: Mutex<Option<Arc<Socket>>>,
+    error: Mutex<Option<io::Error>>,
+    has_error: AtomicBool,
+}
+
+impl ShardShared {
+    pub fn new(capacity: usize, control: Arc<ShardControl>, socket: Arc<Socket>) -> Self {
+        ShardShared {
+            backlog: Backlog::new(capacity),
+            counters: Counters::default(),
+            control,
+            socket: Mutex::new(Some(socket)),
+            error: Mutex::new(None),
+            has_error: AtomicBool::new(false),
+        }
+    }
+
+    /// Records an error for the next `accept()` to return.
+    pub fn surface(&self, e: io::Error) {
+        if let Ok(mut slot) = self.error.lock() {
+            *slot = Some(e);
+            self.has_error.store(true, Ordering::Release);
+        }
+    }
+
+    fn take_error(&self) -> Option<io::Error> {
+        if !self.has_error.swap(false, Ordering::AcqRel) {
+            return None;
+        }
+        self.error.lock().ok().and_then(|mut s| s.take())
+    }
+}
+
+/// The backlog lengths: what was asked, the provider ceiling, and what is in
+/// force.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BacklogLength {
+    /// The length the application asked for.
+    pub requested: usize,
+    /// The provider ceiling (by default the kernel's `net.core.somaxconn`).
+    pub ceiling: usize,
+    /// `min(requested, ceiling)`: each shard's ring capacity and the length
+    /// passed to `listen(2)`.
+    pub effective: usize,
+}
+
+/// A running listener: one shard per core, each accepting on its own
+/// `SO_REUSEPORT` socket into its own backlog ring.
+///
+/// Built with [`Listener::builder`]. Connections are delivered either to
+/// the inline handler given to the builder, or to [`Listener::accept`],
+/// [`Listener::try_accept`] and [`Listener::accept_timeout`], which any
+/// number of threads may call; [`Listener::accept_event`] is a descriptor
+/// for callers with their own event loop. Dropping the listener shuts it
+/// down.
+///
+/// ```
+/// use std::io::Read;
+/// use std::net::TcpStream;
+/// use floodgate::Listener;
+///
+/// let listener = Listener::builder("127.0.0.1:0".parse()?).shards(1).build()?;
+/// let mut client = TcpStream::connect(listener.local_addr())?;
+/// let conn = listener.accept()?;
+/// drop(conn); // closes it
+/// let mut buf = [0u8; 1];
+/// assert_eq!(client.read(&mut buf)?, 0); // EOF
+/// listener.shutdown();
+/// assert!(listener.stats().conserved());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug)]
+pub struct Listener {
+    pub(crate) shards: Vec<Arc<ShardShared>>,
+    pub(crate) delivery: Arc<Delivery>,
+    pub(crate) threads: Mutex<Vec<JoinHandle<()>>>,
+    pub(crate) local_addr: SocketAddr,
+    pub(crate) backlog: BacklogLength,
+    pub(crate) inline: bool,
+    pub(crate) next: AtomicUsize,
+    pub(crate) setup: RingSetup,
+}
+
+impl Listener {
+    /// Starts configuring a listener on `addr` (IPv4 or IPv6; port 0 picks
+    /// a free port shared by every shard).
+    pub fn builder(addr: SocketAddr) -> crate::config::ListenerBuilder {
+        crate::config::ListenerBuilder::new(addr)
+    }
+
+    /// The address the shards listen on (the real port when 0 was asked).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The backlog lengths; `effective` is `min(requested, ceiling)`.
+    pub fn backlog(&self) -> BacklogLength {
+        self.backlog
+    }
+
+    /// The number of shards.
+    pub fn shards(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// How the shards' rings were set up (the same for all).
+    pub fn ring_setup(&self) -> RingSetup {
+        self.setup
+    }
+
+    /// Takes the next pending connection from any shard, without waiting.
+    ///
+    /// # Errors
+    /// [`Error::Closed`] after shutdown; [`Error::Accept`] once for a
+    /// shard's accept error that is neither transient nor exhaustion (the
+    /// shard keeps retrying); [`Error::InlineDelivery`] when the listener
+    /// delivers to an inline handler.
+    pub fn try_accept(&self) -> Result<Option<Admitted>, Error> {
+        if self.inline {
+            return Err(Error::InlineDelivery);
+        }
+        if self.delivery.closed.load(Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
+        let n = self.shards.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        for i in 0..n {
+            let index = (start + i) % n;
+            let shard = &self.shards[index];
+            if let Some(e) = shard.take_error() {
+                return Err(Error::Accept {
+                    shard: index,
+                    source: e,
+                });
+            }
+            if let Some((p, wake)) = shard.backlog.pop() {
+                self.delivery.popped();
+                Counters::add(&shard.counters.delivered, 1);
+                if wake {
+                    shard.control.wake();
+                }
+                if self.delivery.pending.load(Ordering::SeqCst) == 0 {
+                    self.delivery.quiesce();
+                }
+                return Ok(Some(Admitted::new(p, index)));
+            }
+        }
+        self.delivery.quiesce();
+        Ok(None)
+    }
+
+    /// Waits for the next pending connection from any shard.
+    ///
+    /// # Errors
+    /// As [`Listener::try_accept`]; `poll(2)` failures as [`Error::Setup`].
+    pub fn accept(&self) -> Result<Admitted, Error> {
+        loop {
+            if let Some(c) = self.try_accept()? {
+                return Ok(c);
+            }
+            self.wait(None)?;
+        }
+    }
+
+    /// Waits at most `timeout` for the next pending connection.
+    ///
+    /// # Errors
+    /// As [`Listener::accept`]. `Ok(None)` when the time ran out.
+    pub fn accept_timeout(&self, timeout: Duration) -> Result<Option<Admitted>, Error> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(c) = self.try_accept()? {
+                return Ok(Some(c));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            self.wait(Some(deadline - now))?;
+        }
+    }
+
+    fn wait(&self, timeout: Option<Duration>) -> Result<(), Error> {
+        sys::poll_readable(self.delivery.event.as_fd(), timeout)
+            .map(|_| ())
+            .map_err(|e| Error::Setup {
+                op: "poll",
+                source: e,
+            })
+    }
+
+    /// The accept event: a descriptor that is readable while connections
+    /// are pending (and after shutdown, so waiters wake up). Register it
+    /// for readability in any event loop (poll, epoll, mio), then call
+    /// [`Listener::try_accept`] until it returns `Ok(None)`, which also
+    /// clears the event. Do not read from it.
+    pub fn accept_event(&self) -> BorrowedFd<'_> {
+        self.delivery.event.as_fd()
+    }
+
+    /// A snapshot of every shard's counters, with the kernel's view of its
+    /// listening socket while open.
+    pub fn stats(&self) -> ListenerStats {
+        let shards = self
+            .shards
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let mut st = s.counters.snapshot(i);
+                st.ring_depth = s.backlog.len();
+                st.pending += st.ring_depth as u64;
+                st.ring_high_water = s.backlog.high_water();
+                st.ring_capacity = s.backlog.capacity();
+                st.kernel = s
+                    .socket
+                    .lock()
+                    .ok()
+                    .and_then(|g| {
+                        g.as_ref()
+                            .and_then(|sock| sys::listener_queue(sock.as_fd()).ok())
+                    })
+                    .map(|(accept_queue, backlog)| KernelQueue {
+                        accept_queue,
+                        backlog,
+                    });
+                st
+            })
+            .collect();
+        ListenerStats { shards }
+    }
+
+    /// Stops accepting, closes the listening sockets, closes (and counts as
+    /// `closed_at_shutdown`) every connection not yet delivered, and joins
+    /// the shard threads. Waiting `accept()` calls return [`Error::Closed`].
+    /// Idempotent; `Drop` calls it.
+    pub fn shutdown(&self) {
+        if self.delivery.closed.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        for s in &self.shards {
+            s.control.stop();
+        }
+        let threads = match self.threads.lock() {
+            Ok(mut t) => std::mem::take(&mut *t),
+            Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
+        };
+        for t in threads {
+            let _ = t.join();
+        }
+        for s in &self.shards {
+            // A shard thread that died by panic could not drain its ring.
+            let mut closed = 0;
+            while let Some((p, _)) = s.backlog.pop() {
+                self.delivery.popped();
+                drop(p);
+                closed += 1;
+            }
+            Counters::add(&s.counters.closed_at_shutdown, closed);
+            if let Ok(mut sock) = s.socket.lock() {
+                sock.take();
+            }
+        }
+        self.delivery.notify();
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}

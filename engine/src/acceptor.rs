@@ -1,0 +1,384 @@
+//! The accept path of one shard: a multishot ACCEPT on the shard's own
+//! `SO_REUSEPORT` listener, re-armed when a completion comes without
+//! `IORING_CQE_F_MORE`; accepted sockets go into the shard's backlog ring.
+//!
+//! Backpressure: when the ring is full the accept is cancelled; completions
+//! that were already on their way are held (never dropped) and moved into
+//! the ring first when it drains; accepting resumes at the low-water mark.
+//! Resource exhaustion (EMFILE, ENFILE, ENOBUFS, ENOMEM) stops accepting for
+//! a backoff period that doubles up to [`MAX_BACKOFF`]; the kernel's backlog
+//! holds the connections meanwhile.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use socket2::Socket;
+
+use crate::accept::{Delivery, ShardShared};
+use crate::backlog::Pending;
+use crate::conn::Admitted;
+use crate::context::{Replies, ShardContext};
+use crate::shard::{user_data, Service, Tag};
+use crate::stats::Counters;
+use crate::sys::{self, Cqe, Uring};
+
+/// First backoff after a resource-exhaustion error.
+pub(crate) const MIN_BACKOFF: Duration = Duration::from_millis(1);
+/// Longest backoff.
+pub(crate) const MAX_BACKOFF: Duration = Duration::from_millis(100);
+
+/// The application's inline handler: called on the shard thread with each
+/// connection, with the shard's context.
+pub type Handler = dyn Fn(Admitted, &mut ShardContext<'_>) + Send + Sync;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Arm {
+    /// No accept operation in flight.
+    Idle,
+    /// An accept operation is posted.
+    Armed,
+    /// A cancel was posted; the accept's final completion is still to come.
+    Cancelling,
+}
+
+/// How an accept error is handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AcceptErrorKind {
+    /// Our own cancel.
+    Cancelled,
+    /// Out of a resource: back off.
+    Exhausted,
+    /// The connection died before we took it, or a firewall refused it: skip.
+    Transient,
+    /// Anything else: surface it, back off.
+    Other,
+}
+
+/// Classifies a negative accept result.
+pub(crate) fn classify(errno: i32) -> AcceptErrorKind {
+    match errno {
+        libc::ECANCELED => AcceptErrorKind::Cancelled,
+        libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM => AcceptErrorKind::Exhausted,
+        libc::ECONNABORTED
+        | libc::EPROTO
+        | libc::EPERM
+        | libc::EAGAIN
+        | libc::EINTR
+        | libc::ENETDOWN
+        | libc::ENOPROTOOPT
+        | libc::EHOSTDOWN
+        | libc::ENONET
+        | libc::EHOSTUNREACH
+        | libc::EOPNOTSUPP
+        | libc::ENETUNREACH
+        | libc::ETIMEDOUT => AcceptErrorKind::Transient,
+        _ => AcceptErrorKind::Other,
+    }
+}
+
+/// One shard's accept service.
+pub(crate) struct Acceptor {
+    index: usize,
+    socket: Option<Arc<Socket>>,
+    shard: Arc<ShardShared>,
+    delivery: Arc<Delivery>,
+    handler: Option<Arc<Handler>>,
+    multishot: bool,
+    accepted_any: bool,
+    arm: Arm,
+    armed_before: bool,
+    backoff_step: Duration,
+    backoff_timer: bool,
+    held: VecDeque<Pending>,
+    paused: bool,
+    stopping: bool,
+    pushed: bool,
+    replies: Replies,
+}
+
+impl std::fmt::Debug for Acceptor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Acceptor")
+            .field("index", &self.index)
+            .field("arm", &self.arm)
+            .field("held", &self.held.len())
+            .field("paused", &self.paused)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Acceptor {
+    pub fn new(
+        index: usize,
+        socket: Arc<Socket>,
+        shard: Arc<ShardShared>,
+        delivery: Arc<Delivery>,
+        handler: Option<Arc<Handler>>,
+    ) -> Self {
+        shard
+            .counters
+            .multishot
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        Acceptor {
+            index,
+            socket: Some(socket),
+            shard,
+            delivery,
+            handler,
+            multishot: true,
+            accepted_any: false,
+            arm: Arm::Idle,
+            armed_before: false,
+            backoff_step: MIN_BACKOFF,
+            backoff_timer: false,
+            held: VecDeque::new(),
+            paused: false,
+            stopping: false,
+            pushed: false,
+            replies: Replies::default(),
+        }
+    }
+
+    fn counters(&self) -> &Counters {
+        &self.shard.counters
+    }
+
+    fn arm(&mut self, ring: &mut Uring) -> io::Result<()> {
+        let Some(socket) = &self.socket else {
+            return Ok(());
+        };
+        let fd = socket.as_raw_fd();
+        let ud = user_data(Tag::Accept, 0);
+        if self.multishot {
+            ring.accept_multi(fd, ud)?;
+        } else {
+            ring.accept_once(fd, ud)?;
+        }
+        if self.armed_before {
+            Counters::add(&self.counters().rearms, 1);
+        }
+        self.armed_before = true;
+        self.arm = Arm::Armed;
+        Ok(())
+    }
+
+    fn cancel(&mut self, ring: &mut Uring) {
+        if self.arm == Arm::Armed
+            && ring
+                .cancel(user_data(Tag::Accept, 0), user_data(Tag::Cancel, 0))
+                .is_ok()
+        {
+            self.arm = Arm::Cancelling;
+        }
+    }
+
+    fn start_backoff(&mut self, ring: &mut Uring) {
+        if self.backoff_timer {
+            return;
+        }
+        if ring
+            .timeout(self.backoff_step, user_data(Tag::Backoff, 0))
+            .is_ok()
+        {
+            self.backoff_timer = true;
+            self.backoff_step = (self.backoff_step * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// Takes ownership of a freshly accepted socket.
+    fn accepted(&mut self, fd: i32, now: Instant) {
+        let pending = Pending {
+            fd: sys::adopt_fd(fd),
+            accepted_at: now,
+        };
+        Counters::add(&self.counters().accepted, 1);
+        self.accepted_any = true;
+        self.backoff_step = MIN_BACKOFF;
+        if self.held.is_empty() {
+            if let Err(p) = self.push(pending) {
+                self.held.push_back(p);
+            }
+        } else {
+            self.held.push_back(pending);
+        }
+    }
+
+    fn push(&mut self, p: Pending) -> Result<(), Pending> {
+        self.delivery.will_push();
+        match self.shard.backlog.push(p) {
+            Ok(()) => {
+                self.pushed = true;
+                Ok(())
+            }
+            Err(p) => {
+                self.delivery.push_failed();
+                Err(p)
+            }
+        }
+    }
+
+    fn deliver_inline(&mut self, ring: &mut Uring) {
+        let Some(handler) = self.handler.clone() else {
+            return;
+        };
+        while let Some((p, _)) = self.shard.backlog.pop() {
+            self.delivery.popped();
+            Counters::add(&self.counters().delivered, 1);
+            let conn = Admitted::new(p, self.index);
+            let mut ctx = ShardContext::new(self.index, ring, &mut self.replies);
+            if catch_unwind(AssertUnwindSafe(|| handler(conn, &mut ctx))).is_err() {
+                Counters::add(&self.counters().handler_panics, 1);
+            }
+        }
+    }
+
+    fn close_all_pending(&mut self) {
+        let mut closed = 0u64;
+        for p in self.held.drain(..) {
+            drop(p);
+            closed += 1;
+        }
+        while let Some((p, _)) = self.shard.backlog.pop() {
+            self.delivery.popped();
+            drop(p);
+            closed += 1;
+        }
+        Counters::add(&self.counters().closed_at_shutdown, closed);
+        self.counters()
+            .held
+            .store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Service for Acceptor {
+    fn start(&mut self, ring: &mut Uring) -> io::Result<()> {
+        self.arm(ring)
+    }
+
+    fn complete(&mut self, ring: &mut Uring, tag: Tag, payload: u64, cqe: Cqe, now: Instant) {
+        match tag {
+            Tag::Accept => {
+                if !cqe.more() {
+                    self.arm = Arm::Idle;
+                }
+                if cqe.result >= 0 {
+                    self.accepted(cqe.result, now);
+                    return;
+                }
+                let errno = -cqe.result;
+                let c = &self.shard.counters;
+                match classify(errno) {
+                    AcceptErrorKind::Cancelled => {}
+                    AcceptErrorKind::Exhausted => {
+                        c.last_errno
+                            .store(errno as u64, std::sync::atomic::Ordering::Relaxed);
+                        let counter = match errno {
+                            libc::EMFILE => &c.backoff_emfile,
+                            libc::ENFILE => &c.backoff_enfile,
+                            libc::ENOBUFS => &c.backoff_enobufs,
+                            _ => &c.backoff_enomem,
+                        };
+                        Counters::add(counter, 1);
+                        self.cancel(ring);
+                        self.start_backoff(ring);
+                    }
+                    AcceptErrorKind::Transient => {
+                        c.last_errno
+                            .store(errno as u64, std::sync::atomic::Ordering::Relaxed);
+                        Counters::add(&c.aborted, 1);
+                    }
+                    AcceptErrorKind::Other
+                        if errno == libc::EINVAL && self.multishot && !self.accepted_any =>
+                    {
+                        // Multishot accept needs 5.19; older kernels refuse
+                        // the flag with EINVAL. Fall back to single-shot.
+                        self.multishot = false;
+                        c.multishot
+                            .store(false, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    AcceptErrorKind::Other => {
+                        c.last_errno
+                            .store(errno as u64, std::sync::atomic::Ordering::Relaxed);
+                        Counters::add(&c.accept_errors, 1);
+                        self.shard.surface(io::Error::from_raw_os_error(errno));
+                        self.cancel(ring);
+                        self.start_backoff(ring);
+                    }
+                }
+            }
+            Tag::Backoff => {
+                ring.release(cqe.user_data);
+                self.backoff_timer = false;
+            }
+            Tag::ReplySend | Tag::ReplyClose => self.replies.complete(ring, tag, payload, cqe),
+            Tag::Wake | Tag::Cancel => {}
+        }
+    }
+
+    fn turn(&mut self, ring: &mut Uring, _now: Instant) {
+        // Held connections go first, in order.
+        while let Some(p) = self.held.pop_front() {
+            if let Err(p) = self.push(p) {
+                self.held.push_front(p);
+                break;
+            }
+        }
+        self.counters()
+            .held
+            .store(self.held.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        if self.handler.is_some() {
+            self.pushed = false;
+            self.deliver_inline(ring);
+        } else if std::mem::take(&mut self.pushed) {
+            self.delivery.notify();
+        }
+        if self.stopping {
+            return;
+        }
+        let full = !self.held.is_empty() || self.shard.backlog.is_full();
+        if !self.paused && full {
+            self.paused = true;
+            self.shard.backlog.set_paused(true);
+            Counters::add(&self.counters().ring_full_pauses, 1);
+        }
+        if self.paused && self.held.is_empty() && self.shard.backlog.drained() {
+            self.paused = false;
+            self.shard.backlog.set_paused(false);
+            Counters::add(&self.counters().resumes, 1);
+        }
+        let want = !self.paused && !self.backoff_timer;
+        match (want, self.arm) {
+            (true, Arm::Idle) => {
+                if let Err(e) = self.arm(ring) {
+                    self.shard.surface(e);
+                    self.start_backoff(ring);
+                }
+            }
+            (false, Arm::Armed) => self.cancel(ring),
+            _ => {}
+        }
+    }
+
+    fn stop(&mut self, ring: &mut Uring) {
+        self.stopping = true;
+        self.cancel(ring);
+        if self.backoff_timer {
+            let _ = ring.cancel(user_data(Tag::Backoff, 0), user_data(Tag::Cancel, 0));
+        }
+    }
+
+    fn idle(&self) -> bool {
+        self.arm == Arm::Idle && !self.backoff_timer && self.replies.is_empty()
+    }
+
+    fn finish(&mut self) {
+        // The accept is over: close the listening socket (the handle's copy
+        // goes at shutdown too), then every connection not delivered.
+        self.socket = None;
+        self.close_all_pending();
+    }
+}

@@ -1,0 +1,349 @@
+//! Listener configuration: a builder whose `build()` validates every value
+//! first (refusing a bad one with a [`ConfigError`] naming the field), then
+//! binds the shards' sockets and starts their threads.
+
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::accept::{BacklogLength, Delivery, Listener, ShardShared};
+use crate::acceptor::{Acceptor, Handler};
+use crate::conn::Admitted;
+use crate::context::ShardContext;
+use crate::error::{ConfigError, Error};
+use crate::shard::{self, Placement, ShardControl};
+use crate::sys;
+
+/// The ceiling used when `net.core.somaxconn` cannot be read (the kernel's
+/// own default since 5.4).
+pub const DEFAULT_CEILING: usize = 4096;
+
+/// The largest ring a shard may have (entries); larger requests are refused
+/// as a configuration error rather than allocating gigabytes.
+pub const MAX_CEILING: usize = 1 << 24;
+
+/// The backlog asked for when the application does not say.
+pub const DEFAULT_BACKLOG: usize = 1024;
+
+/// How the kernel picks the shard for a new connection among the shards'
+/// `SO_REUSEPORT` sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Steering {
+    /// To the shard whose index is the receiving CPU modulo the shard
+    /// count, by a classic-BPF reuseport program on `SKF_AD_CPU` (4.5+).
+    /// With shards pinned to cores 0..N, each connection stays on the core
+    /// that received it. (On loopback that is the client's CPU.)
+    #[default]
+    Cpu,
+    /// The kernel's default: a hash of the connection's 4-tuple.
+    Hash,
+}
+
+/// The kernel's `net.core.somaxconn`: the natural provider ceiling.
+pub fn kernel_somaxconn() -> Option<usize> {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Configures and starts a [`Listener`]. See [`Listener::builder`].
+///
+/// ```
+/// use floodgate::{Listener, Steering};
+///
+/// let listener = Listener::builder("127.0.0.1:0".parse()?)
+///     .shards(1)
+///     .backlog(1_000_000) // above the ceiling: clamped, not an error
+///     .steering(Steering::Hash)
+///     .build()?;
+/// assert_eq!(listener.backlog().effective, listener.backlog().ceiling);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct ListenerBuilder {
+    addr: SocketAddr,
+    shards: Option<usize>,
+    backlog: usize,
+    ceiling: Option<usize>,
+    pin: bool,
+    steering: Steering,
+    handler: Option<Arc<Handler>>,
+}
+
+impl std::fmt::Debug for ListenerBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ListenerBuilder")
+            .field("addr", &self.addr)
+            .field("shards", &self.shards)
+            .field("backlog", &self.backlog)
+            .field("ceiling", &self.ceiling)
+            .field("pin", &self.pin)
+            .field("steering", &self.steering)
+            .field("handler", &self.handler.is_some())
+            .finish()
+    }
+}
+
+impl ListenerBuilder {
+    pub(crate) fn new(addr: SocketAddr) -> Self {
+        ListenerBuilder {
+            addr,
+            shards: None,
+            backlog: DEFAULT_BACKLOG,
+            ceiling: None,
+            pin: true,
+            steering: Steering::Cpu,
+            handler: None,
+        }
+    }
+
+    /// Number of shards (threads, rings, listening sockets). Default: one
+    /// per core this process may run on. Must be at least 1, and with
+    /// pinning on at most the number of cores.
+    pub fn shards(mut self, n: usize) -> Self {
+        self.shards = Some(n);
+        self
+    }
+
+    /// Requested backlog: each shard's ring capacity and `listen(2)` length,
+    /// clamped to the ceiling. Must be at least 1. Default 1024.
+    pub fn backlog(mut self, n: usize) -> Self {
+        self.backlog = n;
+        self
+    }
+
+    /// Provider ceiling for the backlog. Default: `net.core.somaxconn`.
+    /// Must be in `1..=MAX_CEILING`.
+    pub fn ceiling(mut self, n: usize) -> Self {
+        self.ceiling = Some(n);
+        self
+    }
+
+    /// Pin shard `k` to core `k` (default on).
+    pub fn pin(mut self, on: bool) -> Self {
+        self.pin = on;
+        self
+    }
+
+    /// How connections are spread over the shards (default [`Steering::Cpu`]).
+    pub fn steering(mut self, s: Steering) -> Self {
+        self.steering = s;
+        self
+    }
+
+    /// Delivers every connection to `handler`, called inline on the shard
+    /// thread that accepted it: the fastest path. `accept()` is then not
+    /// available. A panic in the handler drops that connection and is
+    /// counted; the shard goes on.
+    pub fn handler<F>(mut self, handler: F) -> Self
+    where
+        F: Fn(Admitted, &mut ShardContext<'_>) + Send + Sync + 'static,
+    {
+        self.handler = Some(Arc::new(handler));
+        self
+    }
+
+    /// Validates the configuration without starting anything; returns the
+    /// shard count, the cores to pin to and the backlog lengths.
+    fn validate(
+        &self,
+    ) -> Result<(usize, Vec<Option<core_affinity::CoreId>>, BacklogLength), ConfigError> {
+        let cores = core_affinity::get_core_ids().unwrap_or_default();
+        let available = cores.len().max(1);
+        let shards = self.shards.unwrap_or(available);
+        if shards == 0 {
+            return Err(ConfigError::new(
+                "shards",
+                shards,
+                "at least one shard is needed",
+            ));
+        }
+        if self.pin && shards > cores.len() {
+            return Err(ConfigError::new(
+                "shards",
+                shards,
+                format!(
+                    "pinning is on and this process may run on {} core(s); use fewer shards or pin(false)",
+                    cores.len()
+                ),
+            ));
+        }
+        if shards > 1024 {
+            return Err(ConfigError::new("shards", shards, "at most 1024 shards"));
+        }
+        if self.backlog == 0 {
+            return Err(ConfigError::new(
+                "backlog",
+                self.backlog,
+                "must be at least 1",
+            ));
+        }
+        let ceiling = match self.ceiling {
+            Some(c) => c,
+            None => kernel_somaxconn().unwrap_or(DEFAULT_CEILING),
+        };
+        if ceiling == 0 || ceiling > MAX_CEILING {
+            return Err(ConfigError::new(
+                "ceiling",
+                ceiling,
+                format!("must be between 1 and {MAX_CEILING}"),
+            ));
+        }
+        if self.addr.ip().is_multicast() {
+            return Err(ConfigError::new(
+                "addr",
+                self.addr,
+                "a multicast address cannot accept TCP",
+            ));
+        }
+        let backlog = BacklogLength {
+            requested: self.backlog,
+            ceiling,
+            effective: self.backlog.min(ceiling),
+        };
+        let placements = (0..shards)
+            .map(|k| {
+                if self.pin {
+                    cores.get(k).copied()
+                } else {
+                    None
+                }
+            })
+            .collect();
+        Ok((shards, placements, backlog))
+    }
+
+    /// Validates, binds one `SO_REUSEPORT` socket per shard, attaches the
+    /// steering program, and starts the shard threads, each with its own
+    /// io_uring.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the field for a bad value;
+    /// [`Error::UringUnavailable`] naming the cause (ENOSYS, the
+    /// `kernel.io_uring_disabled` sysctl, a seccomp filter) and what to do;
+    /// [`Error::Bind`] if the address is taken (without `SO_REUSEPORT`) or
+    /// not local; [`Error::Setup`] for other system failures. Nothing is
+    /// left running or open on error.
+    pub fn build(self) -> Result<Listener, Error> {
+        let (n, placements, backlog) = self.validate()?;
+        let sockets = bind_group(self.addr, n, backlog.effective, self.steering)?;
+        let local_addr = sockets[0]
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .ok_or_else(|| Error::setup("getsockname", std::io::Error::other("no address")))?;
+        let delivery = Arc::new(Delivery::new()?);
+        let mut shards = Vec::with_capacity(n);
+        let mut threads = Vec::with_capacity(n);
+        let mut setup = None;
+        for (k, socket) in sockets.into_iter().enumerate() {
+            let socket = Arc::new(socket);
+            let started = ShardControl::new().and_then(|control| {
+                let control = Arc::new(control);
+                let shared = Arc::new(ShardShared::new(
+                    backlog.effective,
+                    control.clone(),
+                    socket.clone(),
+                ));
+                let acceptor = Acceptor::new(
+                    k,
+                    socket,
+                    shared.clone(),
+                    delivery.clone(),
+                    self.handler.clone(),
+                );
+                let placement = Placement {
+                    index: k,
+                    core: placements[k],
+                };
+                shard::spawn("floodgate", placement, control, acceptor).map(|(h, s)| (shared, h, s))
+            });
+            match started {
+                Ok((shared, handle, s)) => {
+                    shards.push(shared);
+                    threads.push(handle);
+                    setup.get_or_insert(s);
+                }
+                Err(e) => {
+                    // Stop what already runs; the rest of the sockets close
+                    // when `sockets` is dropped.
+                    let partial = Listener {
+                        shards,
+                        delivery,
+                        threads: Mutex::new(threads),
+                        local_addr,
+                        backlog,
+                        inline: self.handler.is_some(),
+                        next: AtomicUsize::new(0),
+                        setup: setup.unwrap_or_default(),
+                    };
+                    partial.shutdown();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(Listener {
+            shards,
+            delivery,
+            threads: Mutex::new(threads),
+            local_addr,
+            backlog,
+            inline: self.handler.is_some(),
+            next: AtomicUsize::new(0),
+            setup: setup.unwrap_or_default(),
+        })
+    }
+}
+
+/// Binds `n` sockets to `addr` with `SO_REUSEPORT`, in order (socket `k`
+/// is index `k` of the kernel's reuseport group), attaching the steering
+/// program to the first, and puts them in listening mode.
+fn bind_group(
+    addr: SocketAddr,
+    n: usize,
+    backlog: usize,
+    steering: Steering,
+) -> Result<Vec<Socket>, Error> {
+    let mut sockets: Vec<Socket> = Vec::with_capacity(n);
+    let mut bind_addr = addr;
+    for k in 0..n {
+        let bind_err = |e| Error::Bind {
+            addr: bind_addr,
+            source: e,
+        };
+        let socket = Socket::new(
+            Domain::for_address(addr),
+            Type::STREAM.cloexec(),
+            Some(Protocol::TCP),
+        )
+        .map_err(|e| Error::setup("socket", e))?;
+        socket
+            .set_reuse_address(true)
+            .map_err(|e| Error::setup("setsockopt(SO_REUSEADDR)", e))?;
+        socket
+            .set_reuse_port(true)
+            .map_err(|e| Error::setup("setsockopt(SO_REUSEPORT)", e))?;
+        socket.bind(&bind_addr.into()).map_err(bind_err)?;
+        if k == 0 {
+            // Port 0: every other shard binds the port the first one got.
+            if let Some(a) = socket.local_addr().ok().and_then(|a| a.as_socket()) {
+                bind_addr = a;
+            }
+            if steering == Steering::Cpu && n > 1 {
+                sys::attach_cpu_steering(socket.as_fd(), n as u32)
+                    .map_err(|e| Error::setup("setsockopt(SO_ATTACH_REUSEPORT_CBPF)", e))?;
+            }
+        }
+        let len = i32::try_from(backlog).unwrap_or(i32::MAX);
+        socket.listen(len).map_err(|e| Error::Bind {
+            addr: bind_addr,
+            source: e,
+        })?;
+        sockets.push(socket);
+    }
+    Ok(sockets)
+}

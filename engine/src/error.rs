@@ -1,0 +1,213 @@
+//! Errors: one variant per cause, each naming what failed and what to do.
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+
+/// A configuration value refused by a builder's validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The builder field at fault, e.g. `"shards"`.
+    pub field: &'static str,
+    /// The refused value, as given.
+    pub value: String,
+    /// Why it was refused.
+    pub reason: String,
+}
+
+impl ConfigError {
+    pub(crate) fn new(
+        field: &'static str,
+        value: impl fmt::Display,
+        reason: impl Into<String>,
+    ) -> Self {
+        ConfigError {
+            field,
+            value: value.to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid `{}` = {}: {}",
+            self.field, self.value, self.reason
+        )
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Why io_uring could not be used on this machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UringUnavailable {
+    /// `io_uring_setup` does not exist (ENOSYS): a kernel older than 5.1 or
+    /// built without `CONFIG_IO_URING`.
+    NotInKernel,
+    /// `kernel.io_uring_disabled = 2`: io_uring is disabled for everyone.
+    DisabledBySysctl,
+    /// `kernel.io_uring_disabled = 1` and this process is not in
+    /// `kernel.io_uring_group` (and lacks CAP_SYS_ADMIN).
+    RestrictedToGroup,
+    /// EPERM/EACCES with the sysctl allowing it: a seccomp filter (the
+    /// default profiles of Docker, containerd and podman block io_uring) or a
+    /// security module denied `io_uring_setup`.
+    DeniedBySandbox,
+    /// ENOMEM: locked-memory limit (RLIMIT_MEMLOCK) too low for the rings on
+    /// kernels before 5.12, or the system is out of memory.
+    OutOfMemory,
+}
+
+impl UringUnavailable {
+    /// Classifies an `io_uring_setup` failure; `None` when the error is not
+    /// one that says io_uring is unusable.
+    pub(crate) fn classify(err: &io::Error) -> Option<Self> {
+        match err.raw_os_error()? {
+            libc::ENOSYS => Some(UringUnavailable::NotInKernel),
+            libc::EPERM | libc::EACCES => {
+                let sysctl = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled").ok();
+                Some(match sysctl.as_deref().map(str::trim) {
+                    Some("2") => UringUnavailable::DisabledBySysctl,
+                    Some("1") => UringUnavailable::RestrictedToGroup,
+                    _ => UringUnavailable::DeniedBySandbox,
+                })
+            }
+            libc::ENOMEM => Some(UringUnavailable::OutOfMemory),
+            _ => None,
+        }
+    }
+
+    /// What to do about it.
+    pub fn remedy(&self) -> &'static str {
+        match self {
+            UringUnavailable::NotInKernel => {
+                "run on Linux 5.19 or newer built with CONFIG_IO_URING=y"
+            }
+            UringUnavailable::DisabledBySysctl => {
+                "set `sysctl kernel.io_uring_disabled=0` (or 1 with kernel.io_uring_group)"
+            }
+            UringUnavailable::RestrictedToGroup => {
+                "add this process's group to `kernel.io_uring_group`, or set kernel.io_uring_disabled=0"
+            }
+            UringUnavailable::DeniedBySandbox => {
+                "allow io_uring_setup/io_uring_enter/io_uring_register in the seccomp profile \
+                 (e.g. docker --security-opt seccomp=<profile allowing io_uring>)"
+            }
+            UringUnavailable::OutOfMemory => {
+                "raise RLIMIT_MEMLOCK (ulimit -l) or use a kernel >= 5.12, which charges rings to memcg"
+            }
+        }
+    }
+}
+
+impl fmt::Display for UringUnavailable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = match self {
+            UringUnavailable::NotInKernel => "this kernel has no io_uring (ENOSYS)",
+            UringUnavailable::DisabledBySysctl => {
+                "io_uring is disabled by sysctl kernel.io_uring_disabled=2"
+            }
+            UringUnavailable::RestrictedToGroup => {
+                "io_uring is restricted to kernel.io_uring_group (kernel.io_uring_disabled=1)"
+            }
+            UringUnavailable::DeniedBySandbox => {
+                "io_uring_setup was denied (EPERM) by a seccomp filter or security module"
+            }
+            UringUnavailable::OutOfMemory => "io_uring_setup failed with ENOMEM",
+        };
+        write!(f, "{what}; {}", self.remedy())
+    }
+}
+
+/// Everything that can go wrong in the engine.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// A builder value was refused; nothing was started.
+    Config(ConfigError),
+    /// io_uring cannot be used here; nothing was started.
+    UringUnavailable {
+        /// The classified cause.
+        cause: UringUnavailable,
+        /// The error `io_uring_setup` returned.
+        source: io::Error,
+    },
+    /// Binding or listening on the address failed.
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The kernel's error (EADDRINUSE, EACCES, EADDRNOTAVAIL …).
+        source: io::Error,
+    },
+    /// A system call made while setting things up failed.
+    Setup {
+        /// What was being done, e.g. `"io_uring_setup"`, `"eventfd"`.
+        op: &'static str,
+        /// The kernel's error.
+        source: io::Error,
+    },
+    /// A shard's accept failed with an error that is neither transient nor
+    /// resource exhaustion; the shard keeps retrying with backoff.
+    Accept {
+        /// The shard.
+        shard: usize,
+        /// The kernel's error.
+        source: io::Error,
+    },
+    /// The listener delivers to its inline handler; `accept()` has nothing
+    /// to return.
+    InlineDelivery,
+    /// The listener or connector was shut down.
+    Closed,
+}
+
+impl Error {
+    pub(crate) fn setup(op: &'static str, source: io::Error) -> Self {
+        match UringUnavailable::classify(&source) {
+            Some(cause) if op == "io_uring_setup" => Error::UringUnavailable { cause, source },
+            _ => Error::Setup { op, source },
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Config(e) => write!(f, "configuration: {e}"),
+            Error::UringUnavailable { cause, source } => {
+                write!(f, "io_uring unavailable: {cause} ({source})")
+            }
+            Error::Bind { addr, source } => {
+                write!(f, "`addr` = {addr}: cannot listen there: {source}")
+            }
+            Error::Setup { op, source } => write!(f, "{op} failed: {source}"),
+            Error::Accept { shard, source } => write!(f, "shard {shard}: accept failed: {source}"),
+            Error::InlineDelivery => {
+                f.write_str("connections go to the inline handler; accept() is not available")
+            }
+            Error::Closed => f.write_str("shut down"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Config(e) => Some(e),
+            Error::UringUnavailable { source, .. }
+            | Error::Bind { source, .. }
+            | Error::Setup { source, .. }
+            | Error::Accept { source, .. } => Some(source),
+            Error::InlineDelivery | Error::Closed => None,
+        }
+    }
+}
+
+impl From<ConfigError> for Error {
+    fn from(e: ConfigError) -> Self {
+        Error::Config(e)
+    }
+}

@@ -1,0 +1,266 @@
+//! Per-core shard threads: pinning, the io_uring, the wake-up eventfd and the
+//! run loop. The same machinery carries the listener's accept path and the
+//! connector's connect path: each is a [`Service`] the loop drives.
+//!
+//! One turn of the loop is one `io_uring_enter`: submit what the services
+//! queued, wait for at least one completion, drain every completion, let
+//! the services act on the batch, repeat.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crate::error::Error;
+use crate::sys::{self, Cqe, RingSetup, Uring};
+
+/// Submission-queue slots per shard ring.
+const RING_ENTRIES: u32 = 256;
+
+/// User data layout: the top byte is the [`Tag`]; the rest is the service's.
+const TAG_SHIFT: u32 = 56;
+
+/// What an operation belongs to, in the top byte of its user data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum Tag {
+    /// The shard's own wake-up eventfd read.
+    Wake = 1,
+    /// The listener's accept operation.
+    Accept = 2,
+    /// A cancel the shard posted (its result is not interesting).
+    Cancel = 3,
+    /// The accept backoff timer.
+    Backoff = 4,
+    /// A linked reply SEND posted by `reply_and_close`.
+    ReplySend = 5,
+    /// The CLOSE linked after a reply.
+    ReplyClose = 6,
+}
+
+impl Tag {
+    fn from_u8(v: u8) -> Option<Tag> {
+        Some(match v {
+            1 => Tag::Wake,
+            2 => Tag::Accept,
+            3 => Tag::Cancel,
+            4 => Tag::Backoff,
+            5 => Tag::ReplySend,
+            6 => Tag::ReplyClose,
+            _ => return None,
+        })
+    }
+}
+
+/// Builds user data from a tag and a 56-bit payload.
+pub(crate) fn user_data(tag: Tag, payload: u64) -> u64 {
+    ((tag as u64) << TAG_SHIFT) | (payload & ((1 << TAG_SHIFT) - 1))
+}
+
+/// Splits user data into its tag and payload.
+pub(crate) fn split(user_data: u64) -> (Option<Tag>, u64) {
+    (
+        Tag::from_u8((user_data >> TAG_SHIFT) as u8),
+        user_data & ((1 << TAG_SHIFT) - 1),
+    )
+}
+
+/// What other threads share with a running shard: its stop flag and its
+/// wake-up eventfd.
+#[derive(Debug)]
+pub(crate) struct ShardControl {
+    stop: AtomicBool,
+    wake_pending: AtomicBool,
+    wake: OwnedFd,
+}
+
+impl ShardControl {
+    pub fn new() -> Result<Self, Error> {
+        Ok(ShardControl {
+            stop: AtomicBool::new(false),
+            wake_pending: AtomicBool::new(false),
+            wake: sys::eventfd().map_err(|e| Error::setup("eventfd", e))?,
+        })
+    }
+
+    /// Interrupts the shard's wait (at most one eventfd write until the
+    /// shard has seen it).
+    pub fn wake(&self) {
+        if !self.wake_pending.swap(true, Ordering::AcqRel) {
+            sys::eventfd_signal(self.wake.as_fd());
+        }
+    }
+
+    /// Asks the shard to stop and wakes it.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.wake();
+    }
+
+    fn stop_requested(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+}
+
+/// Something a shard drives: it posts operations on the shard's ring and is
+/// handed their completions.
+pub(crate) trait Service: Send + 'static {
+    /// Posts the service's first operations.
+    fn start(&mut self, ring: &mut Uring) -> io::Result<()>;
+    /// One completion of an operation the service posted.
+    fn complete(&mut self, ring: &mut Uring, tag: Tag, payload: u64, cqe: Cqe, now: Instant);
+    /// After each batch of completions and after each wake-up.
+    fn turn(&mut self, ring: &mut Uring, now: Instant);
+    /// Stop: cancel what is in flight; `idle` must become true eventually.
+    fn stop(&mut self, ring: &mut Uring);
+    /// Whether no operation of the service is in flight.
+    fn idle(&self) -> bool;
+    /// Last thing on the shard thread, after `idle`: release what is held.
+    fn finish(&mut self);
+}
+
+/// Where and how a shard thread runs.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Placement {
+    pub index: usize,
+    pub core: Option<core_affinity::CoreId>,
+}
+
+/// Starts a shard thread running `service` and waits until its ring is set
+/// up, so that a setup failure (no io_uring, a refused flag) comes back from
+/// here, naming its cause.
+pub(crate) fn spawn<S: Service>(
+    name: &str,
+    placement: Placement,
+    control: Arc<ShardControl>,
+    service: S,
+) -> Result<(JoinHandle<()>, RingSetup), Error> {
+    let (tx, rx) = mpsc::sync_channel::<Result<RingSetup, Error>>(1);
+    let handle = std::thread::Builder::new()
+        .name(format!("{name}-{}", placement.index))
+        .spawn(move || {
+            if let Some(core) = placement.core {
+                // A refused pin (core offline, cpuset) leaves the thread
+                // unpinned; steering still works, only locality is lost.
+                let _ = core_affinity::set_for_current(core);
+            }
+            let mut ring = match Uring::new(RING_ENTRIES) {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = tx.send(Err(Error::setup("io_uring_setup", e)));
+                    return;
+                }
+            };
+            let mut service = service;
+            let started = service.start(&mut ring).and_then(|()| {
+                ring.read_counter(control.wake.as_raw_fd(), user_data(Tag::Wake, 0))
+            });
+            if let Err(e) = started {
+                service.stop(&mut ring);
+                drive_to_idle(&mut ring, &mut service);
+                service.finish();
+                let _ = tx.send(Err(Error::setup("io_uring submit", e)));
+                return;
+            }
+            let _ = tx.send(Ok(ring.setup()));
+            run(&mut ring, &control, &mut service);
+            service.finish();
+        })
+        .map_err(|e| Error::setup("thread spawn", e))?;
+    match rx.recv() {
+        Ok(Ok(setup)) => Ok((handle, setup)),
+        Ok(Err(e)) => {
+            let _ = handle.join();
+            Err(e)
+        }
+        Err(_) => {
+            let _ = handle.join();
+            Err(Error::setup(
+                "shard start",
+                io::Error::other("shard thread exited during setup"),
+            ))
+        }
+    }
+}
+
+/// The run loop: one `io_uring_enter` per turn.
+fn run<S: Service>(ring: &mut Uring, control: &ShardControl, service: &mut S) {
+    let mut batch = Vec::with_capacity(256);
+    let mut wake_armed = true;
+    let mut stopping = false;
+    loop {
+        if stopping && !wake_armed && service.idle() {
+            return;
+        }
+        if let Err(e) = ring.submit_and_wait(1) {
+            // Only a broken ring gets here (EBADF, EFAULT): nothing more can
+            // be submitted or reaped, so stop the services and leave; memory
+            // of in-flight operations is leaked by the ring's Drop, not freed.
+            let _ = e;
+            if !stopping {
+                service.stop(ring);
+            }
+            return;
+        }
+        batch.clear();
+        ring.drain(&mut batch);
+        let now = Instant::now();
+        for cqe in batch.drain(..) {
+            match split(cqe.user_data) {
+                (Some(Tag::Wake), _) => {
+                    ring.release(cqe.user_data);
+                    wake_armed = false;
+                    control.wake_pending.store(false, Ordering::Release);
+                }
+                (Some(Tag::Cancel), _) => {}
+                (Some(tag), payload) => service.complete(ring, tag, payload, cqe, now),
+                (None, _) => {}
+            }
+        }
+        if !stopping && control.stop_requested() {
+            stopping = true;
+            service.stop(ring);
+            // Take the wake-up read back so the loop can end.
+            if wake_armed
+                && ring
+                    .cancel(user_data(Tag::Wake, 0), user_data(Tag::Cancel, 0))
+                    .is_err()
+            {
+                return;
+            }
+        }
+        if !stopping && !wake_armed {
+            match ring.read_counter(control.wake.as_raw_fd(), user_data(Tag::Wake, 0)) {
+                Ok(()) => wake_armed = true,
+                Err(_) => {
+                    stopping = true;
+                    service.stop(ring);
+                }
+            }
+        }
+        service.turn(ring, now);
+    }
+}
+
+/// Used when start failed: wait for whatever was posted to finish.
+fn drive_to_idle<S: Service>(ring: &mut Uring, service: &mut S) {
+    let mut batch = Vec::new();
+    let now = Instant::now();
+    while !service.idle() {
+        if ring.submit_and_wait(1).is_err() {
+            return;
+        }
+        batch.clear();
+        ring.drain(&mut batch);
+        for cqe in batch.drain(..) {
+            if let (Some(tag), payload) = split(cqe.user_data) {
+                if !matches!(tag, Tag::Wake | Tag::Cancel) {
+                    service.complete(ring, tag, payload, cqe, now);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! Per-shard counters, written by the shard thread (and by consumers for
+//! `delivered`) with relaxed atomics and read without locks.
+//!
+//! Conservation: once the listener is quiet (no connection arriving, none
+//! being delivered), for every shard and for the total,
+//! `accepted == delivered + closed_at_shutdown + pending`.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// Live counters of one shard.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub accepted: AtomicU64,
+    pub delivered: AtomicU64,
+    pub closed_at_shutdown: AtomicU64,
+    pub ring_full_pauses: AtomicU64,
+    pub resumes: AtomicU64,
+    pub rearms: AtomicU64,
+    pub backoff_emfile: AtomicU64,
+    pub backoff_enfile: AtomicU64,
+    pub backoff_enobufs: AtomicU64,
+    pub backoff_enomem: AtomicU64,
+    pub aborted: AtomicU64,
+    pub accept_errors: AtomicU64,
+    pub last_errno: AtomicU64,
+    pub held: AtomicU64,
+    pub handler_panics: AtomicU64,
+    pub multishot: AtomicBool,
+}
+
+impl Counters {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self, shard: usize) -> ShardStats {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        ShardStats {
+            shard,
+            accepted: g(&self.accepted),
+            delivered: g(&self.delivered),
+            closed_at_shutdown: g(&self.closed_at_shutdown),
+            ring_full_pauses: g(&self.ring_full_pauses),
+            resumes: g(&self.resumes),
+            rearms: g(&self.rearms),
+            backoff: Backoffs {
+                emfile: g(&self.backoff_emfile),
+                enfile: g(&self.backoff_enfile),
+                enobufs: g(&self.backoff_enobufs),
+                enomem: g(&self.backoff_enomem),
+            },
+            aborted: g(&self.aborted),
+            accept_errors: g(&self.accept_errors),
+            last_errno: g(&self.last_errno) as i32,
+            handler_panics: g(&self.handler_panics),
+            pending: g(&self.held),
+            ring_depth: 0,
+            ring_high_water: 0,
+            ring_capacity: 0,
+            multishot: self.multishot.load(Ordering::Relaxed),
+            kernel: None,
+        }
+    }
+}
+
+/// Accept-error backoffs, by errno: each is one time the shard stopped
+/// accepting for lack of a resource and resumed after a pause.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Backoffs {
+    /// EMFILE: the process is out of file descriptors (RLIMIT_NOFILE).
+    pub emfile: u64,
+    /// ENFILE: the system is out of file descriptors (fs.file-max).
+    pub enfile: u64,
+    /// ENOBUFS: out of socket buffer memory.
+    pub enobufs: u64,
+    /// ENOMEM: out of kernel memory.
+    pub enomem: u64,
+}
+
+impl Backoffs {
+    /// All of them.
+    pub fn total(&self) -> u64 {
+        self.emfile + self.enfile + self.enobufs + self.enomem
+    }
+}
+
+/// The kernel's view of a shard's listening socket (`TCP_INFO` on a socket
+/// in LISTEN state).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KernelQueue {
+    /// Connections completed by the kernel and waiting in its accept queue
+    /// (`tcpi_unacked`).
+    pub accept_queue: u32,
+    /// The backlog the kernel enforces on it (`tcpi_sacked`).
+    pub backlog: u32,
+}
+
+/// A snapshot of one shard's counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ShardStats {
+    /// The shard's index.
+    pub shard: usize,
+    /// Connections taken from the kernel.
+    pub accepted: u64,
+    /// Connections handed to the application (accept() or the handler).
+    pub delivered: u64,
+    /// Connections closed by shutdown before being delivered.
+    pub closed_at_shutdown: u64,
+    /// Times the ring filled and the shard stopped accepting.
+    pub ring_full_pauses: u64,
+    /// Times the shard resumed after the ring drained to its low-water mark.
+    pub resumes: u64,
+    /// Times the accept operation was posted again (a multishot accept that
+    /// ended, or every single-shot accept after the first).
+    pub rearms: u64,
+    /// Resource-exhaustion backoffs, by errno.
+    pub backoff: Backoffs,
+    /// Transient accept errors skipped (ECONNABORTED, EPROTO, EPERM …).
+    pub aborted: u64,
+    /// Other accept errors (surfaced by `accept()`).
+    pub accept_errors: u64,
+    /// The errno of the last accept error of any kind (0: none).
+    pub last_errno: i32,
+    /// Inline handler calls that panicked (the connection was dropped, the
+    /// shard went on).
+    pub handler_panics: u64,
+    /// Connections accepted and not yet delivered or closed: in the ring,
+    /// plus any the shard holds while the ring is full.
+    pub pending: u64,
+    /// Connections in the ring now.
+    pub ring_depth: usize,
+    /// Deepest the ring has been.
+    pub ring_high_water: usize,
+    /// The ring's capacity (the effective backlog).
+    pub ring_capacity: usize,
+    /// Whether the shard accepts with multishot ACCEPT (5.19+); false when it
+    /// fell back to re-posted single-shot accepts.
+    pub multishot: bool,
+    /// The kernel's accept queue for this shard's listener; `None` once the
+    /// listener is closed.
+    pub kernel: Option<KernelQueue>,
+}
+
+impl ShardStats {
+    /// Whether `accepted == delivered + closed_at_shutdown + pending`.
+    pub fn conserved(&self) -> bool {
+        self.accepted == self.delivered + self.closed_at_shutdown + self.pending
+    }
+}
+
+/// Counters of a whole listener: per shard and summed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListenerStats {
+    /// One entry per shard, by index.
+    pub shards: Vec<ShardStats>,
+}
+
+impl ListenerStats {
+    /// The sum over shards (`shard` is the shard count; `last_errno` the
+    /// first non-zero; `ring_*` summed; `multishot` true if all are).
+    pub fn total(&self) -> ShardStats {
+        let mut t = ShardStats {
+            shard: self.shards.len(),
+            multishot: true,
+            ..Default::default()
+        };
+        let mut kernel = KernelQueue::default();
+        let mut any_kernel = false;
+        for s in &self.shards {
+            t.accepted += s.accepted;
+            t.delivered += s.delivered;
+            t.closed_at_shutdown += s.closed_at_shutdown;
+            t.ring_full_pauses += s.ring_full_pauses;
+            t.resumes += s.resumes;
+            t.rearms += s.rearms;
+            t.backoff.emfile += s.backoff.emfile;
+            t.backoff.enfile += s.backoff.enfile;
+            t.backoff.enobufs += s.backoff.enobufs;
+            t.backoff.enomem += s.backoff.enomem;
+            t.aborted += s.aborted;
+            t.accept_errors += s.accept_errors;
+            t.handler_panics += s.handler_panics;
+            if t.last_errno == 0 {
+                t.last_errno = s.last_errno;
+            }
+            t.pending += s.pending;
+            t.ring_depth += s.ring_depth;
+            t.ring_high_water += s.ring_high_water;
+            t.ring_capacity += s.ring_capacity;
+            t.multishot &= s.multishot;
+            if let Some(k) = s.kernel {
+                any_kernel = true;
+                kernel.accept_queue += k.accept_queue;
+                kernel.backlog += k.backlog;
+            }
+        }
+        t.kernel = any_kernel.then_some(kernel);
+        t
+    }
+
+    /// Whether conservation holds for every shard.
+    pub fn conserved(&self) -> bool {
+        self.shards.iter().all(ShardStats::conserved)
+    }
+}

@@ -1,0 +1,657 @@
+//! Every `unsafe` operation of the engine lives here, behind safe functions.
+//!
+//! Three kinds of thing need it:
+//! - the io_uring submission queue: an SQE may point at memory the kernel
+//!   reads or writes until the operation completes. [`Uring`] owns every such
+//!   buffer, keyed by the operation's user data, and frees it only when the
+//!   final completion of that operation has been reaped (or leaks it if the
+//!   ring is dropped with the operation still in flight);
+//! - raw descriptors from completions, which become [`OwnedFd`] here, before
+//!   anything else can fail;
+//! - the few socket options and calls that socket2 lacks (a reuseport cBPF
+//!   program, `TCP_INFO` of a listener, `TCP_SAVED_SYN`, `poll(2)`).
+#![allow(unsafe_code)]
+// Operations for admission (peek, poll, saved SYN) and the connect side are
+// used as those land; until then some are not called.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io;
+use std::mem::{size_of, MaybeUninit};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+
+/// How the ring was set up: which of the optional setup flags the kernel took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RingSetup {
+    /// `IORING_SETUP_SINGLE_ISSUER` (6.0).
+    pub single_issuer: bool,
+    /// `IORING_SETUP_DEFER_TASKRUN` (6.1): completions run only when the
+    /// shard waits, never interrupting it.
+    pub defer_taskrun: bool,
+    /// `IORING_SETUP_COOP_TASKRUN` (5.19), the fallback when DEFER is refused.
+    pub coop_taskrun: bool,
+}
+
+/// One completion, copied out of the completion queue.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Cqe {
+    pub user_data: u64,
+    pub result: i32,
+    pub flags: u32,
+}
+
+impl Cqe {
+    /// Whether more completions will follow for this (multishot) operation.
+    pub fn more(&self) -> bool {
+        cqueue::more(self.flags)
+    }
+}
+
+/// Memory an in-flight operation points at.
+#[derive(Debug)]
+enum OpMemory {
+    Word(Box<u64>),
+    Timespec(Box<types::Timespec>),
+    Bytes(Box<[u8]>),
+    Addr(Box<socket2::SockAddr>),
+    /// A descriptor a CLOSE operation is closing: kept until its CQE says
+    /// whether the kernel closed it (0) or never ran the close (-ECANCELED
+    /// after a failed linked SEND), in which case dropping it closes it.
+    Fd(OwnedFd),
+}
+
+/// A shard's io_uring: its submission side with the memory that in-flight
+/// operations reference, and a safe drain of its completion side.
+pub(crate) struct Uring {
+    ring: IoUring,
+    setup: RingSetup,
+    /// Memory referenced by in-flight operations, by user data. An entry is
+    /// removed only by [`Uring::release`] after the operation's final CQE.
+    memory: HashMap<u64, OpMemory>,
+}
+
+impl std::fmt::Debug for Uring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Uring")
+            .field("fd", &self.ring.as_raw_fd())
+            .field("setup", &self.setup)
+            .field("ops_with_memory", &self.memory.len())
+            .finish()
+    }
+}
+
+impl Uring {
+    /// Sets up a ring with `entries` submission slots, trying the cheapest
+    /// task-running mode first: SINGLE_ISSUER + DEFER_TASKRUN (6.1), then
+    /// COOP_TASKRUN + TASKRUN_FLAG (5.19), then none. Must be called on the
+    /// thread that will submit (SINGLE_ISSUER binds the ring to it).
+    ///
+    /// A refusal that no flag combination can fix (ENOSYS, EPERM, EACCES) is
+    /// returned at once, from the first attempt.
+    pub fn new(entries: u32) -> io::Result<Self> {
+        let cq = entries.saturating_mul(16).max(4096);
+        type Apply = fn(&mut io_uring::Builder);
+        let attempts: [(RingSetup, Apply); 3] = [
+            (
+                RingSetup {
+                    single_issuer: true,
+                    defer_taskrun: true,
+                    coop_taskrun: false,
+                },
+                |b| {
+                    b.setup_single_issuer().setup_defer_taskrun();
+                },
+            ),
+            (
+                RingSetup {
+                    single_issuer: false,
+                    defer_taskrun: false,
+                    coop_taskrun: true,
+                },
+                |b| {
+                    b.setup_coop_taskrun().setup_taskrun_flag();
+                },
+            ),
+            (RingSetup::default(), |_| {}),
+        ];
+        let mut last = io::Error::from_raw_os_error(libc::EINVAL);
+        for (setup, apply) in attempts {
+            let mut builder = IoUring::builder();
+            builder.setup_cqsize(cq);
+            apply(&mut builder);
+            match builder.build(entries) {
+                Ok(ring) => {
+                    return Ok(Uring {
+                        ring,
+                        setup,
+                        memory: HashMap::new(),
+                    })
+                }
+                Err(e) => {
+                    let fatal = matches!(
+                        e.raw_os_error(),
+                        Some(libc::ENOSYS) | Some(libc::EPERM) | Some(libc::EACCES)
+                    );
+                    if fatal {
+                        return Err(e);
+                    }
+                    last = e;
+                }
+            }
+        }
+        Err(last)
+    }
+
+    /// The setup flags the kernel took.
+    pub fn setup(&self) -> RingSetup {
+        self.setup
+    }
+
+    /// Whether the kernel supports `opcode` (IORING_REGISTER_PROBE, 5.6).
+    pub fn supports(&self, opcode: u8) -> bool {
+        let mut probe = io_uring::Probe::new();
+        match self.ring.submitter().register_probe(&mut probe) {
+            Ok(()) => probe.is_supported(opcode),
+            Err(_) => false,
+        }
+    }
+
+    /// Queues an SQE, submitting first if the queue is full.
+    ///
+    /// # Safety
+    /// Any memory `entry` points at must stay valid until its final CQE.
+    unsafe fn push(&mut self, entry: squeue::Entry) -> io::Result<()> {
+        loop {
+            // SAFETY: forwarded from the caller: memory referenced by `entry`
+            // is valid until the operation's final completion.
+            let pushed = unsafe { self.ring.submission().push(&entry) };
+            if pushed.is_ok() {
+                return Ok(());
+            }
+            self.submit()?;
+        }
+    }
+
+    fn push_plain(&mut self, entry: squeue::Entry) -> io::Result<()> {
+        // SAFETY: callers of push_plain pass entries that reference no user
+        // memory (only descriptors and inline integers), so nothing can dangle.
+        unsafe { self.push(entry) }
+    }
+
+    fn push_with(&mut self, entry: squeue::Entry, user_data: u64, mem: OpMemory) -> io::Result<()> {
+        // SAFETY: `mem` is the memory `entry` points into; it is a heap
+        // allocation that moves into `self.memory` (the box's address does not
+        // change) and is released only after the operation's final CQE (see
+        // `release`), or leaked in Drop while still in flight.
+        let res = unsafe { self.push(entry) };
+        if res.is_ok() {
+            self.memory.insert(user_data, mem);
+        }
+        res
+    }
+
+    /// Makes room for `n` adjacent SQEs (a link chain must not be split
+    /// across two submissions), submitting what is queued if needed.
+    pub fn reserve(&mut self, n: usize) -> io::Result<()> {
+        let (cap, len) = {
+            let sq = self.ring.submission();
+            (sq.capacity(), sq.len())
+        };
+        if cap - len < n {
+            self.submit()?;
+        }
+        Ok(())
+    }
+
+    /// Posts a multishot ACCEPT (5.19) on listening socket `fd`.
+    pub fn accept_multi(&mut self, fd: RawFd, user_data: u64) -> io::Result<()> {
+        let e = opcode::AcceptMulti::new(types::Fd(fd))
+            .flags(libc::SOCK_CLOEXEC)
+            .build()
+            .user_data(user_data);
+        self.push_plain(e)
+    }
+
+    /// Posts a single-shot ACCEPT (5.5), for kernels without multishot.
+    pub fn accept_once(&mut self, fd: RawFd, user_data: u64) -> io::Result<()> {
+        let e = opcode::Accept::new(types::Fd(fd), std::ptr::null_mut(), std::ptr::null_mut())
+            .flags(libc::SOCK_CLOEXEC)
+            .build()
+            .user_data(user_data);
+        self.push_plain(e)
+    }
+
+    /// Asks the kernel to cancel the operation posted with `target`.
+    pub fn cancel(&mut self, target: u64, user_data: u64) -> io::Result<()> {
+        self.push_plain(
+            opcode::AsyncCancel::new(target)
+                .build()
+                .user_data(user_data),
+        )
+    }
+
+    /// Reads the 8-byte counter of an eventfd; the value is in [`Uring::release`]'s result.
+    pub fn read_counter(&mut self, fd: RawFd, user_data: u64) -> io::Result<()> {
+        let mut word = Box::new(0u64);
+        let ptr: *mut u64 = &mut *word;
+        let e = opcode::Read::new(types::Fd(fd), ptr.cast(), 8)
+            .build()
+            .user_data(user_data);
+        self.push_with(e, user_data, OpMemory::Word(word))
+    }
+
+    /// Posts a relative timeout that completes with -ETIME after `after`.
+    pub fn timeout(&mut self, after: Duration, user_data: u64) -> io::Result<()> {
+        let ts = Box::new(types::Timespec::from(after));
+        let ptr: *const types::Timespec = &*ts;
+        let e = opcode::Timeout::new(ptr).build().user_data(user_data);
+        self.push_with(e, user_data, OpMemory::Timespec(ts))
+    }
+
+    /// RECV with MSG_PEEK of up to `len` bytes from a connected socket; the
+    /// bytes come back from [`Uring::release`].
+    pub fn peek(&mut self, fd: RawFd, len: usize, user_data: u64) -> io::Result<()> {
+        let mut buf = vec![0u8; len].into_boxed_slice();
+        let e = opcode::Recv::new(types::Fd(fd), buf.as_mut_ptr(), len as u32)
+            .flags(libc::MSG_PEEK)
+            .build()
+            .user_data(user_data);
+        self.push_with(e, user_data, OpMemory::Bytes(buf))
+    }
+
+    /// Single-shot POLL_ADD for `events` (poll(2) bits) on `fd`.
+    pub fn poll(
+        &mut self,
+        fd: RawFd,
+        events: u32,
+        multishot: bool,
+        user_data: u64,
+    ) -> io::Result<()> {
+        let e = opcode::PollAdd::new(types::Fd(fd), events)
+            .multi(multishot)
+            .build()
+            .user_data(user_data);
+        self.push_plain(e)
+    }
+
+    /// SEND of `bytes` on `fd` with `flags` (e.g. MSG_MORE, MSG_NOSIGNAL);
+    /// `link` chains the next SQE to it (IOSQE_IO_LINK).
+    pub fn send(
+        &mut self,
+        fd: RawFd,
+        bytes: Box<[u8]>,
+        flags: i32,
+        link: bool,
+        user_data: u64,
+    ) -> io::Result<()> {
+        let mut e = opcode::Send::new(types::Fd(fd), bytes.as_ptr(), bytes.len() as u32)
+            .flags(flags)
+            .build()
+            .user_data(user_data);
+        if link {
+            e = e.flags(squeue::Flags::IO_LINK);
+        }
+        self.push_with(e, user_data, OpMemory::Bytes(bytes))
+    }
+
+    /// RECV into a fresh buffer of `len` bytes, returned by [`Uring::release`].
+    pub fn recv(&mut self, fd: RawFd, len: usize, user_data: u64) -> io::Result<()> {
+        let mut buf = vec![0u8; len].into_boxed_slice();
+        let e = opcode::Recv::new(types::Fd(fd), buf.as_mut_ptr(), len as u32)
+            .build()
+            .user_data(user_data);
+        self.push_with(e, user_data, OpMemory::Bytes(buf))
+    }
+
+    /// CLOSE of a descriptor the caller gives up. Its completion must be
+    /// passed to [`Uring::finish_close`], which closes the descriptor itself
+    /// if the kernel did not (a cancelled link), so it is closed exactly once.
+    pub fn close(&mut self, fd: OwnedFd, user_data: u64) -> io::Result<()> {
+        let raw = fd.as_raw_fd();
+        let e = opcode::Close::new(types::Fd(raw))
+            .build()
+            .user_data(user_data);
+        // SAFETY: the entry references no memory; the descriptor is kept open
+        // (owned by `self.memory`) until the CQE, and its number cannot be
+        // reused before then.
+        unsafe { self.push(e)? };
+        self.memory.insert(user_data, OpMemory::Fd(fd));
+        Ok(())
+    }
+
+    /// Completes a CLOSE posted by [`Uring::close`].
+    pub fn finish_close(&mut self, user_data: u64, result: i32) {
+        if let Some(OpMemory::Fd(fd)) = self.memory.remove(&user_data) {
+            if result >= 0 {
+                // The kernel closed it: forget the number without closing
+                // again (it may already belong to another descriptor).
+                std::mem::forget(fd);
+            } else {
+                // The close never ran (e.g. -ECANCELED after a failed link):
+                // dropping the OwnedFd closes it now.
+                drop(fd);
+            }
+        }
+    }
+
+    /// CONNECT of `fd` to `addr` (5.5); with `timeout`, a LINK_TIMEOUT is
+    /// linked to it with user data `timeout_user_data`.
+    pub fn connect(
+        &mut self,
+        fd: RawFd,
+        addr: socket2::SockAddr,
+        timeout: Option<(Duration, u64)>,
+        user_data: u64,
+    ) -> io::Result<()> {
+        let addr = Box::new(addr);
+        let mut e = opcode::Connect::new(types::Fd(fd), addr.as_ptr().cast(), addr.len())
+            .build()
+            .user_data(user_data);
+        match timeout {
+            None => self.push_with(e, user_data, OpMemory::Addr(addr)),
+            Some((after, tud)) => {
+                // Both SQEs must be in the same submission batch, adjacent.
+                self.reserve(2)?;
+                e = e.flags(squeue::Flags::IO_LINK);
+                self.push_with(e, user_data, OpMemory::Addr(addr))?;
+                let ts = Box::new(types::Timespec::from(after));
+                let ptr: *const types::Timespec = &*ts;
+                let t = opcode::LinkTimeout::new(ptr).build().user_data(tud);
+                self.push_with(t, tud, OpMemory::Timespec(ts))
+            }
+        }
+    }
+
+    /// Frees the memory of an operation whose final CQE has been reaped and
+    /// returns what it read: the eventfd counter or the received bytes.
+    pub fn release(&mut self, user_data: u64) -> Released {
+        match self.memory.remove(&user_data) {
+            Some(OpMemory::Word(w)) => Released::Word(*w),
+            Some(OpMemory::Bytes(b)) => Released::Bytes(b),
+            Some(OpMemory::Fd(fd)) => {
+                // Not a close completion: keep the descriptor owned.
+                self.memory.insert(user_data, OpMemory::Fd(fd));
+                Released::Nothing
+            }
+            Some(OpMemory::Timespec(_)) | Some(OpMemory::Addr(_)) | None => Released::Nothing,
+        }
+    }
+
+    /// Submits queued SQEs without waiting.
+    pub fn submit(&mut self) -> io::Result<usize> {
+        loop {
+            match self.ring.submit() {
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                other => return other,
+            }
+        }
+    }
+
+    /// Submits queued SQEs and waits for at least `want` completions: one
+    /// `io_uring_enter` per call. EINTR returns Ok (the caller loops anyway);
+    /// EBUSY (completion queue overflow) returns Ok so the caller drains.
+    pub fn submit_and_wait(&mut self, want: usize) -> io::Result<()> {
+        match self.ring.submit_and_wait(want) {
+            Ok(_) => Ok(()),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Moves every available completion into `out`.
+    pub fn drain(&mut self, out: &mut Vec<Cqe>) {
+        let mut cq = self.ring.completion();
+        cq.sync();
+        for e in &mut cq {
+            out.push(Cqe {
+                user_data: e.user_data(),
+                result: e.result(),
+                flags: e.flags(),
+            });
+        }
+    }
+}
+
+impl Drop for Uring {
+    fn drop(&mut self) {
+        // Memory still registered belongs to operations whose final CQE was
+        // never reaped; the kernel may still write into it while it tears the
+        // ring down, so it is leaked rather than freed.
+        for (_, mem) in self.memory.drain() {
+            std::mem::forget(mem);
+        }
+    }
+}
+
+/// What an operation's memory held when it was released.
+#[derive(Debug)]
+pub(crate) enum Released {
+    /// Nothing to return (a timeout, an address, or no memory at all).
+    Nothing,
+    /// An 8-byte counter (eventfd read).
+    Word(u64),
+    /// A byte buffer (recv, peek, send).
+    Bytes(Box<[u8]>),
+}
+
+/// Adopts a descriptor the kernel just returned in a CQE.
+///
+/// `fd` must be non-negative and come from a completion that installed it.
+pub(crate) fn adopt_fd(fd: i32) -> OwnedFd {
+    debug_assert!(fd >= 0);
+    // SAFETY: the kernel installed `fd` in our table for this completion and
+    // handed it to us alone; nothing else in the process knows its number, so
+    // this is its only owner and it is open.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// Creates a non-blocking, close-on-exec eventfd.
+pub(crate) fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: eventfd takes no pointers; a negative return is an error.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(adopt_fd(fd))
+}
+
+/// Adds 1 to an eventfd's counter (makes it readable).
+pub(crate) fn eventfd_signal(fd: BorrowedFd<'_>) {
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a live local; the fd is borrowed, so open.
+    // The only possible failure is EAGAIN at counter overflow (2^64-2), where
+    // the fd is readable anyway, so the result is deliberately ignored.
+    let _ = unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+}
+
+/// Resets an eventfd's counter to zero (makes it unreadable).
+pub(crate) fn eventfd_clear(fd: BorrowedFd<'_>) {
+    let mut v: u64 = 0;
+    // SAFETY: reads at most 8 bytes into a live local; the fd is non-blocking,
+    // so an empty counter returns EAGAIN, which means already clear.
+    let _ = unsafe { libc::read(fd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+}
+
+/// Waits until `fd` is readable or `timeout` passes (`None`: forever).
+/// Returns whether it is readable. EINTR returns `Ok(false)`.
+pub(crate) fn poll_readable(fd: BorrowedFd<'_>, timeout: Option<Duration>) -> io::Result<bool> {
+    let ms: i32 = match timeout {
+        None => -1,
+        Some(d) => {
+            // Round up so a sub-millisecond wait does not become a busy poll.
+            let ms = d.as_nanos().div_ceil(1_000_000);
+            i32::try_from(ms).unwrap_or(i32::MAX)
+        }
+    };
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd on the stack, count 1; the fd is borrowed.
+    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EINTR) {
+            return Ok(false);
+        }
+        return Err(e);
+    }
+    Ok(n > 0 && pfd.revents & libc::POLLIN != 0)
+}
+
+/// `SO_ATTACH_REUSEPORT_CBPF` (asm-generic value; the same on x86 and arm).
+const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
+
+/// Attaches a classic-BPF reuseport program that picks socket
+/// `cpu % groups` of the reuseport group, `cpu` being the CPU that is
+/// processing the incoming SYN (4.5+; see the kernel's
+/// `tools/testing/selftests/net/reuseport_bpf_cpu.c`).
+pub(crate) fn attach_cpu_steering(fd: BorrowedFd<'_>, groups: u32) -> io::Result<()> {
+    const BPF_LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+    const BPF_ALU_MOD_K: u16 = (libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K) as u16;
+    const BPF_RET_A: u16 = (libc::BPF_RET | libc::BPF_A) as u16;
+    let mut code = [
+        libc::sock_filter {
+            code: BPF_LD_W_ABS,
+            jt: 0,
+            jf: 0,
+            k: (libc::SKF_AD_OFF + libc::SKF_AD_CPU) as u32,
+        },
+        libc::sock_filter {
+            code: BPF_ALU_MOD_K,
+            jt: 0,
+            jf: 0,
+            k: groups.max(1),
+        },
+        libc::sock_filter {
+            code: BPF_RET_A,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        },
+    ];
+    let prog = libc::sock_fprog {
+        len: code.len() as u16,
+        filter: code.as_mut_ptr(),
+    };
+    // SAFETY: `prog` and the `code` array it points at live across the call;
+    // the kernel copies the program during setsockopt.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_ATTACH_REUSEPORT_CBPF,
+            (&prog as *const libc::sock_fprog).cast(),
+            size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The kernel's view of a listening socket, from `TCP_INFO`: for a socket in
+/// LISTEN state Linux reports the accept-queue length in `tcpi_unacked` and
+/// the effective backlog in `tcpi_sacked`.
+pub(crate) fn listener_queue(fd: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
+    let mut info = MaybeUninit::<libc::tcp_info>::zeroed();
+    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: the buffer is a zeroed tcp_info of `len` bytes; the kernel
+    // writes at most `len` bytes and updates `len`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: zero-initialised plain-old-data, partly filled by the kernel:
+    // every bit pattern is a valid tcp_info.
+    let info = unsafe { info.assume_init() };
+    Ok((info.tcpi_unacked, info.tcpi_sacked))
+}
+
+/// Sets an integer socket option socket2 has no setter for.
+pub(crate) fn setsockopt_int(
+    fd: BorrowedFd<'_>,
+    level: i32,
+    name: i32,
+    value: i32,
+) -> io::Result<()> {
+    // SAFETY: passes a pointer to a live c_int with its exact size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&value as *const i32).cast(),
+            size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Reads an integer socket option socket2 has no getter for.
+pub(crate) fn getsockopt_int(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<i32> {
+    let mut value: i32 = 0;
+    let mut len = size_of::<i32>() as libc::socklen_t;
+    // SAFETY: a live c_int and its size; the kernel writes at most `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&mut value as *mut i32).cast(),
+            &mut len,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value)
+}
+
+/// Reads `TCP_SAVED_SYN`: the IP and TCP headers of the SYN that opened this
+/// connection (the listener must have set `TCP_SAVE_SYN`; 4.2+). Empty when
+/// nothing was saved. The kernel frees the saved copy after the first read.
+pub(crate) fn saved_syn(fd: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; 512];
+    let mut len = buf.len() as libc::socklen_t;
+    // SAFETY: `buf` is a live allocation of `len` bytes; the kernel writes at
+    // most `len` bytes and updates `len`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_SAVED_SYN,
+            buf.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    buf.truncate(len as usize);
+    Ok(buf)
+}
+
+/// `IORING_OP_*` numbers the engine probes for.
+pub(crate) mod op {
+    /// IORING_OP_ACCEPT.
+    pub const ACCEPT: u8 = io_uring::opcode::Accept::CODE;
+    /// IORING_OP_CONNECT.
+    pub const CONNECT: u8 = io_uring::opcode::Connect::CODE;
+}

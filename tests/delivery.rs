@@ -1,0 +1,192 @@
+//! Delivery: blocking accept, try/timeout, the accept event, the inline
+//! handler, all on real loopback sockets.
+
+use std::collections::HashSet;
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use floodgate::{Error, Listener};
+use floodgate_tests::{connect, open_fds, read_id, serial, tagged_client, wait_for};
+
+const CONNECTIONS: u64 = 20_000;
+const CLIENT_THREADS: u64 = 4;
+const CONSUMERS: usize = 2;
+
+#[test]
+fn every_connection_is_delivered_exactly_once() {
+    let _g = serial();
+    let baseline = open_fds();
+    let listener = Arc::new(
+        Listener::builder("127.0.0.1:0".parse().unwrap())
+            .build()
+            .expect("build"),
+    );
+    let addr = listener.local_addr();
+    let seen = Arc::new(Mutex::new(HashSet::new()));
+    let received = Arc::new(AtomicU64::new(0));
+
+    let consumers: Vec<_> = (0..CONSUMERS)
+        .map(|_| {
+            let (l, seen, received) = (listener.clone(), seen.clone(), received.clone());
+            std::thread::spawn(move || loop {
+                match l.accept() {
+                    Ok(mut c) => {
+                        let id = read_id(&mut c).expect("client id");
+                        assert!(
+                            seen.lock().unwrap().insert(id),
+                            "connection {id} delivered twice"
+                        );
+                        received.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(Error::Closed) => return,
+                    Err(e) => panic!("accept: {e}"),
+                }
+            })
+        })
+        .collect();
+    let clients: Vec<_> = (0..CLIENT_THREADS)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let mut id = t;
+                while id < CONNECTIONS {
+                    tagged_client(addr, id).expect("client");
+                    id += CLIENT_THREADS;
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().expect("client thread");
+    }
+    wait_for("all ids received", || {
+        received.load(Ordering::SeqCst) == CONNECTIONS
+    });
+    listener.shutdown();
+    for c in consumers {
+        c.join().expect("consumer thread");
+    }
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len() as u64, CONNECTIONS);
+    assert!((0..CONNECTIONS).all(|id| seen.contains(&id)));
+    let stats = listener.stats();
+    let total = stats.total();
+    assert_eq!(total.accepted, CONNECTIONS);
+    assert_eq!(total.delivered, CONNECTIONS);
+    assert_eq!(total.closed_at_shutdown, 0);
+    assert_eq!(total.pending, 0);
+    assert!(stats.conserved(), "{stats:?}");
+    drop(seen);
+    drop(listener);
+    assert_eq!(open_fds(), baseline, "fd table back to its baseline");
+}
+
+#[test]
+fn accept_timeout_returns_none_when_nothing_is_pending() {
+    let _g = serial();
+    let listener = Listener::builder("127.0.0.1:0".parse().unwrap())
+        .shards(1)
+        .build()
+        .unwrap();
+    assert!(listener
+        .accept_timeout(Duration::from_millis(5))
+        .unwrap()
+        .is_none());
+    assert!(listener.try_accept().unwrap().is_none());
+    let _client = connect(listener.local_addr()).unwrap();
+    let got = listener.accept_timeout(Duration::from_secs(120)).unwrap();
+    assert!(got.is_some());
+}
+
+fn readable(fd: std::os::fd::BorrowedFd<'_>, timeout_ms: i32) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd on the stack; the fd is borrowed from a live listener.
+    let n = unsafe { libc::poll(&mut p, 1, timeout_ms) };
+    n > 0 && p.revents & libc::POLLIN != 0
+}
+
+#[test]
+fn accept_event_is_readable_while_connections_are_pending_and_not_before() {
+    let _g = serial();
+    let listener = Listener::builder("127.0.0.1:0".parse().unwrap())
+        .build()
+        .unwrap();
+    let event = listener.accept_event();
+    assert!(!readable(event, 0), "readable before any connection");
+    let _a = connect(listener.local_addr()).unwrap();
+    let _b = connect(listener.local_addr()).unwrap();
+    assert!(readable(event, 120_000), "a connection is pending");
+    wait_for("both accepted", || listener.stats().total().accepted == 2);
+    assert!(readable(event, 0));
+    assert!(listener.try_accept().unwrap().is_some());
+    assert!(readable(event, 0), "one still pending");
+    assert!(listener.try_accept().unwrap().is_some());
+    assert!(!readable(event, 0), "nothing pending after the last accept");
+    assert!(listener.try_accept().unwrap().is_none());
+    assert!(!readable(event, 0));
+}
+
+#[test]
+fn inline_handler_gets_every_connection_on_its_shard() {
+    let _g = serial();
+    let baseline = open_fds();
+    let listener = Listener::builder("127.0.0.1:0".parse().unwrap())
+        .handler(|conn, ctx| {
+            let shard = ctx.shard() as u8;
+            assert_eq!(conn.shard(), ctx.shard());
+            ctx.reply_and_close(conn, &[b'x', shard]).expect("reply");
+        })
+        .build()
+        .unwrap();
+    for _ in 0..500 {
+        let mut c = connect(listener.local_addr()).unwrap();
+        let mut reply = Vec::new();
+        c.read_to_end(&mut reply).unwrap();
+        assert_eq!(reply.len(), 2);
+        assert_eq!(reply[0], b'x');
+        assert!((reply[1] as usize) < listener.shards());
+    }
+    assert!(matches!(listener.try_accept(), Err(Error::InlineDelivery)));
+    listener.shutdown();
+    let total = listener.stats().total();
+    assert_eq!(total.accepted, 500);
+    assert_eq!(total.delivered, 500);
+    assert!(listener.stats().conserved());
+    drop(listener);
+    assert_eq!(open_fds(), baseline);
+}
+
+#[test]
+fn a_panicking_handler_does_not_take_the_shard_down() {
+    let _g = serial();
+    let listener = Listener::builder("127.0.0.1:0".parse().unwrap())
+        .shards(1)
+        .handler(|mut conn, ctx| {
+            // Read (not peek) the byte: closing with unread data would reset.
+            let mut first = [0u8; 1];
+            let _ = conn.read_exact(&mut first);
+            if first[0] == b'p' {
+                panic!("handler panics on purpose");
+            }
+            ctx.reply_and_close(conn, b"ok").expect("reply");
+        })
+        .build()
+        .unwrap();
+    use std::io::Write;
+    let mut bad = connect(listener.local_addr()).unwrap();
+    bad.write_all(b"p").unwrap();
+    let mut rest = Vec::new();
+    let _ = bad.read_to_end(&mut rest);
+    let mut good = connect(listener.local_addr()).unwrap();
+    good.write_all(b"g").unwrap();
+    let mut reply = Vec::new();
+    good.read_to_end(&mut reply).unwrap();
+    assert_eq!(reply, b"ok");
+    assert_eq!(listener.stats().total().handler_panics, 1);
+}

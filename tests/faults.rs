@@ -1,0 +1,110 @@
+//! Faults: fd exhaustion makes the engine back off and recover; a kernel
+//! that refuses io_uring gets an error that names the cause.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
+
+use floodgate::{Error, Listener, UringUnavailable};
+use floodgate_tests::{connect, serial};
+
+const PROBE: &str = env!("CARGO_BIN_EXE_floodgate-probe");
+
+#[test]
+fn fd_exhaustion_backs_off_and_recovers_losing_nothing() {
+    let _g = serial();
+    const CLIENTS: u64 = 10;
+    let mut child = Command::new(PROBE)
+        .arg("emfile")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn probe");
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let port: u16 = line
+        .trim()
+        .strip_prefix("PORT ")
+        .expect("PORT line")
+        .parse()
+        .unwrap();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let clients: Vec<TcpStream> = (0..CLIENTS).map(|_| connect(addr).unwrap()).collect();
+    writeln!(child.stdin.as_mut().unwrap(), "GO {CLIENTS}").unwrap();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "probe failed: {line}");
+    assert!(line.starts_with("DONE"), "{line}");
+    let field = |k: &str| -> String {
+        line.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{k}=")).map(str::to_string))
+            .unwrap_or_default()
+    };
+    assert_eq!(field("accepted"), CLIENTS.to_string(), "{line}");
+    assert_eq!(field("delivered"), CLIENTS.to_string(), "{line}");
+    assert!(field("emfile").parse::<u64>().unwrap() >= 1, "{line}");
+    assert_eq!(field("accepted_during_exhaustion"), "3", "{line}");
+    assert_eq!(field("conserved"), "true", "{line}");
+    drop(clients);
+}
+
+#[test]
+fn io_uring_denied_by_seccomp_is_named() {
+    let _g = serial();
+    let out = Command::new(PROBE)
+        .arg("seccomp")
+        .output()
+        .expect("spawn probe");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("seccomp"),
+        "the message names the cause: {text}"
+    );
+}
+
+/// Restores `kernel.io_uring_disabled` when dropped.
+struct SysctlGuard(String);
+
+impl Drop for SysctlGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::write("/proc/sys/kernel/io_uring_disabled", &self.0);
+    }
+}
+
+#[test]
+fn io_uring_disabled_by_sysctl_is_named() {
+    let _g = serial();
+    const PATH: &str = "/proc/sys/kernel/io_uring_disabled";
+    let Ok(before) = std::fs::read_to_string(PATH) else {
+        eprintln!("skipped: {PATH} does not exist (kernel < 6.6)");
+        return;
+    };
+    let guard = SysctlGuard(before);
+    if std::fs::write(PATH, "2").is_err() {
+        eprintln!("skipped: {PATH} is not writable (not root)");
+        return;
+    }
+    let r = Listener::builder("127.0.0.1:0".parse().unwrap())
+        .shards(1)
+        .build();
+    drop(guard);
+    match r {
+        Err(
+            e @ Error::UringUnavailable {
+                cause: UringUnavailable::DisabledBySysctl,
+                ..
+            },
+        ) => {
+            assert!(e.to_string().contains("io_uring_disabled"), "{e}");
+        }
+        other => panic!("expected io_uring disabled by sysctl, got {other:?}"),
+    }
+    // And it works again once re-enabled.
+    Listener::builder("127.0.0.1:0".parse().unwrap())
+        .shards(1)
+        .build()
+        .expect("io_uring back");
+}

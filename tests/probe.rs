@@ -1,0 +1,198 @@
+//! `floodgate-probe`: runs the engine in a child process under a fault the
+//! test process must not suffer itself. Used by `tests/faults.rs`.
+//!
+//! - `emfile`: lowers RLIMIT_NOFILE so the shard runs out of descriptors,
+//!   and reports how the engine backed off and recovered.
+//! - `seccomp`: installs a seccomp filter that makes `io_uring_setup` fail
+//!   with EPERM (as container default profiles do) and prints the error.
+
+use std::io::{BufRead, Write};
+use std::time::Duration;
+
+use floodgate::{Error, Listener, UringUnavailable};
+
+fn main() {
+    let mode = std::env::args().nth(1).unwrap_or_default();
+    let code = match mode.as_str() {
+        "emfile" => emfile(),
+        "seccomp" => seccomp(),
+        _ => {
+            eprintln!("usage: floodgate-probe emfile|seccomp");
+            2
+        }
+    };
+    std::process::exit(code);
+}
+
+fn open_fds() -> u64 {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count() as u64)
+        .unwrap_or(0)
+}
+
+/// Protocol on stdio: prints `PORT <port>`; reads a line `GO <n>` once the
+/// parent has connected n clients; prints `DONE accepted=.. emfile=..`.
+fn emfile() -> i32 {
+    let listener = match Listener::builder("127.0.0.1:0".parse().unwrap())
+        .shards(1)
+        .build()
+    {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("build: {e}");
+            return 1;
+        }
+    };
+    println!("PORT {}", listener.local_addr().port());
+    let _ = std::io::stdout().flush();
+    let mut line = String::new();
+    if std::io::stdin().lock().read_line(&mut line).is_err() {
+        return 1;
+    }
+    let n: u64 = line
+        .trim()
+        .strip_prefix("GO ")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    // Room for exactly three more descriptors.
+    const ROOM: u64 = 3;
+    let limit = open_fds() + ROOM;
+    let rl = libc::rlimit {
+        rlim_cur: limit,
+        rlim_max: limit,
+    };
+    // SAFETY: setrlimit reads one live rlimit struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &rl) } != 0 {
+        eprintln!("setrlimit: {}", std::io::Error::last_os_error());
+        return 1;
+    }
+    // Hold what the engine can take: the fd table fills up.
+    let mut held = Vec::new();
+    while (held.len() as u64) < ROOM {
+        match listener.accept_timeout(Duration::from_secs(60)) {
+            Ok(Some(c)) => held.push(c),
+            other => {
+                eprintln!("accept while filling: {other:?}");
+                return 1;
+            }
+        }
+    }
+    // The shard must now hit EMFILE and back off (not spin, not lose).
+    let give_up = std::time::Instant::now() + Duration::from_secs(60);
+    while listener.stats().total().backoff.emfile == 0 {
+        if std::time::Instant::now() > give_up {
+            eprintln!("no EMFILE backoff seen: {:?}", listener.stats().total());
+            return 1;
+        }
+        std::thread::park_timeout(Duration::from_millis(1));
+    }
+    let during = listener.stats().total();
+    // Free the descriptors: the shard resumes and delivers the rest.
+    drop(held);
+    let mut got = ROOM;
+    while got < n {
+        match listener.accept_timeout(Duration::from_secs(60)) {
+            Ok(Some(c)) => {
+                drop(c);
+                got += 1;
+            }
+            other => {
+                eprintln!("accept after release: {other:?}");
+                return 1;
+            }
+        }
+    }
+    listener.shutdown();
+    let t = listener.stats().total();
+    println!(
+        "DONE accepted={} delivered={} emfile={} accepted_during_exhaustion={} conserved={}",
+        t.accepted,
+        t.delivered,
+        t.backoff.emfile,
+        during.accepted,
+        listener.stats().conserved()
+    );
+    0
+}
+
+fn seccomp() -> i32 {
+    const SECCOMP_RET_ALLOW: u32 = 0x7fff_0000;
+    const SECCOMP_RET_ERRNO: u32 = 0x0005_0000;
+    let ld = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+    let jeq = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+    let ret = (libc::BPF_RET | libc::BPF_K) as u16;
+    let mut code = [
+        // A = seccomp_data.nr
+        libc::sock_filter {
+            code: ld,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        },
+        libc::sock_filter {
+            code: jeq,
+            jt: 0,
+            jf: 1,
+            k: libc::SYS_io_uring_setup as u32,
+        },
+        libc::sock_filter {
+            code: ret,
+            jt: 0,
+            jf: 0,
+            k: SECCOMP_RET_ERRNO | libc::EPERM as u32,
+        },
+        libc::sock_filter {
+            code: ret,
+            jt: 0,
+            jf: 0,
+            k: SECCOMP_RET_ALLOW,
+        },
+    ];
+    let prog = libc::sock_fprog {
+        len: code.len() as u16,
+        filter: code.as_mut_ptr(),
+    };
+    // SAFETY: prctl with integer arguments; PR_SET_NO_NEW_PRIVS is required
+    // for an unprivileged filter and harmless here.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        eprintln!("prctl(NO_NEW_PRIVS): {}", std::io::Error::last_os_error());
+        return 1;
+    }
+    // SAFETY: `prog` and `code` outlive the call; the kernel copies the
+    // filter. It applies to this process only (a child of the test).
+    if unsafe {
+        libc::prctl(
+            libc::PR_SET_SECCOMP,
+            libc::SECCOMP_MODE_FILTER,
+            &prog as *const _,
+            0,
+            0,
+        )
+    } != 0
+    {
+        eprintln!("prctl(SECCOMP): {}", std::io::Error::last_os_error());
+        return 1;
+    }
+    match Listener::builder("127.0.0.1:0".parse().unwrap())
+        .shards(1)
+        .build()
+    {
+        Err(
+            e @ Error::UringUnavailable {
+                cause: UringUnavailable::DeniedBySandbox,
+                ..
+            },
+        ) => {
+            println!("ERROR {e}");
+            0
+        }
+        Err(e) => {
+            println!("UNEXPECTED {e}");
+            1
+        }
+        Ok(_) => {
+            println!("UNEXPECTED built a listener");
+            1
+        }
+    }
+}
