@@ -45,7 +45,11 @@ fn fd_exhaustion_backs_off_and_recovers_losing_nothing() {
     assert_eq!(field("accepted"), CLIENTS.to_string(), "{line}");
     assert_eq!(field("delivered"), CLIENTS.to_string(), "{line}");
     assert!(field("emfile").parse::<u64>().unwrap() >= 1, "{line}");
-    assert_eq!(field("accepted_during_exhaustion"), "3", "{line}");
+    let during: u64 = field("accepted_during_exhaustion").parse().unwrap();
+    assert!(
+        (3..CLIENTS).contains(&during),
+        "the shard stopped at the fd limit: {line}"
+    );
     assert_eq!(field("conserved"), "true", "{line}");
     drop(clients);
 }

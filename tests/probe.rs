@@ -33,6 +33,20 @@ fn open_fds() -> u64 {
 /// Protocol on stdio: prints `PORT <port>`; reads a line `GO <n>` once the
 /// parent has connected n clients; prints `DONE accepted=.. emfile=..`.
 fn emfile() -> i32 {
+    // io_uring reads RLIMIT_NOFILE when an accept is prepared, and a
+    // multishot accept is prepared once: lower the limit before the engine
+    // arms it. A one-shard listener opens 4 descriptors (ring, wake-up and
+    // accept eventfds, listening socket); leave room for about 3 more.
+    let limit = open_fds() + 4 + 3;
+    let rl = libc::rlimit {
+        rlim_cur: limit,
+        rlim_max: limit,
+    };
+    // SAFETY: setrlimit reads one live rlimit struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &rl) } != 0 {
+        eprintln!("setrlimit: {}", std::io::Error::last_os_error());
+        return 1;
+    }
     let listener = match Listener::builder("127.0.0.1:0".parse().unwrap())
         .shards(1)
         .build()
@@ -43,6 +57,8 @@ fn emfile() -> i32 {
             return 1;
         }
     };
+    // What is really left (counting opens one descriptor for a moment).
+    let room = limit.saturating_sub(open_fds()).max(1);
     println!("PORT {}", listener.local_addr().port());
     let _ = std::io::stdout().flush();
     let mut line = String::new();
@@ -54,21 +70,9 @@ fn emfile() -> i32 {
         .strip_prefix("GO ")
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    // Room for exactly three more descriptors.
-    const ROOM: u64 = 3;
-    let limit = open_fds() + ROOM;
-    let rl = libc::rlimit {
-        rlim_cur: limit,
-        rlim_max: limit,
-    };
-    // SAFETY: setrlimit reads one live rlimit struct.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &rl) } != 0 {
-        eprintln!("setrlimit: {}", std::io::Error::last_os_error());
-        return 1;
-    }
     // Hold what the engine can take: the fd table fills up.
     let mut held = Vec::new();
-    while (held.len() as u64) < ROOM {
+    while (held.len() as u64) < room {
         match listener.accept_timeout(Duration::from_secs(60)) {
             Ok(Some(c)) => held.push(c),
             other => {
@@ -77,7 +81,7 @@ fn emfile() -> i32 {
             }
         }
     }
-    // The shard must now hit EMFILE and back off (not spin, not lose).
+    // The shard hits EMFILE and backs off (not spin, not lose).
     let give_up = std::time::Instant::now() + Duration::from_secs(60);
     while listener.stats().total().backoff.emfile == 0 {
         if std::time::Instant::now() > give_up {
@@ -88,8 +92,8 @@ fn emfile() -> i32 {
     }
     let during = listener.stats().total();
     // Free the descriptors: the shard resumes and delivers the rest.
+    let mut got = held.len() as u64;
     drop(held);
-    let mut got = ROOM;
     while got < n {
         match listener.accept_timeout(Duration::from_secs(60)) {
             Ok(Some(c)) => {

@@ -28,12 +28,12 @@ use crate::sys::{self, RingSetup};
 /// Listener-wide state of the notified accept.
 #[derive(Debug)]
 pub(crate) struct Delivery {
-    event: OwnedFd,
+    pub(crate) event: OwnedFd,
     signalled: AtomicBool,
     /// Connections pushed into rings and not yet popped (may run ahead of
     /// the rings by the pushes in progress, never behind).
-    pending: AtomicUsize,
-    closed: AtomicBool,
+    pub(crate) pending: AtomicUsize,
+    pub(crate) closed: AtomicBool,
 }
 
 impl Delivery {
@@ -76,7 +76,7 @@ impl Delivery {
     /// `store(false)` and the clear saw `signalled == false`, set it and
     /// wrote, and the clear swallowed its write; `signalled` is then already
     /// true, so `notify` would not write again and the event would be lost.
-    fn quiesce(&self) {
+    pub(crate) fn quiesce(&self) {
         self.signalled.store(false, Ordering::SeqCst);
         sys::eventfd_clear(self.event.as_fd());
         if self.pending.load(Ordering::SeqCst) > 0 || self.closed.load(Ordering::SeqCst) {

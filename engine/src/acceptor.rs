@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use socket2::Socket;
 
 use crate::accept::{Delivery, ShardShared};
+use crate::admit::{Admission, AdmissionConfig};
 use crate::backlog::Pending;
 use crate::conn::Admitted;
 use crate::context::{Replies, ShardContext};
@@ -98,6 +99,7 @@ pub(crate) struct Acceptor {
     stopping: bool,
     pushed: bool,
     replies: Replies,
+    admission: Option<Admission>,
 }
 
 impl std::fmt::Debug for Acceptor {
@@ -118,6 +120,7 @@ impl Acceptor {
         shard: Arc<ShardShared>,
         delivery: Arc<Delivery>,
         handler: Option<Arc<Handler>>,
+        admission: Arc<AdmissionConfig>,
     ) -> Self {
         shard
             .counters
@@ -140,6 +143,7 @@ impl Acceptor {
             stopping: false,
             pushed: false,
             replies: Replies::default(),
+            admission: (!admission.is_noop()).then(|| Admission::new(admission, index)),
         }
     }
 
@@ -190,7 +194,7 @@ impl Acceptor {
     }
 
     /// Takes ownership of a freshly accepted socket.
-    fn accepted(&mut self, fd: i32, now: Instant) {
+    fn accepted(&mut self, ring: &mut Uring, fd: i32, now: Instant) {
         let pending = Pending {
             fd: sys::adopt_fd(fd),
             accepted_at: now,
@@ -198,6 +202,25 @@ impl Acceptor {
         Counters::add(&self.counters().accepted, 1);
         self.accepted_any = true;
         self.backoff_step = MIN_BACKOFF;
+        match &mut self.admission {
+            None => self.enqueue(pending),
+            Some(a) => {
+                a.admit(pending, ring, &mut self.replies, &self.shard.counters, now);
+                self.take_admitted();
+            }
+        }
+    }
+
+    /// Moves what admission accepted into the ring (or the held queue).
+    fn take_admitted(&mut self) {
+        let Some(a) = &mut self.admission else { return };
+        let ready = std::mem::take(&mut a.ready);
+        for p in ready {
+            self.enqueue(p);
+        }
+    }
+
+    fn enqueue(&mut self, pending: Pending) {
         if self.held.is_empty() {
             if let Err(p) = self.push(pending) {
                 self.held.push_back(p);
@@ -237,7 +260,10 @@ impl Acceptor {
     }
 
     fn close_all_pending(&mut self) {
-        let mut closed = 0u64;
+        let mut closed = match &mut self.admission {
+            Some(a) => a.close_all(&self.shard.counters),
+            None => 0,
+        };
         for p in self.held.drain(..) {
             drop(p);
             closed += 1;
@@ -266,7 +292,7 @@ impl Service for Acceptor {
                     self.arm = Arm::Idle;
                 }
                 if cqe.result >= 0 {
-                    self.accepted(cqe.result, now);
+                    self.accepted(ring, cqe.result, now);
                     return;
                 }
                 let errno = -cqe.result;
@@ -315,11 +341,33 @@ impl Service for Acceptor {
                 self.backoff_timer = false;
             }
             Tag::ReplySend | Tag::ReplyClose => self.replies.complete(ring, tag, payload, cqe),
-            Tag::Wake | Tag::Cancel => {}
+            Tag::Poll | Tag::AdmitTimer => {
+                if let Some(a) = &mut self.admission {
+                    if tag == Tag::Poll {
+                        a.polled(
+                            ring,
+                            &mut self.replies,
+                            &self.shard.counters,
+                            payload,
+                            cqe,
+                            now,
+                        );
+                    } else {
+                        a.timer(ring, &mut self.replies, &self.shard.counters, cqe, now);
+                    }
+                }
+                self.take_admitted();
+            }
+            _ => {}
         }
     }
 
-    fn turn(&mut self, ring: &mut Uring, _now: Instant) {
+    fn turn(&mut self, ring: &mut Uring, now: Instant) {
+        if let Some(a) = &mut self.admission {
+            if !self.stopping {
+                a.arm_timer(ring, now);
+            }
+        }
         // Held connections go first, in order.
         while let Some(p) = self.held.pop_front() {
             if let Err(p) = self.push(p) {
@@ -366,13 +414,19 @@ impl Service for Acceptor {
     fn stop(&mut self, ring: &mut Uring) {
         self.stopping = true;
         self.cancel(ring);
+        if let Some(a) = &mut self.admission {
+            a.stop(ring);
+        }
         if self.backoff_timer {
             let _ = ring.cancel(user_data(Tag::Backoff, 0), user_data(Tag::Cancel, 0));
         }
     }
 
     fn idle(&self) -> bool {
-        self.arm == Arm::Idle && !self.backoff_timer && self.replies.is_empty()
+        self.arm == Arm::Idle
+            && !self.backoff_timer
+            && self.replies.is_empty()
+            && self.admission.as_ref().map_or(true, Admission::idle)
     }
 
     fn finish(&mut self) {

@@ -11,6 +11,9 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::accept::{BacklogLength, Delivery, Listener, ShardShared};
 use crate::acceptor::{Acceptor, Handler};
+use crate::admit::AdmissionConfig;
+use crate::attrs::SocketAttrs;
+use crate::condition::Condition;
 use crate::conn::Admitted;
 use crate::context::ShardContext;
 use crate::error::{ConfigError, Error};
@@ -27,6 +30,13 @@ pub const MAX_CEILING: usize = 1 << 24;
 
 /// The backlog asked for when the application does not say.
 pub const DEFAULT_BACKLOG: usize = 1024;
+
+/// How long a connection may stay pending (in admission or in the ring)
+/// before it is withdrawn, unless the application says otherwise.
+pub const DEFAULT_PENDING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The most first bytes a condition may ask to see.
+pub const MAX_PEEK: usize = 16 * 1024;
 
 /// How the kernel picks the shard for a new connection among the shards'
 /// `SO_REUSEPORT` sockets.
@@ -72,6 +82,13 @@ pub struct ListenerBuilder {
     pin: bool,
     steering: Steering,
     handler: Option<Arc<Handler>>,
+    condition: Option<Arc<dyn Condition>>,
+    peek: usize,
+    peek_wait: std::time::Duration,
+    pending_timeout: std::time::Duration,
+    defer_interval: std::time::Duration,
+    save_syn: bool,
+    attrs: SocketAttrs,
 }
 
 impl std::fmt::Debug for ListenerBuilder {
@@ -84,6 +101,13 @@ impl std::fmt::Debug for ListenerBuilder {
             .field("pin", &self.pin)
             .field("steering", &self.steering)
             .field("handler", &self.handler.is_some())
+            .field("condition", &self.condition.is_some())
+            .field("peek", &self.peek)
+            .field("peek_wait", &self.peek_wait)
+            .field("pending_timeout", &self.pending_timeout)
+            .field("defer_interval", &self.defer_interval)
+            .field("save_syn", &self.save_syn)
+            .field("attrs", &self.attrs)
             .finish()
     }
 }
@@ -98,7 +122,59 @@ impl ListenerBuilder {
             pin: true,
             steering: Steering::Cpu,
             handler: None,
+            condition: None,
+            peek: 0,
+            peek_wait: std::time::Duration::from_secs(1),
+            pending_timeout: DEFAULT_PENDING_TIMEOUT,
+            defer_interval: std::time::Duration::from_millis(10),
+            save_syn: false,
+            attrs: SocketAttrs::default(),
         }
+    }
+
+    /// The admission decision, called inline on the shard thread for every
+    /// connection before it is delivered. See [`Condition`].
+    pub fn condition(mut self, c: impl Condition) -> Self {
+        self.condition = Some(Arc::new(c));
+        self
+    }
+
+    /// Show the condition up to `bytes` first bytes of each connection
+    /// (peeked, not consumed), waiting at most `wait` for them; the
+    /// condition then decides with what arrived. 0 (the default): none.
+    /// At most [`MAX_PEEK`].
+    pub fn peek(mut self, bytes: usize, wait: std::time::Duration) -> Self {
+        self.peek = bytes;
+        self.peek_wait = wait;
+        self
+    }
+
+    /// A connection pending longer than this (waiting for bytes, deferred,
+    /// or in the ring) is withdrawn: closed and counted. Default 10 s.
+    pub fn pending_timeout(mut self, d: std::time::Duration) -> Self {
+        self.pending_timeout = d;
+        self
+    }
+
+    /// After a [`crate::Verdict::Defer`], ask again after this long if no
+    /// more bytes arrived first. Default 10 ms.
+    pub fn defer_interval(mut self, d: std::time::Duration) -> Self {
+        self.defer_interval = d;
+        self
+    }
+
+    /// Save each connection's SYN (`TCP_SAVE_SYN`, 4.2+) so the condition
+    /// sees the caller's QoS: DSCP/ECN and TCP options.
+    pub fn save_syn(mut self, on: bool) -> Self {
+        self.save_syn = on;
+        self
+    }
+
+    /// Attributes every admitted socket carries (set on the listener, and
+    /// on each admitted socket where Linux does not inherit them).
+    pub fn attrs(mut self, attrs: SocketAttrs) -> Self {
+        self.attrs = attrs;
+        self
     }
 
     /// Number of shards (threads, rings, listening sockets). Default: one
@@ -193,6 +269,36 @@ impl ListenerBuilder {
                 format!("must be between 1 and {MAX_CEILING}"),
             ));
         }
+        if self.peek > MAX_PEEK {
+            return Err(ConfigError::new(
+                "peek",
+                self.peek,
+                format!("at most {MAX_PEEK} bytes"),
+            ));
+        }
+        if self.pending_timeout.is_zero() {
+            return Err(ConfigError::new(
+                "pending_timeout",
+                "0s",
+                "must be longer than zero",
+            ));
+        }
+        if self.defer_interval.is_zero() {
+            return Err(ConfigError::new(
+                "defer_interval",
+                "0s",
+                "must be longer than zero",
+            ));
+        }
+        if let Some(c) = &self.attrs.congestion {
+            if c.is_empty() || c.len() > 15 {
+                return Err(ConfigError::new(
+                    "attrs.congestion",
+                    c,
+                    "a congestion control name of 1 to 15 bytes",
+                ));
+            }
+        }
         if self.addr.ip().is_multicast() {
             return Err(ConfigError::new(
                 "addr",
@@ -230,7 +336,24 @@ impl ListenerBuilder {
     /// left running or open on error.
     pub fn build(self) -> Result<Listener, Error> {
         let (n, placements, backlog) = self.validate()?;
-        let sockets = bind_group(self.addr, n, backlog.effective, self.steering)?;
+        let sockets = bind_group(
+            self.addr,
+            n,
+            backlog.effective,
+            self.steering,
+            &self.attrs,
+            self.save_syn,
+        )?;
+        let admission = Arc::new(AdmissionConfig {
+            condition: self.condition.clone(),
+            peek: self.peek,
+            peek_wait: self.peek_wait,
+            pending_timeout: self.pending_timeout,
+            defer_interval: self.defer_interval,
+            save_syn: self.save_syn,
+            attrs: self.attrs.clone(),
+            ipv6: self.addr.is_ipv6(),
+        });
         let local_addr = sockets[0]
             .local_addr()
             .ok()
@@ -255,6 +378,7 @@ impl ListenerBuilder {
                     shared.clone(),
                     delivery.clone(),
                     self.handler.clone(),
+                    admission.clone(),
                 );
                 let placement = Placement {
                     index: k,
@@ -307,6 +431,8 @@ fn bind_group(
     n: usize,
     backlog: usize,
     steering: Steering,
+    attrs: &SocketAttrs,
+    save_syn: bool,
 ) -> Result<Vec<Socket>, Error> {
     let mut sockets: Vec<Socket> = Vec::with_capacity(n);
     let mut bind_addr = addr;
@@ -327,6 +453,19 @@ fn bind_group(
         socket
             .set_reuse_port(true)
             .map_err(|e| Error::setup("setsockopt(SO_REUSEPORT)", e))?;
+        // Declared attributes go on the listener: Linux copies most of them
+        // into every accepted socket (see `attrs::INHERITED`).
+        attrs.apply(&socket, addr.is_ipv6(), false).map_err(|e| {
+            Error::Config(ConfigError::new(
+                "attrs",
+                format!("{attrs:?}"),
+                format!("the kernel refused it: {e}"),
+            ))
+        })?;
+        if save_syn {
+            sys::setsockopt_int(socket.as_fd(), libc::IPPROTO_TCP, libc::TCP_SAVE_SYN, 1)
+                .map_err(|e| Error::setup("setsockopt(TCP_SAVE_SYN)", e))?;
+        }
         socket.bind(&bind_addr.into()).map_err(bind_err)?;
         if k == 0 {
             // Port 0: every other shard binds the port the first one got.

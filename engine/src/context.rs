@@ -59,7 +59,7 @@ pub(crate) struct Replies {
 }
 
 impl Replies {
-    fn post(&mut self, ring: &mut Uring, fd: OwnedFd, reply: &[u8]) -> io::Result<()> {
+    pub(crate) fn post(&mut self, ring: &mut Uring, fd: OwnedFd, reply: &[u8]) -> io::Result<()> {
         use std::os::fd::AsRawFd;
         self.next = self.next.wrapping_add(1) & ((1 << 48) - 1);
         let id = self.next;

@@ -54,11 +54,15 @@
 
 mod accept;
 mod acceptor;
+mod admit;
+mod attrs;
 mod backlog;
+mod condition;
 mod config;
 mod conn;
 mod context;
 mod error;
+mod qos;
 mod shard;
 mod stats;
 mod sys;
@@ -71,11 +75,15 @@ pub mod syn;
 
 pub use accept::{BacklogLength, Listener};
 pub use acceptor::Handler;
+pub use attrs::{Attr, Keepalive, SocketAttrs, INHERITED};
+pub use condition::{Condition, ConnectRequest, RejectHow, Verdict};
 pub use config::{
-    kernel_somaxconn, ListenerBuilder, Steering, DEFAULT_BACKLOG, DEFAULT_CEILING, MAX_CEILING,
+    kernel_somaxconn, ListenerBuilder, Steering, DEFAULT_BACKLOG, DEFAULT_CEILING,
+    DEFAULT_PENDING_TIMEOUT, MAX_CEILING, MAX_PEEK,
 };
 pub use conn::Admitted;
 pub use context::ShardContext;
 pub use error::{ConfigError, Error, UringUnavailable};
-pub use stats::{Backoffs, KernelQueue, ListenerStats, ShardStats};
+pub use qos::Qos;
+pub use stats::{Backoffs, KernelQueue, ListenerStats, Rejected, ShardStats, Withdrawn};
 pub use sys::RingSetup;

@@ -39,19 +39,55 @@ pub(crate) enum Tag {
     ReplySend = 5,
     /// The CLOSE linked after a reply.
     ReplyClose = 6,
+    /// Admission: MSG_PEEK of a pending connection's first bytes.
+    Peek = 7,
+    /// Admission: the shard's deadline timer (pending timeouts, defers).
+    AdmitTimer = 8,
+    /// Admission: a poll on a pending or registered connection.
+    Poll = 9,
+    /// Admission: a reply SEND before accept or reject.
+    AdmitSend = 10,
+    /// Admission: a CLOSE after a reject.
+    AdmitClose = 11,
+    /// Connect side: SOCKET creation.
+    ConnectSocket = 16,
+    /// Connect side: the CONNECT operation.
+    Connect = 17,
+    /// Connect side: the LINK_TIMEOUT linked to a CONNECT.
+    ConnectTimeout = 18,
+    /// Connect side: a SEND of a connection's payload.
+    ConnectSend = 19,
+    /// Connect side: a RECV of a connection's response.
+    ConnectRecv = 20,
+    /// Connect side: a CLOSE.
+    ConnectClose = 21,
+    /// Connect side: a timer.
+    ConnectTimer = 22,
 }
 
 impl Tag {
     fn from_u8(v: u8) -> Option<Tag> {
-        Some(match v {
-            1 => Tag::Wake,
-            2 => Tag::Accept,
-            3 => Tag::Cancel,
-            4 => Tag::Backoff,
-            5 => Tag::ReplySend,
-            6 => Tag::ReplyClose,
-            _ => return None,
-        })
+        const ALL: [Tag; 18] = [
+            Tag::Wake,
+            Tag::Accept,
+            Tag::Cancel,
+            Tag::Backoff,
+            Tag::ReplySend,
+            Tag::ReplyClose,
+            Tag::Peek,
+            Tag::AdmitTimer,
+            Tag::Poll,
+            Tag::AdmitSend,
+            Tag::AdmitClose,
+            Tag::ConnectSocket,
+            Tag::Connect,
+            Tag::ConnectTimeout,
+            Tag::ConnectSend,
+            Tag::ConnectRecv,
+            Tag::ConnectClose,
+            Tag::ConnectTimer,
+        ];
+        ALL.into_iter().find(|t| *t as u8 == v)
     }
 }
 

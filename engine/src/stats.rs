@@ -25,6 +25,14 @@ pub(crate) struct Counters {
     pub last_errno: AtomicU64,
     pub held: AtomicU64,
     pub handler_panics: AtomicU64,
+    pub rejected_close: AtomicU64,
+    pub rejected_reset: AtomicU64,
+    pub withdrawn_gone: AtomicU64,
+    pub withdrawn_timeout: AtomicU64,
+    pub deferred: AtomicU64,
+    pub condition_panics: AtomicU64,
+    pub peek_timeouts: AtomicU64,
+    pub admitting: AtomicU64,
     pub multishot: AtomicBool,
 }
 
@@ -53,7 +61,19 @@ impl Counters {
             accept_errors: g(&self.accept_errors),
             last_errno: g(&self.last_errno) as i32,
             handler_panics: g(&self.handler_panics),
-            pending: g(&self.held),
+            rejected: Rejected {
+                close: g(&self.rejected_close),
+                reset: g(&self.rejected_reset),
+            },
+            withdrawn: Withdrawn {
+                peer_gone: g(&self.withdrawn_gone),
+                timeout: g(&self.withdrawn_timeout),
+            },
+            deferred: g(&self.deferred),
+            condition_panics: g(&self.condition_panics),
+            peek_timeouts: g(&self.peek_timeouts),
+            admitting: g(&self.admitting),
+            pending: g(&self.held) + g(&self.admitting),
             ring_depth: 0,
             ring_high_water: 0,
             ring_capacity: 0,
@@ -124,6 +144,19 @@ pub struct ShardStats {
     /// Inline handler calls that panicked (the connection was dropped, the
     /// shard went on).
     pub handler_panics: u64,
+    /// Connections rejected by the condition, by kind.
+    pub rejected: Rejected,
+    /// Connections withdrawn while pending, by cause.
+    pub withdrawn: Withdrawn,
+    /// Defer verdicts (one connection may be deferred several times).
+    pub deferred: u64,
+    /// Condition calls that panicked (the connection was reset).
+    pub condition_panics: u64,
+    /// Connections decided on with fewer first bytes than the listener
+    /// asked for, because the peek wait ran out.
+    pub peek_timeouts: u64,
+    /// Connections waiting in admission (for bytes or after a defer).
+    pub admitting: u64,
     /// Connections accepted and not yet delivered or closed: in the ring,
     /// plus any the shard holds while the ring is full.
     pub pending: u64,
@@ -142,9 +175,47 @@ pub struct ShardStats {
 }
 
 impl ShardStats {
-    /// Whether `accepted == delivered + closed_at_shutdown + pending`.
+    /// Whether `accepted == delivered + rejected + withdrawn +
+    /// closed_at_shutdown + pending`.
     pub fn conserved(&self) -> bool {
-        self.accepted == self.delivered + self.closed_at_shutdown + self.pending
+        self.accepted
+            == self.delivered
+                + self.rejected.total()
+                + self.withdrawn.total()
+                + self.closed_at_shutdown
+                + self.pending
+    }
+}
+
+/// Rejections, by how the connection ended.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Rejected {
+    /// Closed with FIN.
+    pub close: u64,
+    /// Reset with RST (including condition panics).
+    pub reset: u64,
+}
+
+impl Rejected {
+    /// Both.
+    pub fn total(&self) -> u64 {
+        self.close + self.reset
+    }
+}
+
+/// Withdrawals of pending connections, by cause.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Withdrawn {
+    /// The peer closed or reset before a decision.
+    pub peer_gone: u64,
+    /// Pending longer than the listener's pending timeout.
+    pub timeout: u64,
+}
+
+impl Withdrawn {
+    /// Both.
+    pub fn total(&self) -> u64 {
+        self.peer_gone + self.timeout
     }
 }
 
@@ -180,6 +251,14 @@ impl ListenerStats {
             t.aborted += s.aborted;
             t.accept_errors += s.accept_errors;
             t.handler_panics += s.handler_panics;
+            t.rejected.close += s.rejected.close;
+            t.rejected.reset += s.rejected.reset;
+            t.withdrawn.peer_gone += s.withdrawn.peer_gone;
+            t.withdrawn.timeout += s.withdrawn.timeout;
+            t.deferred += s.deferred;
+            t.condition_panics += s.condition_panics;
+            t.peek_timeouts += s.peek_timeouts;
+            t.admitting += s.admitting;
             if t.last_errno == 0 {
                 t.last_errno = s.last_errno;
             }

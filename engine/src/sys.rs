@@ -413,6 +413,60 @@ impl Uring {
             });
         }
     }
+
+    /// CONNECT of `fd` to `addr` (5.5) at the head of a link chain: with
+    /// `timeout`, a LINK_TIMEOUT with user data `timeout_user_data` follows
+    /// it; `link_next` links the next SQE pushed (IOSQE_IO_LINK), which the
+    /// kernel then cancels if the connect fails or times out. The caller
+    /// reserves room for the whole chain first ([`Uring::reserve`]).
+    pub fn connect_chain(
+        &mut self,
+        fd: RawFd,
+        addr: socket2::SockAddr,
+        timeout: Option<(Duration, u64)>,
+        link_next: bool,
+        user_data: u64,
+    ) -> io::Result<()> {
+        let addr = Box::new(addr);
+        let mut e = opcode::Connect::new(types::Fd(fd), addr.as_ptr().cast(), addr.len())
+            .build()
+            .user_data(user_data);
+        if timeout.is_some() || link_next {
+            e = e.flags(squeue::Flags::IO_LINK);
+        }
+        self.push_with(e, user_data, OpMemory::Addr(addr))?;
+        if let Some((after, tud)) = timeout {
+            let ts = Box::new(types::Timespec::from(after));
+            let ptr: *const types::Timespec = &*ts;
+            let mut t = opcode::LinkTimeout::new(ptr).build().user_data(tud);
+            if link_next {
+                t = t.flags(squeue::Flags::IO_LINK);
+            }
+            self.push_with(t, tud, OpMemory::Timespec(ts))?;
+        }
+        Ok(())
+    }
+
+    /// RECV of up to `len` bytes with `flags` into a fresh buffer, returned
+    /// by [`Uring::release`]; `link` chains the next SQE (IOSQE_IO_LINK).
+    pub fn recv_linked(
+        &mut self,
+        fd: RawFd,
+        len: usize,
+        flags: i32,
+        link: bool,
+        user_data: u64,
+    ) -> io::Result<()> {
+        let mut buf = vec![0u8; len].into_boxed_slice();
+        let mut e = opcode::Recv::new(types::Fd(fd), buf.as_mut_ptr(), len as u32)
+            .flags(flags)
+            .build()
+            .user_data(user_data);
+        if link {
+            e = e.flags(squeue::Flags::IO_LINK);
+        }
+        self.push_with(e, user_data, OpMemory::Bytes(buf))
+    }
 }
 
 impl Drop for Uring {
@@ -654,4 +708,104 @@ pub(crate) mod op {
     pub const ACCEPT: u8 = io_uring::opcode::Accept::CODE;
     /// IORING_OP_CONNECT.
     pub const CONNECT: u8 = io_uring::opcode::Connect::CODE;
+}
+
+/// Sets a 64-bit socket option (SO_MAX_PACING_RATE takes a u64 since 4.20;
+/// the kernel also accepts a u32).
+pub(crate) fn setsockopt_u64(
+    fd: BorrowedFd<'_>,
+    level: i32,
+    name: i32,
+    value: u64,
+) -> io::Result<()> {
+    // SAFETY: passes a pointer to a live u64 with its exact size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&value as *const u64).cast(),
+            size_of::<u64>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Reads a 64-bit socket option.
+pub(crate) fn getsockopt_u64(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<u64> {
+    let mut value: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: a live u64 and its size; the kernel writes at most `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&mut value as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value)
+}
+
+/// `recv(MSG_PEEK | MSG_DONTWAIT)` of up to `len` bytes: what has arrived,
+/// without consuming it and without ever blocking.
+pub(crate) fn peek_now(fd: BorrowedFd<'_>, len: usize) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    // SAFETY: `buf` is a live allocation of `len` bytes; recv writes at most
+    // `len` bytes into it.
+    let n = unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            len,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::WouldBlock {
+            buf.clear();
+            return Ok(buf);
+        }
+        return Err(e);
+    }
+    buf.truncate(n as usize);
+    Ok(buf)
+}
+
+/// Reads and discards whatever has arrived, without blocking (so a close
+/// that follows sends FIN, not the RST Linux sends over unread data).
+pub(crate) fn discard_now(fd: BorrowedFd<'_>) {
+    let mut buf = [0u8; 4096];
+    loop {
+        // SAFETY: a live stack buffer of its exact length.
+        let n = unsafe {
+            libc::recv(
+                fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n <= 0 {
+            return;
+        }
+    }
+}
+
+/// Whether FD_CLOEXEC is set on `fd` (`fcntl(F_GETFD)`).
+pub(crate) fn is_cloexec(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    // SAFETY: F_GETFD takes no pointer argument; the fd is borrowed, so open.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(flags & libc::FD_CLOEXEC != 0)
 }
