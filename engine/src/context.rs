@@ -42,9 +42,25 @@ impl<'a> ShardContext<'a> {
     /// # Errors
     /// Only if the submission queue cannot take the operations (the ring is
     /// broken); `conn` is closed then.
+    ///
+    /// Linux resets (RST) a connection closed with unread input, and the
+    /// reply is then lost: when the client may have sent something, use
+    /// [`ShardContext::drain_reply_and_close`].
     pub fn reply_and_close(&mut self, conn: Admitted, reply: &[u8]) -> io::Result<()> {
         let fd: OwnedFd = conn.into();
         self.replies.post(self.ring, fd, reply)
+    }
+
+    /// As [`ShardContext::reply_and_close`], after reading and discarding
+    /// whatever the client has sent so far (one non-blocking `recv`), so
+    /// that the close is a FIN carrying the reply rather than an RST.
+    ///
+    /// # Errors
+    /// As [`ShardContext::reply_and_close`].
+    pub fn drain_reply_and_close(&mut self, conn: Admitted, reply: &[u8]) -> io::Result<()> {
+        use std::os::fd::AsFd;
+        crate::sys::discard_now(conn.as_fd());
+        self.reply_and_close(conn, reply)
     }
 }
 

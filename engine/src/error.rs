@@ -162,6 +162,75 @@ pub enum Error {
     InlineDelivery,
     /// The listener or connector was shut down.
     Closed,
+    /// A connect failed; `kind` classifies the cause.
+    Connect {
+        /// What kind of failure it was.
+        kind: ConnectErrorKind,
+        /// The address that was being connected to.
+        addr: SocketAddr,
+        /// The kernel's error (for [`ConnectErrorKind::TimedOut`] after the
+        /// engine's own timeout, ETIMEDOUT).
+        source: io::Error,
+    },
+}
+
+/// The cause of a failed connect, as the connector classifies and counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ConnectErrorKind {
+    /// Nobody listens there (ECONNREFUSED: the peer answered with an RST).
+    Refused,
+    /// The connect timeout ran out (the engine's LINK_TIMEOUT), or the
+    /// kernel gave up retransmitting the SYN (ETIMEDOUT).
+    TimedOut,
+    /// No local address or port could be had: EADDRNOTAVAIL (the ephemeral
+    /// port range of the source address is used up, TIME_WAIT included) or
+    /// EADDRINUSE (the explicit source address and port are taken).
+    AddrUnavailable,
+    /// No route to the peer: ENETUNREACH, EHOSTUNREACH, ENETDOWN, EHOSTDOWN.
+    Unreachable,
+    /// Anything else (EMFILE creating the socket, ECONNRESET, …).
+    Other,
+}
+
+impl ConnectErrorKind {
+    /// Classifies a connect errno.
+    pub fn from_errno(errno: i32) -> Self {
+        match errno {
+            libc::ECONNREFUSED => ConnectErrorKind::Refused,
+            libc::ETIMEDOUT | libc::ETIME => ConnectErrorKind::TimedOut,
+            libc::EADDRNOTAVAIL | libc::EADDRINUSE => ConnectErrorKind::AddrUnavailable,
+            libc::ENETUNREACH | libc::EHOSTUNREACH | libc::ENETDOWN | libc::EHOSTDOWN => {
+                ConnectErrorKind::Unreachable
+            }
+            _ => ConnectErrorKind::Other,
+        }
+    }
+
+    /// A short lower-case name: `refused`, `timed_out`, `addr_unavailable`,
+    /// `unreachable`, `other`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ConnectErrorKind::Refused => "refused",
+            ConnectErrorKind::TimedOut => "timed_out",
+            ConnectErrorKind::AddrUnavailable => "addr_unavailable",
+            ConnectErrorKind::Unreachable => "unreachable",
+            ConnectErrorKind::Other => "other",
+        }
+    }
+}
+
+impl fmt::Display for ConnectErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ConnectErrorKind::Refused => "connection refused",
+            ConnectErrorKind::TimedOut => "timed out",
+            ConnectErrorKind::AddrUnavailable => {
+                "no local address/port available (ports exhausted or address in use)"
+            }
+            ConnectErrorKind::Unreachable => "unreachable",
+            ConnectErrorKind::Other => "failed",
+        })
+    }
 }
 
 impl Error {
@@ -189,6 +258,9 @@ impl fmt::Display for Error {
                 f.write_str("connections go to the inline handler; accept() is not available")
             }
             Error::Closed => f.write_str("shut down"),
+            Error::Connect { kind, addr, source } => {
+                write!(f, "connect to {addr}: {kind} ({source})")
+            }
         }
     }
 }
@@ -200,7 +272,8 @@ impl std::error::Error for Error {
             Error::UringUnavailable { source, .. }
             | Error::Bind { source, .. }
             | Error::Setup { source, .. }
-            | Error::Accept { source, .. } => Some(source),
+            | Error::Accept { source, .. }
+            | Error::Connect { source, .. } => Some(source),
             Error::InlineDelivery | Error::Closed => None,
         }
     }

@@ -60,6 +60,7 @@ mod backlog;
 mod condition;
 mod config;
 mod conn;
+mod connect;
 mod context;
 mod error;
 mod qos;
@@ -82,7 +83,14 @@ pub use config::{
     DEFAULT_PENDING_TIMEOUT, MAX_CEILING, MAX_PEEK,
 };
 pub use conn::Admitted;
+pub use connect::{
+    CloseMode, Completion, ConnectHandler, ConnectShardStats, Connected, Connector,
+    ConnectorBuilder, ConnectorStats, Dial, Load, OutcomeCounts, RunSummary, SequenceOutcome,
+    SequencePlan, SequenceRecord, Ticket, DEFAULT_CONNECT_TIMEOUT, DEFAULT_IO_TIMEOUT,
+    MAX_IN_FLIGHT_PER_SHARD,
+};
 pub use context::ShardContext;
+pub use error::ConnectErrorKind;
 pub use error::{ConfigError, Error, UringUnavailable};
 pub use qos::Qos;
 pub use stats::{Backoffs, KernelQueue, ListenerStats, Rejected, ShardStats, Withdrawn};

@@ -1,1 +1,55 @@
-fn main() {}
+//! `flood`: Floodgate's load tool, built on the engine's connect side.
+//!
+//! - `flood run --target ADDR`: closed-loop (`--concurrency`) or open-loop
+//!   (`--rate`) connection flood, executed on the connector's shards;
+//!   prints a table (or `--json`) of outcomes, conn/s, latency percentiles
+//!   and CPU per connection.
+//! - `flood serve --listen ADDR`: a Floodgate server for load tests
+//!   (banner, close), with periodic stats and final stats as JSON.
+//! - `flood demo`: both in one process on loopback; checks conservation.
+//!
+//! Only loopback addresses are accepted anywhere.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod args;
+mod demo;
+mod report;
+mod run;
+mod serve;
+
+/// Floodgate's client flood tool (loopback only).
+#[derive(Parser, Debug)]
+#[command(name = "flood", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Flood a server with connections and report what happened.
+    Run(run::RunArgs),
+    /// Run a Floodgate server that writes a banner and closes.
+    Serve(serve::ServeArgs),
+    /// Start the engine and flood it, in one process; check conservation.
+    Demo(demo::DemoArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Run(a) => run::main(a),
+        Cmd::Serve(a) => serve::main(a),
+        Cmd::Demo(a) => demo::main(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(msg) => {
+            eprintln!("flood: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}

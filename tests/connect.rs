@@ -1,0 +1,473 @@
+//! The connect side: blocking, try/poll, completion event and inline
+//! delivery; typed errors (refused, timed out); explicit source addresses;
+//! shutdown with connects in flight; sequences on the shards' rings; no
+//! descriptor left behind. Real loopback sockets throughout.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use floodgate::{
+    CloseMode, ConnectErrorKind, Connector, Dial, Error, Listener, SequenceOutcome, SequencePlan,
+};
+use floodgate_tests::{open_fds, serial, wait_for};
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// Bounds only turn a hang into a failure; the tests wait on events.
+const LONG: Duration = Duration::from_secs(60);
+
+fn connector(shards: usize) -> Connector {
+    Connector::builder()
+        .shards(shards)
+        .pin(false)
+        .build()
+        .expect("build connector")
+}
+
+/// A port nobody listens on (bound, then closed).
+fn closed_port() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr")
+}
+
+/// A listener with backlog 1 that never accepts, and the connections that
+/// fill its accept queue: a further SYN is dropped by the kernel.
+fn full_listener() -> (Socket, SocketAddr, Vec<TcpStream>) {
+    let l = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).expect("socket");
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    l.bind(&any.into()).expect("bind");
+    l.listen(1).expect("listen");
+    let addr = l.local_addr().unwrap().as_socket().unwrap();
+    let mut fill = Vec::new();
+    for _ in 0..16 {
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+            Ok(s) => fill.push(s),
+            Err(_) => return (l, addr, fill),
+        }
+    }
+    panic!("the accept queue of a backlog-1 listener never filled");
+}
+
+#[test]
+fn connects_to_a_live_listener() {
+    let _g = serial();
+    let server = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = server.local_addr().unwrap();
+    let c = connector(1);
+    let conn = c.connect(addr).expect("connect");
+    let (accepted, peer) = server.accept().unwrap();
+    assert_eq!(peer, conn.local_addr().unwrap());
+    assert_eq!(conn.peer_addr(), addr);
+    assert_eq!(conn.shard(), 0);
+    drop((conn, accepted));
+    c.shutdown();
+    let t = c.stats().total();
+    assert_eq!((t.submitted, t.connected, t.in_flight), (1, 1, 0));
+    assert!(c.stats().conserved());
+}
+
+#[test]
+fn closed_port_is_refused_with_a_typed_error() {
+    let _g = serial();
+    let addr = closed_port();
+    let c = connector(1);
+    let err = c.connect(addr).expect_err("nobody listens");
+    match &err {
+        Error::Connect { kind, addr: a, .. } => {
+            assert_eq!(*kind, ConnectErrorKind::Refused);
+            assert_eq!(*a, addr);
+        }
+        other => panic!("expected a refused connect, got {other:?}"),
+    }
+    let text = err.to_string();
+    assert!(text.contains(&addr.to_string()), "{text}");
+    assert!(text.contains("refused"), "{text}");
+    c.shutdown();
+    let t = c.stats().total();
+    assert_eq!((t.submitted, t.refused, t.connected), (1, 1, 0));
+    assert!(c.stats().conserved());
+}
+
+#[test]
+fn full_accept_queue_times_out_with_a_typed_error() {
+    let _g = serial();
+    let (_l, addr, _fill) = full_listener();
+    let c = connector(1);
+    let err = c
+        .connect_with(Dial::new(addr).timeout(Duration::from_millis(200)))
+        .expect_err("the accept queue is full");
+    match &err {
+        Error::Connect { kind, addr: a, .. } => {
+            assert_eq!(*kind, ConnectErrorKind::TimedOut, "{err}");
+            assert_eq!(*a, addr);
+        }
+        other => panic!("expected a timed-out connect, got {other:?}"),
+    }
+    assert!(err.to_string().contains("timed out"), "{err}");
+    c.shutdown();
+    assert_eq!(c.stats().total().timed_out, 1);
+    assert!(c.stats().conserved());
+}
+
+#[test]
+fn explicit_source_addresses_are_what_the_server_sees() {
+    let _g = serial();
+    let server = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = server.local_addr().unwrap();
+    let sources: Vec<IpAddr> = vec!["127.0.0.2".parse().unwrap(), "127.0.0.3".parse().unwrap()];
+    let c = Connector::builder()
+        .shards(2)
+        .pin(false)
+        .sources(sources.clone())
+        .build()
+        .unwrap();
+    let mut seen: HashMap<IpAddr, usize> = HashMap::new();
+    let mut keep = Vec::new();
+    for _ in 0..4 {
+        let conn = c.connect(addr).expect("connect");
+        let (s, peer) = server.accept().unwrap();
+        assert_eq!(conn.local_addr().unwrap(), peer);
+        *seen.entry(peer.ip()).or_default() += 1;
+        keep.push((conn, s));
+    }
+    assert_eq!(seen.get(&sources[0]), Some(&2), "{seen:?}");
+    assert_eq!(seen.get(&sources[1]), Some(&2), "{seen:?}");
+    // A per-connect source overrides the connector's.
+    let four: IpAddr = "127.0.0.4".parse().unwrap();
+    let conn = c.connect_with(Dial::new(addr).source(four)).unwrap();
+    let (_s, peer) = server.accept().unwrap();
+    assert_eq!(peer.ip(), four);
+    assert_eq!(conn.local_addr().unwrap().ip(), four);
+}
+
+#[test]
+fn submit_then_try_complete_and_completion_event() {
+    let _g = serial();
+    let server = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = server.local_addr().unwrap();
+    let c = connector(2);
+    assert!(c.try_complete().unwrap().is_none());
+
+    // Wait for the event with mio, as an application's loop would.
+    let mut poll = mio::Poll::new().unwrap();
+    let raw = c.completion_event().as_raw_fd();
+    poll.registry()
+        .register(
+            &mut mio::unix::SourceFd(&raw),
+            mio::Token(0),
+            mio::Interest::READABLE,
+        )
+        .unwrap();
+    let mut events = mio::Events::with_capacity(4);
+    let mut tickets: Vec<_> = (0..3).map(|_| c.submit(addr).unwrap()).collect();
+    tickets.push(c.submit(closed_port()).unwrap());
+    let mut got = Vec::new();
+    while got.len() < tickets.len() {
+        poll.poll(&mut events, Some(LONG)).unwrap();
+        assert!(!events.is_empty(), "the completion event never fired");
+        while let Some(done) = c.try_complete().unwrap() {
+            got.push(done);
+        }
+    }
+    got.sort_by_key(|d| d.ticket);
+    let ids: Vec<_> = got.iter().map(|d| d.ticket).collect();
+    assert_eq!(ids, tickets);
+    for d in &got[..3] {
+        assert!(d.result.is_ok(), "{:?}", d.result);
+    }
+    assert!(matches!(
+        got[3].result,
+        Err(Error::Connect {
+            kind: ConnectErrorKind::Refused,
+            ..
+        })
+    ));
+    // Drained: the event is clear again.
+    assert!(c.try_complete().unwrap().is_none());
+    poll.poll(&mut events, Some(Duration::ZERO)).unwrap();
+    assert!(events.is_empty(), "the event stayed readable when drained");
+    drop(got);
+    c.shutdown();
+    assert!(matches!(c.try_complete(), Err(Error::Closed)));
+}
+
+#[test]
+fn inline_handler_gets_every_completion() {
+    let _g = serial();
+    let server = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = server.local_addr().unwrap();
+    let (tx, rx) = mpsc::channel();
+    let tx = Mutex::new(tx);
+    let c = Connector::builder()
+        .shards(1)
+        .pin(false)
+        .handler(move |done| {
+            let _ = tx.lock().unwrap().send((
+                done.ticket,
+                std::thread::current().name().map(String::from),
+                done.result.is_ok(),
+            ));
+        })
+        .build()
+        .unwrap();
+    assert!(matches!(c.try_complete(), Err(Error::InlineDelivery)));
+    let t = c.submit(addr).unwrap();
+    let (ticket, thread, ok) = rx.recv_timeout(LONG).expect("handler called");
+    assert_eq!(ticket, t);
+    assert!(ok);
+    assert!(
+        thread
+            .as_deref()
+            .unwrap_or("")
+            .starts_with("floodgate-connect"),
+        "handler ran on {thread:?}"
+    );
+}
+
+#[test]
+fn shutdown_cancels_in_flight_connects_and_closes_every_socket() {
+    let _g = serial();
+    let baseline = open_fds();
+    {
+        let (_l, addr, _fill) = full_listener();
+        let c = Arc::new(
+            Connector::builder()
+                .shards(2)
+                .pin(false)
+                .timeout(None)
+                .build()
+                .unwrap(),
+        );
+        for _ in 0..10 {
+            c.submit(addr).unwrap();
+        }
+        let blocked = {
+            let c = c.clone();
+            std::thread::spawn(move || c.connect(addr))
+        };
+        wait_for("11 connects in flight", || {
+            c.stats().total().submitted == 11
+        });
+        wait_for("the sockets to be created", || {
+            c.stats().total().open_sockets == 11
+        });
+        c.shutdown();
+        assert!(matches!(blocked.join().unwrap(), Err(Error::Closed)));
+        let t = c.stats().total();
+        assert_eq!(
+            (t.submitted, t.cancelled, t.in_flight),
+            (11, 11, 0),
+            "{t:?}"
+        );
+        assert_eq!(t.open_sockets, 0);
+        assert!(c.stats().conserved());
+        let mut cancelled = 0;
+        while let Ok(Some(done)) = c.try_complete() {
+            assert!(matches!(done.result, Err(Error::Closed)));
+            cancelled += 1;
+        }
+        assert_eq!(cancelled, 10);
+        assert!(c.submit(addr).is_err());
+    }
+    assert_eq!(open_fds(), baseline, "descriptors leaked");
+}
+
+#[test]
+fn fd_table_is_back_to_baseline_after_drop() {
+    let _g = serial();
+    let baseline = open_fds();
+    {
+        let listener = Listener::builder("127.0.0.1:0".parse().unwrap())
+            .shards(1)
+            .pin(false)
+            .handler(|conn, ctx| {
+                let _ = ctx.reply_and_close(conn, b"x");
+            })
+            .build()
+            .unwrap();
+        let addr = listener.local_addr();
+        let c = connector(2);
+        for _ in 0..50 {
+            let mut conn = c.connect(addr).expect("connect");
+            let mut b = Vec::new();
+            conn.read_to_end(&mut b).unwrap();
+            assert_eq!(b, b"x");
+        }
+        let refused = closed_port();
+        for _ in 0..20 {
+            assert!(c.connect(refused).is_err());
+        }
+        let plan = SequencePlan::new(addr).concurrency(8).count(500);
+        let summary = c
+            .run(&plan, |_| |_: &floodgate::SequenceRecord| {})
+            .unwrap();
+        assert_eq!(summary.outcomes.get(SequenceOutcome::Ok), 500);
+        drop(c);
+        listener.shutdown();
+    }
+    assert_eq!(open_fds(), baseline, "descriptors leaked");
+}
+
+#[test]
+fn closed_loop_sequences_are_all_accounted_for() {
+    let _g = serial();
+    const N: u64 = 3_000;
+    let listener = Listener::builder("127.0.0.1:0".parse().unwrap())
+        .shards(1)
+        .pin(false)
+        .handler(|conn, ctx| {
+            let _ = ctx.reply_and_close(conn, b"x");
+        })
+        .build()
+        .unwrap();
+    let addr = listener.local_addr();
+    let c = connector(2);
+    let records = Arc::new(AtomicU64::new(0));
+    let first_bytes = Arc::new(AtomicU64::new(0));
+    let plan = SequencePlan::new(addr)
+        .expect(1)
+        .close(CloseMode::Reset)
+        .concurrency(32)
+        .count(N)
+        .duration(LONG);
+    let summary = c
+        .run(&plan, |_| {
+            let (records, first_bytes) = (records.clone(), first_bytes.clone());
+            move |r: &floodgate::SequenceRecord| {
+                records.fetch_add(1, Ordering::Relaxed);
+                if r.outcome == SequenceOutcome::Ok {
+                    assert!(r.connect.is_some() && r.first_byte >= r.connect);
+                    assert_eq!((r.sent, r.received), (0, 1));
+                    first_bytes.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+        .unwrap();
+    assert_eq!(summary.started, N);
+    assert_eq!(summary.outcomes.total(), N);
+    assert_eq!(summary.outcomes.get(SequenceOutcome::Ok), N, "{summary:?}");
+    assert_eq!(records.load(Ordering::Relaxed), N);
+    assert_eq!(first_bytes.load(Ordering::Relaxed), N);
+    wait_for("the server to deliver every connection", || {
+        listener.stats().total().delivered == N
+    });
+    let t = c.stats().total();
+    assert_eq!((t.sequences_started, t.connected, t.in_flight), (N, N, 0));
+    assert_eq!(t.bytes_received, N);
+    assert_eq!(t.open_sockets, 0);
+    assert!(c.stats().conserved());
+}
+
+#[test]
+fn sequences_send_then_receive_until_n_bytes_with_fin_close() {
+    let _g = serial();
+    const N: usize = 200;
+    let server = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = server.local_addr().unwrap();
+    // Reads the 5-byte request, answers 3000 bytes in three writes, closes.
+    let srv = std::thread::spawn(move || {
+        let mut requests = Vec::new();
+        for _ in 0..N {
+            let (mut s, _) = server.accept().unwrap();
+            let mut req = [0u8; 5];
+            s.read_exact(&mut req).unwrap();
+            requests.push(req);
+            for _ in 0..3 {
+                std::io::Write::write_all(&mut s, &[b'y'; 1000]).unwrap();
+            }
+        }
+        requests
+    });
+    let c = connector(2);
+    let plan = SequencePlan::new(addr)
+        .payload(b"hello".to_vec())
+        .expect(3000)
+        .close(CloseMode::Fin)
+        .concurrency(4)
+        .count(N as u64);
+    let summary = c
+        .run(&plan, |_| {
+            |r: &floodgate::SequenceRecord| {
+                assert_eq!(r.outcome, SequenceOutcome::Ok, "{r:?}");
+                assert_eq!((r.sent, r.received), (5, 3000));
+            }
+        })
+        .unwrap();
+    assert_eq!(summary.outcomes.get(SequenceOutcome::Ok), N as u64);
+    let requests = srv.join().unwrap();
+    assert!(requests.iter().all(|r| r == b"hello"));
+    let t = c.stats().total();
+    assert_eq!(
+        (t.bytes_sent, t.bytes_received),
+        (5 * N as u64, 3000 * N as u64)
+    );
+}
+
+#[test]
+fn open_loop_and_errors_by_kind() {
+    let _g = serial();
+    let c = connector(2);
+    // Refused, at a fixed rate.
+    let plan = SequencePlan::new(closed_port())
+        .rate(2_000.0, 64)
+        .count(200);
+    let summary = c
+        .run(&plan, |_| |_: &floodgate::SequenceRecord| {})
+        .unwrap();
+    assert_eq!(
+        summary
+            .outcomes
+            .get(SequenceOutcome::Connect(ConnectErrorKind::Refused)),
+        200,
+        "{summary:?}"
+    );
+    assert!(summary.elapsed >= Duration::from_millis(90), "{summary:?}");
+    assert_eq!(c.stats().total().refused, 200);
+    // A server that accepts and never answers: the I/O timeout.
+    let (l, addr) = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = l.local_addr().unwrap();
+        (l, a)
+    };
+    let plan = SequencePlan::new(addr)
+        .io_timeout(Duration::from_millis(100))
+        .concurrency(4)
+        .count(8);
+    let summary = c
+        .run(&plan, |_| |_: &floodgate::SequenceRecord| {})
+        .unwrap();
+    assert_eq!(
+        summary.outcomes.get(SequenceOutcome::TimedOut),
+        8,
+        "{summary:?}"
+    );
+    drop(l);
+    c.shutdown();
+    assert_eq!(c.stats().total().open_sockets, 0);
+    assert!(c.stats().conserved());
+}
+
+#[test]
+fn bad_plans_are_refused_naming_the_field() {
+    let _g = serial();
+    let c = connector(1);
+    let addr = closed_port();
+    for (plan, field) in [
+        (SequencePlan::new(addr), "count/duration"),
+        (
+            SequencePlan::new(addr).count(1).concurrency(0),
+            "concurrency",
+        ),
+        (SequencePlan::new(addr).count(1).rate(0.0, 1), "rate"),
+        (SequencePlan::new(addr).duration(Duration::ZERO), "duration"),
+    ] {
+        match c.run(&plan, |_| |_: &floodgate::SequenceRecord| {}) {
+            Err(Error::Config(e)) => assert_eq!(e.field, field),
+            other => panic!("expected a config error on {field}, got {other:?}"),
+        }
+    }
+}

@@ -1,0 +1,237 @@
+//! `flood serve`: a Floodgate server for load tests. Each connection gets
+//! the banner and is closed, by the engine's inline handler on the shard's
+//! ring (`reply_and_close`: SEND with MSG_MORE + CLOSE, linked).
+//!
+//! Prints `LISTENING <addr>` on stdout when ready, stats on stderr every
+//! `--stats-interval`, and its final stats as one JSON object on stdout when
+//! it stops: on SIGINT/SIGTERM, after `--max-seconds`, or (with
+//! `--exit-on-eof`) when its standard input closes.
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use floodgate::cidr::{Cidr, CidrList};
+use floodgate::{ConnectRequest, Listener, ListenerStats, Verdict};
+use serde::Serialize;
+
+use crate::args;
+
+/// `flood serve` options.
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Address to listen on (loopback only); port 0 picks a free port.
+    #[arg(long, value_name = "ADDR", value_parser = args::loopback_addr)]
+    pub listen: SocketAddr,
+
+    /// Shards (threads, each pinned to its core: shard k on core k).
+    #[arg(long, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub shards: Option<u64>,
+
+    /// Requested backlog (clamped to the provider ceiling, somaxconn).
+    #[arg(long, value_name = "N", default_value_t = 4096,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub backlog: u64,
+
+    /// Reject connections from this block (repeatable): the engine's
+    /// condition closes them before delivery, without the banner; they are
+    /// counted as rejected.
+    #[arg(long, value_name = "CIDR", value_parser = args::cidr)]
+    pub reject_cidr: Vec<Cidr>,
+
+    /// Have the engine peek this many first bytes (waiting up to 1 s) before
+    /// admitting a connection; the handler then reads and discards what the
+    /// client sent before the banner, so the close is a FIN, not an RST.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub peek: usize,
+
+    /// The banner (escapes: \r \n \t \\ \0 \xHH).
+    #[arg(long, value_name = "BYTES", default_value = "x", value_parser = args::payload)]
+    pub banner: args::Bytes,
+
+    /// Print stats on stderr this often; 0 turns it off.
+    #[arg(long, value_name = "D", default_value = "1s", value_parser = args::duration_or_zero)]
+    pub stats_interval: Duration,
+
+    /// Stop by itself after this many seconds.
+    #[arg(long, value_name = "S",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_seconds: Option<u64>,
+
+    /// Stop when standard input reaches EOF (for a parent process).
+    #[arg(long)]
+    pub exit_on_eof: bool,
+}
+
+/// The final stats `flood serve` prints.
+#[derive(Debug, Serialize)]
+pub struct ServeStats {
+    /// The address it listened on.
+    pub listen: String,
+    /// Shards.
+    pub shards: usize,
+    /// Connections taken from the kernel.
+    pub accepted: u64,
+    /// Connections handed to the handler.
+    pub delivered: u64,
+    /// Banners posted (delivered and not rejected).
+    pub served: u64,
+    /// Connections rejected by the engine's condition (`--reject-cidr`).
+    pub rejected: u64,
+    /// Connections closed by shutdown before delivery.
+    pub closed_at_shutdown: u64,
+    /// Connections still pending.
+    pub pending: u64,
+    /// The engine's conservation check.
+    pub conserved: bool,
+    /// Seconds it ran.
+    pub uptime_s: f64,
+}
+
+/// Counters the handler keeps.
+#[derive(Debug, Default)]
+pub struct HandlerCounts {
+    /// Banners posted.
+    pub served: AtomicU64,
+}
+
+/// Starts a listener whose condition rejects (closes) connections from
+/// `reject` and, with `peek > 0`, waits for that many first bytes; its
+/// inline handler sends `banner` to the admitted ones and closes them.
+pub fn start(
+    listen: SocketAddr,
+    shards: Option<usize>,
+    backlog: usize,
+    reject: CidrList,
+    peek: usize,
+    banner: Vec<u8>,
+) -> Result<(Listener, Arc<HandlerCounts>), String> {
+    let counts = Arc::new(HandlerCounts::default());
+    let c = counts.clone();
+    let mut b = Listener::builder(listen).backlog(backlog);
+    if let Some(n) = shards {
+        b = b.shards(n);
+    }
+    if !reject.is_empty() {
+        b = b.condition(move |req: &ConnectRequest<'_>| {
+            if reject.contains(req.peer.ip()) {
+                Verdict::close()
+            } else {
+                Verdict::accept()
+            }
+        });
+    }
+    if peek > 0 {
+        b = b.peek(peek, Duration::from_secs(1));
+    }
+    let listener = b
+        .handler(move |conn, ctx| {
+            c.served.fetch_add(1, Ordering::Relaxed);
+            let _ = if peek > 0 {
+                ctx.drain_reply_and_close(conn, &banner)
+            } else {
+                ctx.reply_and_close(conn, &banner)
+            };
+        })
+        .build()
+        .map_err(|e| format!("cannot start the listener on {listen}: {e}"))?;
+    Ok((listener, counts))
+}
+
+/// The final stats of a stopped listener.
+pub fn final_stats(
+    listener: &Listener,
+    counts: &HandlerCounts,
+    uptime: Duration,
+) -> (ServeStats, ListenerStats) {
+    let stats = listener.stats();
+    let t = stats.total();
+    (
+        ServeStats {
+            listen: listener.local_addr().to_string(),
+            shards: listener.shards(),
+            accepted: t.accepted,
+            delivered: t.delivered,
+            served: counts.served.load(Ordering::Relaxed),
+            rejected: t.rejected.total() + t.withdrawn.total(),
+            closed_at_shutdown: t.closed_at_shutdown,
+            pending: t.pending,
+            conserved: stats.conserved(),
+            uptime_s: uptime.as_secs_f64(),
+        },
+        stats,
+    )
+}
+
+/// `flood serve`.
+pub fn main(a: ServeArgs) -> Result<ExitCode, String> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone())
+            .map_err(|e| format!("cannot handle signal {sig}: {e}"))?;
+    }
+    let reject: CidrList = a.reject_cidr.iter().copied().collect();
+    let (listener, counts) = start(
+        a.listen,
+        a.shards.map(|n| n as usize),
+        a.backlog as usize,
+        reject,
+        a.peek,
+        a.banner.0.clone(),
+    )?;
+    let started = Instant::now();
+    {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "LISTENING {}", listener.local_addr());
+        let _ = out.flush();
+    }
+    if a.exit_on_eof {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut sink = [0u8; 256];
+            let mut stdin = std::io::stdin().lock();
+            while matches!(stdin.read(&mut sink), Ok(n) if n > 0) {}
+            stop.store(true, Ordering::SeqCst);
+        });
+    }
+    let deadline = a.max_seconds.map(|s| started + Duration::from_secs(s));
+    let mut next_stats = started + a.stats_interval;
+    let mut last = (started, 0u64);
+    while !stop.load(Ordering::SeqCst) {
+        let now = Instant::now();
+        if deadline.is_some_and(|d| now >= d) {
+            break;
+        }
+        if !a.stats_interval.is_zero() && now >= next_stats {
+            let t = listener.stats().total();
+            let secs = now.duration_since(last.0).as_secs_f64().max(1e-3);
+            eprintln!(
+                "serve {:>6.1}s  accepted {}  delivered {}  rejected {}  {:.0} conn/s  ring {}  kernel queue {}",
+                now.duration_since(started).as_secs_f64(),
+                t.accepted,
+                t.delivered,
+                t.rejected.total(),
+                t.accepted.saturating_sub(last.1) as f64 / secs,
+                t.ring_depth,
+                t.kernel.map_or(0, |k| k.accept_queue),
+            );
+            last = (now, t.accepted);
+            next_stats = now + a.stats_interval;
+        }
+        std::thread::park_timeout(Duration::from_millis(20));
+    }
+    listener.shutdown();
+    let (out, _) = final_stats(&listener, &counts, started.elapsed());
+    let text = serde_json::to_string(&out).map_err(|e| format!("JSON: {e}"))?;
+    println!("{text}");
+    Ok(if out.conserved {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

@@ -1,0 +1,245 @@
+//! The `flood` binary end to end: `flood run` against `flood serve` (both
+//! child processes), `flood demo`, and refusal of bad input.
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
+
+use serde_json::Value;
+
+const FLOOD: &str = env!("CARGO_BIN_EXE_flood");
+
+/// The load tests share two cores: one at a time.
+fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A `flood serve` child on a free loopback port, stopped by closing its
+/// standard input (bounded by --max-seconds should the test die).
+struct Server {
+    child: Child,
+    out: BufReader<ChildStdout>,
+    addr: String,
+}
+
+impl Server {
+    fn start(extra: &[&str]) -> Server {
+        let mut child = Command::new(FLOOD)
+            .args(["serve", "--listen", "127.0.0.1:0", "--shards", "1"])
+            .args([
+                "--exit-on-eof",
+                "--stats-interval",
+                "0",
+                "--max-seconds",
+                "120",
+            ])
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn flood serve");
+        let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        out.read_line(&mut line).expect("read LISTENING line");
+        let addr = line
+            .trim()
+            .strip_prefix("LISTENING ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
+        Server { child, out, addr }
+    }
+
+    /// Closes stdin, waits for exit, returns the final stats JSON.
+    fn stop(mut self) -> Value {
+        drop(self.child.stdin.take());
+        let mut rest = String::new();
+        self.out
+            .read_to_string(&mut rest)
+            .expect("read final stats");
+        let status = self.child.wait().expect("wait flood serve");
+        assert!(status.success(), "flood serve exited with {status}: {rest}");
+        let last = rest
+            .lines()
+            .last()
+            .unwrap_or_else(|| panic!("no final stats"));
+        serde_json::from_str(last).unwrap_or_else(|e| panic!("final stats {last:?}: {e}"))
+    }
+}
+
+fn flood(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(FLOOD)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run flood");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn u(v: &Value, key: &str) -> u64 {
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} missing in {v}"))
+}
+
+#[test]
+fn run_against_serve_accounts_for_every_connection() {
+    let _g = serial();
+    let server = Server::start(&[]);
+    let (ok, stdout, stderr) = flood(&[
+        "run",
+        "--target",
+        &server.addr,
+        "--connections",
+        "2000",
+        "--concurrency",
+        "16",
+        "--threads",
+        "1",
+        "--json",
+    ]);
+    let stats = server.stop();
+    assert!(ok, "flood run failed: {stderr}");
+    let report: Value = serde_json::from_str(stdout.trim()).expect("--json parses");
+    assert_eq!(u(&report, "started"), 2000, "{report}");
+    assert_eq!(u(&report, "ok"), 2000, "{report}");
+    assert_eq!(u(&report, "errors"), 0, "{report}");
+    assert!(report["conn_per_s"].as_f64().unwrap_or(0.0) > 0.0);
+    assert!(report["first_byte_us"]["p99"].as_f64().unwrap_or(0.0) > 0.0);
+    assert_eq!(u(&report["connect_us"], "count"), 2000);
+    // Both sides count the same connections.
+    assert_eq!(u(&stats, "accepted"), 2000, "{stats}");
+    assert_eq!(u(&stats, "delivered"), 2000, "{stats}");
+    assert_eq!(u(&stats, "served"), u(&report, "ok"), "{stats}");
+    assert_eq!(u(&stats, "closed_at_shutdown") + u(&stats, "pending"), 0);
+    assert_eq!(stats["conserved"], Value::Bool(true));
+}
+
+#[test]
+fn rejected_sources_show_as_errors_by_kind_on_both_sides() {
+    let _g = serial();
+    let server = Server::start(&["--reject-cidr", "127.0.0.3/32"]);
+    let (ok, stdout, stderr) = flood(&[
+        "run",
+        "--target",
+        &server.addr,
+        "--connections",
+        "400",
+        "--concurrency",
+        "8",
+        "--sources",
+        "127.0.0.2-127.0.0.5",
+    ]);
+    let stats = server.stop();
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("ok 300"), "{stdout}");
+    assert!(stdout.contains("short_read 100"), "{stdout}");
+    assert_eq!(u(&stats, "rejected"), 100, "{stats}");
+    assert_eq!(u(&stats, "served"), 300, "{stats}");
+    assert_eq!(u(&stats, "accepted"), 400, "{stats}");
+}
+
+#[test]
+fn demo_exits_zero_and_conservation_holds() {
+    let _g = serial();
+    let (ok, stdout, stderr) = flood(&["demo", "--duration", "1"]);
+    assert!(ok, "flood demo failed:\n{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("pending: ") && stdout.contains("-> holds"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("client ok"), "{stdout}");
+}
+
+#[test]
+fn bad_input_is_refused_naming_the_flag() {
+    let long_sni = "a".repeat(300);
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["run", "--target", "nonsense"], "--target"),
+        (vec!["run", "--target", "10.1.2.3:80"], "--target"),
+        (
+            vec!["run", "--target", "127.0.0.1:1", "--duration", "0s"],
+            "--duration",
+        ),
+        (
+            vec!["run", "--target", "127.0.0.1:1", "--rate", "0"],
+            "--rate",
+        ),
+        (
+            vec!["run", "--target", "127.0.0.1:1", "--concurrency", "0"],
+            "--concurrency",
+        ),
+        (
+            vec![
+                "run",
+                "--target",
+                "127.0.0.1:1",
+                "--sources",
+                "10.0.0.1-10.0.0.5",
+            ],
+            "--sources",
+        ),
+        (
+            vec!["run", "--target", "127.0.0.1:1", "--tls-hello", &long_sni],
+            "--tls-hello",
+        ),
+        (
+            vec![
+                "run",
+                "--target",
+                "127.0.0.1:1",
+                "--send",
+                "x",
+                "--proxy-v1",
+            ],
+            "--proxy-v1",
+        ),
+        (
+            vec!["run", "--target", "127.0.0.1:1", "--pin", "9999"],
+            "--pin",
+        ),
+        (
+            vec![
+                "run",
+                "--target",
+                "127.0.0.1:1",
+                "--server-pid",
+                "4294967295",
+            ],
+            "--server-pid",
+        ),
+        (vec!["run"], "--target"),
+        (vec!["serve", "--listen", "192.168.1.1:80"], "--listen"),
+        (
+            vec![
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--reject-cidr",
+                "1.2.3.4/99",
+            ],
+            "--reject-cidr",
+        ),
+        (vec!["demo", "--duration", "0"], "--duration"),
+        (
+            vec!["run", "--target", "127.0.0.1:1", "--send", ""],
+            "--send",
+        ),
+        (
+            vec!["run", "--target", "127.0.0.1:1", "--close", "maybe"],
+            "--close",
+        ),
+    ];
+    for (args, flag) in cases {
+        let (ok, _, stderr) = flood(&args);
+        assert!(!ok, "{args:?} was accepted");
+        assert!(
+            stderr.contains(flag),
+            "{args:?}: message does not name {flag}: {stderr}"
+        );
+    }
+}
