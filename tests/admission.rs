@@ -349,3 +349,43 @@ fn conservation_holds_after_thousands_of_random_verdicts() {
     drop(l);
     assert_eq!(open_fds(), baseline);
 }
+
+#[test]
+fn connections_left_in_the_ring_past_the_pending_timeout_are_withdrawn_at_accept() {
+    let _g = serial();
+    let baseline = open_fds();
+    let timeout = Duration::from_millis(50);
+    let l = Listener::builder("127.0.0.1:0".parse().unwrap())
+        .shards(1)
+        .pending_timeout(timeout)
+        .build()
+        .unwrap();
+    let clients: Vec<_> = (0..2).map(|_| connect(l.local_addr()).unwrap()).collect();
+    wait_for("both accepted into the ring", || {
+        l.stats().total().ring_depth == 2
+    });
+    let queued = std::time::Instant::now();
+    // Let them age past the timeout (a wait on elapsed time, not an
+    // assertion on it): nothing takes them meanwhile.
+    wait_for("older than the pending timeout", || {
+        queued.elapsed() > timeout
+    });
+    assert!(
+        l.try_accept().unwrap().is_none(),
+        "stale connections are not delivered"
+    );
+    let t = l.stats().total();
+    assert_eq!(
+        (t.withdrawn.timeout, t.delivered, t.pending),
+        (2, 0, 0),
+        "{t:?}"
+    );
+    assert!(l.stats().conserved());
+    // A fresh one is delivered.
+    let fresh = connect(l.local_addr()).unwrap();
+    assert!(l.accept_timeout(WAIT).unwrap().is_some());
+    drop(fresh);
+    drop(clients);
+    drop(l);
+    assert_eq!(open_fds(), baseline);
+}

@@ -175,6 +175,7 @@ pub struct Listener {
     pub(crate) inline: bool,
     pub(crate) next: AtomicUsize,
     pub(crate) setup: RingSetup,
+    pub(crate) pending_timeout: Duration,
 }
 
 impl Listener {
@@ -229,12 +230,19 @@ impl Listener {
                     source: e,
                 });
             }
-            if let Some((p, wake)) = shard.backlog.pop() {
+            while let Some((p, wake)) = shard.backlog.pop() {
                 self.delivery.popped();
-                Counters::add(&shard.counters.delivered, 1);
                 if wake {
                     shard.control.wake();
                 }
+                // Withdrawn at the head: pending longer than the listener
+                // allows (its client has most likely given up).
+                if p.accepted_at.elapsed() > self.pending_timeout {
+                    Counters::add(&shard.counters.withdrawn_timeout, 1);
+                    drop(p);
+                    continue;
+                }
+                Counters::add(&shard.counters.delivered, 1);
                 if self.delivery.pending.load(Ordering::SeqCst) == 0 {
                     self.delivery.quiesce();
                 }

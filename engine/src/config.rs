@@ -404,6 +404,7 @@ impl ListenerBuilder {
                         inline: self.handler.is_some(),
                         next: AtomicUsize::new(0),
                         setup: setup.unwrap_or_default(),
+                        pending_timeout: self.pending_timeout,
                     };
                     partial.shutdown();
                     return Err(e);
@@ -419,6 +420,7 @@ impl ListenerBuilder {
             inline: self.handler.is_some(),
             next: AtomicUsize::new(0),
             setup: setup.unwrap_or_default(),
+            pending_timeout: self.pending_timeout,
         })
     }
 }
