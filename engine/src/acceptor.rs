@@ -23,7 +23,8 @@ use crate::admit::{Admission, AdmissionConfig};
 use crate::backlog::Pending;
 use crate::conn::Admitted;
 use crate::context::{Replies, ShardContext};
-use crate::shard::{user_data, Service, Tag};
+use crate::relay::Relays;
+use crate::shard::{user_data, Coalesce, Service, Tag};
 use crate::stats::Counters;
 use crate::sys::{self, Cqe, Uring};
 
@@ -99,7 +100,12 @@ pub(crate) struct Acceptor {
     stopping: bool,
     pushed: bool,
     replies: Replies,
+    relays: Relays,
     admission: Option<Admission>,
+    coalesce: Option<Coalesce>,
+    accepted_this_turn: usize,
+    /// Event registrations, when the listener declares them.
+    registry: Option<crate::register::Registry>,
 }
 
 impl std::fmt::Debug for Acceptor {
@@ -126,6 +132,7 @@ impl Acceptor {
             .counters
             .multishot
             .store(true, std::sync::atomic::Ordering::Relaxed);
+        let relays = Relays::new(Arc::clone(&shard.counters.relay));
         Acceptor {
             index,
             socket: Some(socket),
@@ -143,8 +150,24 @@ impl Acceptor {
             stopping: false,
             pushed: false,
             replies: Replies::default(),
+            relays,
             admission: (!admission.is_noop()).then(|| Admission::new(admission, index)),
+            coalesce: None,
+            accepted_this_turn: 0,
+            registry: None,
         }
+    }
+
+    /// Registers admitted connections for the listener's declared events.
+    pub fn with_registration(mut self, r: Option<crate::register::Registration>) -> Self {
+        self.registry = r.map(|r| crate::register::Registry::new(r, self.index));
+        self
+    }
+
+    /// Turns on wake-up coalescing for this shard.
+    pub fn with_coalesce(mut self, c: Option<Coalesce>) -> Self {
+        self.coalesce = c;
+        self
     }
 
     fn counters(&self) -> &Counters {
@@ -200,6 +223,7 @@ impl Acceptor {
             accepted_at: now,
         };
         Counters::add(&self.counters().accepted, 1);
+        self.accepted_this_turn += 1;
         self.accepted_any = true;
         self.backoff_step = MIN_BACKOFF;
         match &mut self.admission {
@@ -221,6 +245,14 @@ impl Acceptor {
     }
 
     fn enqueue(&mut self, pending: Pending) {
+        if let Some(r) = &mut self.registry {
+            // Registered in this turn's `turn()`, not delivered to the ring.
+            return r.add(pending, &self.shard.counters);
+        }
+        self.enqueue_ring(pending);
+    }
+
+    fn enqueue_ring(&mut self, pending: Pending) {
         if self.held.is_empty() {
             if let Err(p) = self.push(pending) {
                 self.held.push_back(p);
@@ -252,7 +284,7 @@ impl Acceptor {
             self.delivery.popped();
             Counters::add(&self.counters().delivered, 1);
             let conn = Admitted::new(p, self.index);
-            let mut ctx = ShardContext::new(self.index, ring, &mut self.replies);
+            let mut ctx = ShardContext::new(self.index, ring, &mut self.replies, &mut self.relays);
             if catch_unwind(AssertUnwindSafe(|| handler(conn, &mut ctx))).is_err() {
                 Counters::add(&self.counters().handler_panics, 1);
             }
@@ -282,6 +314,11 @@ impl Acceptor {
 
 impl Service for Acceptor {
     fn start(&mut self, ring: &mut Uring) -> io::Result<()> {
+        if let Some(c) = self.coalesce {
+            // Pauses must be as short as asked: the default 50 µs slack
+            // would double them. A refusal only costs precision.
+            let _ = sys::set_timer_slack((c.pause.as_nanos() as u64 / 50).max(1_000));
+        }
         self.arm(ring)
     }
 
@@ -341,6 +378,20 @@ impl Service for Acceptor {
                 self.backoff_timer = false;
             }
             Tag::ReplySend | Tag::ReplyClose => self.replies.complete(ring, tag, payload, cqe),
+            Tag::RelayConnect
+            | Tag::RelayConnectTimeout
+            | Tag::RelayRecv
+            | Tag::RelaySend
+            | Tag::RelayShutdown
+            | Tag::RelayClose => self.relays.complete(ring, tag, payload, cqe),
+            Tag::RegPoll => {
+                if let Some(r) = &mut self.registry {
+                    r.event(ring, payload, cqe, self.stopping, &self.shard.counters);
+                    for p in std::mem::take(&mut r.taken) {
+                        self.enqueue_ring(p);
+                    }
+                }
+            }
             Tag::Poll | Tag::AdmitTimer => {
                 if let Some(a) = &mut self.admission {
                     if tag == Tag::Poll {
@@ -366,6 +417,11 @@ impl Service for Acceptor {
         if let Some(a) = &mut self.admission {
             if !self.stopping {
                 a.arm_timer(ring, now);
+            }
+        }
+        if let Some(r) = &mut self.registry {
+            if !self.stopping {
+                r.arm_incoming(ring, &self.shard.counters);
             }
         }
         // Held connections go first, in order.
@@ -414,6 +470,10 @@ impl Service for Acceptor {
     fn stop(&mut self, ring: &mut Uring) {
         self.stopping = true;
         self.cancel(ring);
+        self.relays.stop(ring);
+        if let Some(r) = &mut self.registry {
+            r.stop(ring);
+        }
         if let Some(a) = &mut self.admission {
             a.stop(ring);
         }
@@ -426,13 +486,33 @@ impl Service for Acceptor {
         self.arm == Arm::Idle
             && !self.backoff_timer
             && self.replies.is_empty()
+            && self.relays.is_idle()
+            && self
+                .registry
+                .as_ref()
+                .map_or(true, crate::register::Registry::idle)
             && self.admission.as_ref().map_or(true, Admission::idle)
+    }
+
+    fn pause(&mut self) -> Option<Duration> {
+        let accepted = std::mem::take(&mut self.accepted_this_turn);
+        let c = self.coalesce?;
+        if accepted < c.threshold || self.stopping {
+            return None;
+        }
+        Counters::add(&self.counters().coalesced_pauses, 1);
+        Some(c.pause)
     }
 
     fn finish(&mut self) {
         // The accept is over: close the listening socket (the handle's copy
         // goes at shutdown too), then every connection not delivered.
         self.socket = None;
+        if let Some(r) = &mut self.registry {
+            let n = r.close_all(&self.shard.counters);
+            Counters::add(&self.shard.counters.closed_at_shutdown, n);
+        }
         self.close_all_pending();
+        self.relays.finish();
     }
 }

@@ -17,7 +17,7 @@ use crate::condition::Condition;
 use crate::conn::Admitted;
 use crate::context::ShardContext;
 use crate::error::{ConfigError, Error};
-use crate::shard::{self, Placement, ShardControl};
+use crate::shard::{self, Coalesce, Placement, ShardControl};
 use crate::sys;
 
 /// The ceiling used when `net.core.somaxconn` cannot be read (the kernel's
@@ -89,6 +89,8 @@ pub struct ListenerBuilder {
     defer_interval: std::time::Duration,
     save_syn: bool,
     attrs: SocketAttrs,
+    coalesce: Option<Coalesce>,
+    registration: Option<crate::register::Registration>,
 }
 
 impl std::fmt::Debug for ListenerBuilder {
@@ -108,6 +110,8 @@ impl std::fmt::Debug for ListenerBuilder {
             .field("defer_interval", &self.defer_interval)
             .field("save_syn", &self.save_syn)
             .field("attrs", &self.attrs)
+            .field("coalesce", &self.coalesce)
+            .field("registration", &self.registration)
             .finish()
     }
 }
@@ -129,7 +133,70 @@ impl ListenerBuilder {
             defer_interval: std::time::Duration::from_millis(10),
             save_syn: false,
             attrs: SocketAttrs::default(),
+            coalesce: None,
+            registration: None,
         }
+    }
+
+    /// Event registration: every admitted connection is registered on its
+    /// shard's io_uring for `interest` (a multishot poll) and its events
+    /// go to `handler`, called on the shard thread, until the handler
+    /// closes it, takes it (into the backlog ring, for
+    /// [`Listener::accept`] or the inline handler) or releases it. See
+    /// [`Registered`](crate::Registered) and [`Interest`](crate::Interest).
+    /// The handler must not block; registered sockets are non-blocking
+    /// and events are edge-like (read until `WouldBlock`). A panic closes
+    /// that connection and is counted in `handler_panics`.
+    ///
+    /// ```
+    /// use std::io::{Read, Write};
+    /// use std::net::TcpStream;
+    /// use floodgate::{Interest, Listener};
+    ///
+    /// // Echo on the shard thread; close on EOF.
+    /// let listener = Listener::builder("127.0.0.1:0".parse()?)
+    ///     .shards(1)
+    ///     .register(Interest::READABLE, |conn, _events| {
+    ///         let mut buf = [0u8; 512];
+    ///         loop {
+    ///             match conn.read(&mut buf) {
+    ///                 Ok(0) => return conn.close(),
+    ///                 Ok(n) => {
+    ///                     let _ = conn.write_all(&buf[..n]);
+    ///                 }
+    ///                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+    ///                 Err(_) => return conn.close(),
+    ///             }
+    ///         }
+    ///     })
+    ///     .build()?;
+    /// let mut client = TcpStream::connect(listener.local_addr())?;
+    /// client.write_all(b"ping")?;
+    /// let mut back = [0u8; 4];
+    /// client.read_exact(&mut back)?;
+    /// assert_eq!(&back, b"ping");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn register<F>(mut self, interest: crate::register::Interest, handler: F) -> Self
+    where
+        F: Fn(&mut crate::register::Registered<'_>, crate::register::Events)
+            + Send
+            + Sync
+            + 'static,
+    {
+        self.registration = Some(crate::register::Registration {
+            interest,
+            handler: Arc::new(handler),
+        });
+        self
+    }
+
+    /// Load-adaptive wake-up coalescing, e.g. `Some(Coalesce::default())`
+    /// (8 connections, 50 µs). Off by default until PERF.md shows it pays on
+    /// this engine: it trades latency under load for fewer wake-ups.
+    pub fn coalesce(mut self, c: Option<Coalesce>) -> Self {
+        self.coalesce = c;
+        self
     }
 
     /// The admission decision, called inline on the shard thread for every
@@ -379,7 +446,9 @@ impl ListenerBuilder {
                     delivery.clone(),
                     self.handler.clone(),
                     admission.clone(),
-                );
+                )
+                .with_coalesce(self.coalesce)
+                .with_registration(self.registration.clone());
                 let placement = Placement {
                     index: k,
                     core: placements[k],

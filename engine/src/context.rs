@@ -5,6 +5,7 @@ use std::io;
 use std::os::fd::OwnedFd;
 
 use crate::conn::Admitted;
+use crate::relay::{RelayOptions, Relays};
 use crate::shard::{user_data, Tag};
 use crate::sys::{Cqe, Uring};
 
@@ -17,15 +18,88 @@ pub struct ShardContext<'a> {
     shard: usize,
     ring: &'a mut Uring,
     replies: &'a mut Replies,
+    relays: &'a mut Relays,
 }
 
 impl<'a> ShardContext<'a> {
-    pub(crate) fn new(shard: usize, ring: &'a mut Uring, replies: &'a mut Replies) -> Self {
+    pub(crate) fn new(
+        shard: usize,
+        ring: &'a mut Uring,
+        replies: &'a mut Replies,
+        relays: &'a mut Relays,
+    ) -> Self {
         ShardContext {
             shard,
             ring,
             replies,
+            relays,
         }
+    }
+
+    /// Relays `conn` to `upstream` on this shard's io_uring until either
+    /// side closes: an L4 proxy's splice, without leaving the shard.
+    ///
+    /// The upstream socket is created here and dialled with a CONNECT
+    /// (5.5) and a linked timeout ([`RelayOptions::with_connect_timeout`]).
+    /// Once connected, bytes are copied both ways, each direction through
+    /// its own buffer ([`RelayOptions::with_buffer_size`]) as RECV → SEND
+    /// of exactly the bytes received → RECV. End of stream from one side
+    /// shuts down the other side's write half (SHUTDOWN, 5.11) after the
+    /// bytes before it were sent; both sockets close once both directions
+    /// ended. A reset or error on either side, an upstream that refuses or
+    /// times out, or the listener's shutdown resets both sockets. Progress
+    /// and outcomes are counted in [`crate::ShardStats::relays`].
+    ///
+    /// Whatever the client sent first (a PROXY header, peeked by admission)
+    /// is relayed as it is, unless [`RelayOptions::with_strip_proxy_header`]
+    /// asks for a leading PROXY header to be consumed.
+    ///
+    /// ```
+    /// use std::io::{Read, Write};
+    /// use std::net::{Shutdown, TcpListener, TcpStream};
+    /// use floodgate::{Listener, RelayOptions};
+    ///
+    /// // An upstream that answers "pong" and closes.
+    /// let upstream = TcpListener::bind("127.0.0.1:0")?;
+    /// let up_addr = upstream.local_addr()?;
+    /// let server = std::thread::spawn(move || -> std::io::Result<()> {
+    ///     let (mut s, _) = upstream.accept()?;
+    ///     let mut req = Vec::new();
+    ///     s.read_to_end(&mut req)?;
+    ///     s.write_all(b"pong")?;
+    ///     Ok(())
+    /// });
+    /// let listener = Listener::builder("127.0.0.1:0".parse()?)
+    ///     .shards(1)
+    ///     .handler(move |conn, ctx| {
+    ///         let _ = ctx.relay(conn, up_addr, RelayOptions::default());
+    ///     })
+    ///     .build()?;
+    /// let mut client = TcpStream::connect(listener.local_addr())?;
+    /// client.write_all(b"ping")?;
+    /// client.shutdown(Shutdown::Write)?;
+    /// let mut reply = Vec::new();
+    /// client.read_to_end(&mut reply)?;
+    /// assert_eq!(reply, b"pong");
+    /// server.join().expect("upstream thread")?;
+    /// listener.shutdown();
+    /// let relays = listener.stats().total().relays;
+    /// assert_eq!(relays.started, 1);
+    /// assert_eq!(relays.bytes_to_upstream, 4);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// If the upstream socket cannot be created (EMFILE …), the ring cannot
+    /// take the CONNECT, or the listener is shutting down; `conn` is closed
+    /// then and nothing is left in flight.
+    pub fn relay(
+        &mut self,
+        conn: Admitted,
+        upstream: std::net::SocketAddr,
+        opts: RelayOptions,
+    ) -> io::Result<()> {
+        self.relays.start(self.ring, conn.into(), upstream, opts)
     }
 
     /// The shard's index.

@@ -18,7 +18,18 @@
 //! - the accept event [`Listener::accept_event`], a descriptor readable
 //!   while connections are pending, for the application's own event loop;
 //! - an inline handler ([`ListenerBuilder::handler`]), called on the shard
-//!   thread: the fastest path.
+//!   thread: the fastest path;
+//! - event registrations ([`ListenerBuilder::register`]): each admitted
+//!   connection stays on its shard's io_uring with the listener's declared
+//!   [`Interest`], its events going to a handler on the shard thread.
+//!
+//! An inline handler can also relay a connection to an upstream without
+//! leaving its shard ([`ShardContext::relay`]): the dial and the copy both
+//! ways run on the shard's io_uring, an L4 proxy's core (see
+//! `examples/proxy.rs`).
+//!
+//! Ready-made conditions (CIDR filter, rate limit, PROXY protocol, SNI,
+//! chaining) are in [`conditions`].
 //!
 //! ```
 //! use std::io::Read;
@@ -64,11 +75,14 @@ mod connect;
 mod context;
 mod error;
 mod qos;
+mod register;
+mod relay;
 mod shard;
 mod stats;
 mod sys;
 
 pub mod cidr;
+pub mod conditions;
 pub mod proxy_protocol;
 pub mod rate_limit;
 pub mod sni;
@@ -93,5 +107,12 @@ pub use context::ShardContext;
 pub use error::ConnectErrorKind;
 pub use error::{ConfigError, Error, UringUnavailable};
 pub use qos::Qos;
-pub use stats::{Backoffs, KernelQueue, ListenerStats, Rejected, ShardStats, Withdrawn};
+pub use register::{Events, Interest, RegisterHandler, Registered};
+pub use relay::{
+    RelayOptions, DEFAULT_RELAY_BUFFER, DEFAULT_RELAY_CONNECT_TIMEOUT, MAX_RELAY_BUFFER,
+};
+pub use shard::Coalesce;
+pub use stats::{
+    Backoffs, KernelQueue, ListenerStats, Rejected, RelayStats, ShardStats, Withdrawn,
+};
 pub use sys::RingSetup;

@@ -3,7 +3,9 @@
 //!
 //! Conservation: once the listener is quiet (no connection arriving, none
 //! being delivered), for every shard and for the total,
-//! `accepted == delivered + closed_at_shutdown + pending`.
+//! `accepted == delivered + closed_at_shutdown + pending` (plus
+//! `rejected + withdrawn` with admission, and `registered` with event
+//! registrations: see [`ShardStats::conserved`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -25,6 +27,7 @@ pub(crate) struct Counters {
     pub last_errno: AtomicU64,
     pub held: AtomicU64,
     pub handler_panics: AtomicU64,
+    pub coalesced_pauses: AtomicU64,
     pub rejected_close: AtomicU64,
     pub rejected_reset: AtomicU64,
     pub withdrawn_gone: AtomicU64,
@@ -33,7 +36,12 @@ pub(crate) struct Counters {
     pub condition_panics: AtomicU64,
     pub peek_timeouts: AtomicU64,
     pub admitting: AtomicU64,
+    pub registered: AtomicU64,
+    pub register_events: AtomicU64,
+    pub register_rearms: AtomicU64,
     pub multishot: AtomicBool,
+    /// Relays run by inline handlers (`ShardContext::relay`).
+    pub relay: std::sync::Arc<RelayCounters>,
 }
 
 impl Counters {
@@ -61,6 +69,7 @@ impl Counters {
             accept_errors: g(&self.accept_errors),
             last_errno: g(&self.last_errno) as i32,
             handler_panics: g(&self.handler_panics),
+            coalesced_pauses: g(&self.coalesced_pauses),
             rejected: Rejected {
                 close: g(&self.rejected_close),
                 reset: g(&self.rejected_reset),
@@ -73,12 +82,16 @@ impl Counters {
             condition_panics: g(&self.condition_panics),
             peek_timeouts: g(&self.peek_timeouts),
             admitting: g(&self.admitting),
+            registered: g(&self.registered),
+            register_events: g(&self.register_events),
+            register_rearms: g(&self.register_rearms),
             pending: g(&self.held) + g(&self.admitting),
             ring_depth: 0,
             ring_high_water: 0,
             ring_capacity: 0,
             multishot: self.multishot.load(Ordering::Relaxed),
             kernel: None,
+            relays: self.relay.snapshot(),
         }
     }
 }
@@ -141,6 +154,8 @@ pub struct ShardStats {
     pub accept_errors: u64,
     /// The errno of the last accept error of any kind (0: none).
     pub last_errno: i32,
+    /// Pauses taken by load-adaptive wake-up coalescing.
+    pub coalesced_pauses: u64,
     /// Inline handler calls that panicked (the connection was dropped, the
     /// shard went on).
     pub handler_panics: u64,
@@ -157,6 +172,14 @@ pub struct ShardStats {
     pub peek_timeouts: u64,
     /// Connections waiting in admission (for bytes or after a defer).
     pub admitting: u64,
+    /// Connections registered now (see [`crate::ListenerBuilder::register`]);
+    /// a separate term of conservation: registered connections are neither
+    /// pending nor yet delivered.
+    pub registered: u64,
+    /// Event notifications given to the registration handler.
+    pub register_events: u64,
+    /// Times a registered connection's multishot poll was posted again.
+    pub register_rearms: u64,
     /// Connections accepted and not yet delivered or closed: in the ring,
     /// plus any the shard holds while the ring is full.
     pub pending: u64,
@@ -172,11 +195,16 @@ pub struct ShardStats {
     /// The kernel's accept queue for this shard's listener; `None` once the
     /// listener is closed.
     pub kernel: Option<KernelQueue>,
+    /// Relays started by the inline handler on this shard
+    /// ([`crate::ShardContext::relay`]).
+    pub relays: RelayStats,
 }
 
 impl ShardStats {
     /// Whether `accepted == delivered + rejected + withdrawn +
-    /// closed_at_shutdown + pending`.
+    /// closed_at_shutdown + pending + registered`. (A registered connection
+    /// that the registration handler closes, or releases, counts as
+    /// delivered then; one it takes is pending again until `accept()`.)
     pub fn conserved(&self) -> bool {
         self.accepted
             == self.delivered
@@ -184,6 +212,7 @@ impl ShardStats {
                 + self.withdrawn.total()
                 + self.closed_at_shutdown
                 + self.pending
+                + self.registered
     }
 }
 
@@ -251,6 +280,7 @@ impl ListenerStats {
             t.aborted += s.aborted;
             t.accept_errors += s.accept_errors;
             t.handler_panics += s.handler_panics;
+            t.coalesced_pauses += s.coalesced_pauses;
             t.rejected.close += s.rejected.close;
             t.rejected.reset += s.rejected.reset;
             t.withdrawn.peer_gone += s.withdrawn.peer_gone;
@@ -259,6 +289,9 @@ impl ListenerStats {
             t.condition_panics += s.condition_panics;
             t.peek_timeouts += s.peek_timeouts;
             t.admitting += s.admitting;
+            t.registered += s.registered;
+            t.register_events += s.register_events;
+            t.register_rearms += s.register_rearms;
             if t.last_errno == 0 {
                 t.last_errno = s.last_errno;
             }
@@ -267,6 +300,7 @@ impl ListenerStats {
             t.ring_high_water += s.ring_high_water;
             t.ring_capacity += s.ring_capacity;
             t.multishot &= s.multishot;
+            t.relays.add(&s.relays);
             if let Some(k) = s.kernel {
                 any_kernel = true;
                 kernel.accept_queue += k.accept_queue;
@@ -280,5 +314,69 @@ impl ListenerStats {
     /// Whether conservation holds for every shard.
     pub fn conserved(&self) -> bool {
         self.shards.iter().all(ShardStats::conserved)
+    }
+}
+
+/// Live relay counters of one shard, shared by the shard's relays and its
+/// stats snapshot.
+#[derive(Debug, Default)]
+pub(crate) struct RelayCounters {
+    pub started: AtomicU64,
+    pub active: AtomicU64,
+    pub completed: AtomicU64,
+    pub failed: AtomicU64,
+    pub closed_at_shutdown: AtomicU64,
+    pub bytes_to_upstream: AtomicU64,
+    pub bytes_to_client: AtomicU64,
+}
+
+impl RelayCounters {
+    fn snapshot(&self) -> RelayStats {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        RelayStats {
+            started: g(&self.started),
+            active: g(&self.active),
+            completed: g(&self.completed),
+            failed: g(&self.failed),
+            closed_at_shutdown: g(&self.closed_at_shutdown),
+            bytes_to_upstream: g(&self.bytes_to_upstream),
+            bytes_to_client: g(&self.bytes_to_client),
+        }
+    }
+}
+
+/// Relays of admitted connections to an upstream
+/// ([`crate::ShardContext::relay`]).
+///
+/// Once quiet, `started == active + completed + failed + closed_at_shutdown`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RelayStats {
+    /// Relays started (the upstream dial was posted).
+    pub started: u64,
+    /// Relays running now (dialling, copying, or closing).
+    pub active: u64,
+    /// Relays that ended cleanly: both directions reached end of stream and
+    /// were shut down, then both sockets closed.
+    pub completed: u64,
+    /// Relays torn down by an error: the upstream refused or timed out, or
+    /// either side reset or failed a send. Both sockets were reset.
+    pub failed: u64,
+    /// Relays torn down because the listener shut down.
+    pub closed_at_shutdown: u64,
+    /// Bytes copied from clients to upstreams.
+    pub bytes_to_upstream: u64,
+    /// Bytes copied from upstreams to clients.
+    pub bytes_to_client: u64,
+}
+
+impl RelayStats {
+    fn add(&mut self, o: &RelayStats) {
+        self.started += o.started;
+        self.active += o.active;
+        self.completed += o.completed;
+        self.failed += o.failed;
+        self.closed_at_shutdown += o.closed_at_shutdown;
+        self.bytes_to_upstream += o.bytes_to_upstream;
+        self.bytes_to_client += o.bytes_to_client;
     }
 }

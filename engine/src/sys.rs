@@ -469,6 +469,57 @@ impl Uring {
     }
 }
 
+impl Uring {
+    /// RECV of up to `buf.len()` bytes into `buf`, which the ring keeps
+    /// until the completion and hands back from [`Uring::release`] (so one
+    /// buffer serves a whole stream of receives without reallocation).
+    pub fn recv_into(&mut self, fd: RawFd, mut buf: Box<[u8]>, user_data: u64) -> io::Result<()> {
+        let len = u32::try_from(buf.len()).unwrap_or(u32::MAX);
+        let e = opcode::Recv::new(types::Fd(fd), buf.as_mut_ptr(), len)
+            .build()
+            .user_data(user_data);
+        self.push_with(e, user_data, OpMemory::Bytes(buf))
+    }
+
+    /// SEND of `buf[range]` on `fd` with `flags`; the ring keeps `buf` until
+    /// the completion and hands it back from [`Uring::release`], so a short
+    /// send can be resumed from the same buffer without copying.
+    ///
+    /// # Errors
+    /// `InvalidInput` if `range` is not inside `buf` (nothing is posted;
+    /// `buf` is dropped); otherwise as the submission.
+    pub fn send_range(
+        &mut self,
+        fd: RawFd,
+        buf: Box<[u8]>,
+        range: std::ops::Range<usize>,
+        flags: i32,
+        user_data: u64,
+    ) -> io::Result<()> {
+        let Some(bytes) = buf.get(range.clone()) else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "send range outside its buffer",
+            ));
+        };
+        let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
+        let e = opcode::Send::new(types::Fd(fd), bytes.as_ptr(), len)
+            .flags(flags)
+            .build()
+            .user_data(user_data);
+        self.push_with(e, user_data, OpMemory::Bytes(buf))
+    }
+
+    /// SHUTDOWN of `fd` (5.11): `how` is `libc::SHUT_WR`, `SHUT_RD` or
+    /// `SHUT_RDWR`.
+    pub fn shutdown(&mut self, fd: RawFd, how: i32, user_data: u64) -> io::Result<()> {
+        let e = opcode::Shutdown::new(types::Fd(fd), how)
+            .build()
+            .user_data(user_data);
+        self.push_plain(e)
+    }
+}
+
 impl Drop for Uring {
     fn drop(&mut self) {
         // Memory still registered belongs to operations whose final CQE was
@@ -800,6 +851,38 @@ pub(crate) fn discard_now(fd: BorrowedFd<'_>) {
     }
 }
 
+/// Reads and discards up to `n` bytes that have already arrived, without
+/// blocking (`recv(MSG_DONTWAIT)`); returns how many were consumed.
+pub(crate) fn consume_now(fd: BorrowedFd<'_>, n: usize) -> io::Result<usize> {
+    let mut buf = vec![0u8; n];
+    let mut done = 0;
+    while done < n {
+        // SAFETY: `buf[done..]` is a live allocation of `n - done` bytes;
+        // recv writes at most that many into it.
+        let got = unsafe {
+            libc::recv(
+                fd.as_raw_fd(),
+                buf[done..].as_mut_ptr().cast(),
+                n - done,
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if got < 0 {
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => return Ok(done),
+                _ => return Err(e),
+            }
+        }
+        if got == 0 {
+            return Ok(done);
+        }
+        done += got as usize;
+    }
+    Ok(done)
+}
+
 /// Whether FD_CLOEXEC is set on `fd` (`fcntl(F_GETFD)`).
 pub(crate) fn is_cloexec(fd: BorrowedFd<'_>) -> io::Result<bool> {
     // SAFETY: F_GETFD takes no pointer argument; the fd is borrowed, so open.
@@ -808,4 +891,16 @@ pub(crate) fn is_cloexec(fd: BorrowedFd<'_>) -> io::Result<bool> {
         return Err(io::Error::last_os_error());
     }
     Ok(flags & libc::FD_CLOEXEC != 0)
+}
+
+/// Sets the calling thread's timer slack (`PR_SET_TIMERSLACK`): how much
+/// later than asked the kernel may end its sleeps (50 µs by default, as
+/// long as the pauses the engine takes when coalescing wake-ups).
+pub(crate) fn set_timer_slack(ns: u64) -> io::Result<()> {
+    // SAFETY: prctl with integer arguments only; it affects this thread.
+    let rc = unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, ns as libc::c_ulong, 0, 0, 0) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }

@@ -65,6 +65,7 @@ pub fn main(a: DemoArgs) -> Result<ExitCode, String> {
         reject,
         0,
         b"x".to_vec(),
+        None,
     )?;
     let target = listener.local_addr();
     let sources: Vec<IpAddr> = (2..=17u8)

@@ -1,0 +1,450 @@
+//! Relays (`ShardContext::relay`): an L4 proxy in miniature. Admitted
+//! connections are dialled upstream on the shard that accepted them and
+//! copied both ways on its io_uring, with half-close, resets, refused
+//! upstreams, CIDR denial (PROXY-header aware) and shutdown.
+
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use floodgate::cidr::CidrList;
+use floodgate::proxy_protocol::{self, ProxyError};
+use floodgate::{ConnectRequest, Listener, RelayOptions, RelayStats, Verdict};
+use floodgate_tests::{connect, open_fds, serial, wait_for};
+
+/// An echo server on loopback: one thread per connection copying what it
+/// reads back until end of stream, then closing.
+struct Echo {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    acceptor: Option<JoinHandle<()>>,
+    conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl Echo {
+    fn start() -> Echo {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let (s, c) = (Arc::clone(&stop), Arc::clone(&conns));
+        let acceptor = std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if s.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(mut conn) = conn else { continue };
+                let h = std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        match conn.read(&mut buf) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => {
+                                if conn.write_all(&buf[..n]).is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                });
+                c.lock().unwrap().push(h);
+            }
+        });
+        Echo {
+            addr,
+            stop,
+            acceptor: Some(acceptor),
+            conns,
+        }
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(self.addr);
+        if let Some(a) = self.acceptor.take() {
+            let _ = a.join();
+        }
+        for h in self.conns.lock().unwrap().drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+/// A deterministic byte stream (xorshift64*).
+fn bytes(len: usize, mut seed: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        seed ^= seed >> 12;
+        seed ^= seed << 25;
+        seed ^= seed >> 27;
+        out.extend_from_slice(&seed.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn relay_listener(upstream: SocketAddr) -> Listener {
+    Listener::builder("127.0.0.1:0".parse().unwrap())
+        .handler(move |conn, ctx| {
+            let _ = ctx.relay(conn, upstream, RelayOptions::default());
+        })
+        .build()
+        .unwrap()
+}
+
+fn relays(l: &Listener) -> RelayStats {
+    l.stats().total().relays
+}
+
+#[test]
+fn four_mib_each_way_arrive_intact() {
+    let _g = serial();
+    let echo = Echo::start();
+    let listener = relay_listener(echo.addr);
+    const LEN: usize = 4 * 1024 * 1024;
+    let data = bytes(LEN, 0x9E37_79B9_7F4A_7C15);
+    let client = connect(listener.local_addr()).unwrap();
+    let mut reader = client.try_clone().unwrap();
+    let started = Instant::now();
+    let writer = {
+        let data = data.clone();
+        let mut w = client;
+        std::thread::spawn(move || -> io::Result<()> {
+            for chunk in data.chunks(100_003) {
+                w.write_all(chunk)?;
+            }
+            w.shutdown(Shutdown::Write)
+        })
+    };
+    let mut back = Vec::with_capacity(LEN);
+    reader.read_to_end(&mut back).unwrap();
+    let took = started.elapsed();
+    writer.join().unwrap().unwrap();
+    assert_eq!(back.len(), LEN);
+    assert!(back == data, "the echoed bytes differ from the bytes sent");
+    eprintln!(
+        "4 MiB each way through the relay in {took:?}: {:.0} MiB/s per direction",
+        4.0 / took.as_secs_f64()
+    );
+    wait_for("the relay completes", || relays(&listener).completed == 1);
+    let r = relays(&listener);
+    assert_eq!(r.bytes_to_upstream, LEN as u64);
+    assert_eq!(r.bytes_to_client, LEN as u64);
+    assert_eq!((r.started, r.failed, r.active), (1, 0, 0));
+}
+
+#[test]
+fn client_half_close_still_gets_every_echoed_byte_then_eof() {
+    let _g = serial();
+    let echo = Echo::start();
+    let listener = relay_listener(echo.addr);
+    let data = bytes(48 * 1024, 7);
+    let mut client = connect(listener.local_addr()).unwrap();
+    client.write_all(&data).unwrap();
+    client.shutdown(Shutdown::Write).unwrap();
+    // Nothing was read before the FIN: every echoed byte still comes, then
+    // end of stream (the echo server only closes once it saw the FIN).
+    let mut back = Vec::new();
+    client.read_to_end(&mut back).unwrap();
+    assert!(back == data);
+    wait_for("the relay completes", || relays(&listener).completed == 1);
+    assert_eq!(relays(&listener).failed, 0);
+}
+
+#[test]
+fn upstream_half_close_reaches_the_client_which_can_still_send() {
+    let _g = serial();
+    // An upstream that greets, shuts its write side, then reads to the end.
+    let up = TcpListener::bind("127.0.0.1:0").unwrap();
+    let up_addr = up.local_addr().unwrap();
+    let (tx, rx) = mpsc::channel();
+    let server = std::thread::spawn(move || -> io::Result<()> {
+        let (mut s, _) = up.accept()?;
+        s.write_all(b"hello")?;
+        s.shutdown(Shutdown::Write)?;
+        let mut got = Vec::new();
+        s.read_to_end(&mut got)?;
+        let _ = tx.send(got);
+        Ok(())
+    });
+    let listener = relay_listener(up_addr);
+    let mut client = connect(listener.local_addr()).unwrap();
+    let mut greeting = Vec::new();
+    client.read_to_end(&mut greeting).unwrap();
+    assert_eq!(greeting, b"hello");
+    client.write_all(b"bye").unwrap();
+    client.shutdown(Shutdown::Write).unwrap();
+    let got = rx.recv().unwrap();
+    assert_eq!(got, b"bye");
+    server.join().unwrap().unwrap();
+    wait_for("the relay completes", || relays(&listener).completed == 1);
+    assert_eq!(relays(&listener).failed, 0);
+}
+
+/// The proxy's condition: deny sources in `deny`, taking the source from a
+/// PROXY header when the client's first bytes carry one.
+fn deny_condition(deny: CidrList) -> impl Fn(&ConnectRequest<'_>) -> Verdict + Send + Sync {
+    move |req: &ConnectRequest<'_>| {
+        let source: IpAddr = match proxy_protocol::parse(req.first_bytes) {
+            Ok(h) => h.source.map_or(req.peer.ip(), |s| s.ip()),
+            Err(ProxyError::Incomplete { .. })
+                if !req.first_bytes.is_empty() && !req.peer_finished =>
+            {
+                return Verdict::Defer
+            }
+            Err(_) => req.peer.ip(),
+        };
+        if deny.contains(source) {
+            Verdict::reset()
+        } else {
+            Verdict::accept()
+        }
+    }
+}
+
+fn connect_from(src: &str, to: SocketAddr) -> TcpStream {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let src: SocketAddr = format!("{src}:0").parse().unwrap();
+    s.bind(&src.into()).unwrap();
+    s.connect(&to.into()).unwrap();
+    s.into()
+}
+
+/// Whether the server ended the connection without sending anything.
+fn refused(mut s: TcpStream) -> bool {
+    let mut b = [0u8; 64];
+    matches!(s.read(&mut b), Ok(0) | Err(_))
+}
+
+#[test]
+fn denied_sources_are_rejected_by_address_or_by_proxy_header() {
+    let _g = serial();
+    let echo = Echo::start();
+    let up = echo.addr;
+    let listener = Listener::builder("127.0.0.1:0".parse().unwrap())
+        .peek(28, Duration::from_millis(500))
+        .condition(deny_condition("127.0.0.9/32".parse().unwrap()))
+        .handler(move |conn, ctx| {
+            let opts = RelayOptions::default().with_strip_proxy_header(true);
+            let _ = ctx.relay(conn, up, opts);
+        })
+        .build()
+        .unwrap();
+    let addr = listener.local_addr();
+
+    // Denied by its own address.
+    let mut c = connect_from("127.0.0.9", addr);
+    c.write_all(b"ping").unwrap();
+    assert!(refused(c));
+    wait_for("one reject", || {
+        listener.stats().total().rejected.total() == 1
+    });
+
+    // Denied by the original address its PROXY v2 header names.
+    let hdr = proxy_protocol::encode_v2("127.0.0.9:4000".parse().unwrap(), addr);
+    assert_eq!(hdr.len(), 28);
+    let mut c = connect(addr).unwrap();
+    c.write_all(&hdr).unwrap();
+    assert!(refused(c));
+    wait_for("two rejects", || {
+        listener.stats().total().rejected.total() == 2
+    });
+
+    // Admitted: a denied address behind a PROXY header naming an allowed
+    // one; the relay strips the header, the upstream sees only the payload.
+    let hdr = proxy_protocol::encode_v2("127.0.0.1:4000".parse().unwrap(), addr);
+    let mut c = connect_from("127.0.0.9", addr);
+    c.write_all(&hdr).unwrap();
+    c.write_all(b"ping").unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let mut back = Vec::new();
+    c.read_to_end(&mut back).unwrap();
+    assert_eq!(back, b"ping");
+
+    // Admitted: an allowed address, no header.
+    let mut c = connect(addr).unwrap();
+    c.write_all(b"plain").unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let mut back = Vec::new();
+    c.read_to_end(&mut back).unwrap();
+    assert_eq!(back, b"plain");
+
+    wait_for("two relays complete", || relays(&listener).completed == 2);
+    let t = listener.stats().total();
+    assert_eq!(t.rejected.reset, 2);
+    assert_eq!(
+        t.relays.started, 2,
+        "rejected connections are never relayed"
+    );
+    assert_eq!(t.relays.bytes_to_upstream, 4 + 5, "headers are not relayed");
+}
+
+#[test]
+fn refused_upstream_ends_the_client_and_counts_a_failure() {
+    let _g = serial();
+    let closed = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let baseline = open_fds();
+    let listener = relay_listener(closed);
+    let mut c = connect(listener.local_addr()).unwrap();
+    let _ = c.write_all(b"anyone there?");
+    let mut b = [0u8; 16];
+    assert!(matches!(c.read(&mut b), Ok(0) | Err(_)));
+    wait_for("the relay fails", || relays(&listener).failed == 1);
+    let r = relays(&listener);
+    assert_eq!((r.started, r.completed, r.active), (1, 0, 0));
+    drop((c, listener));
+    assert_eq!(
+        open_fds(),
+        baseline,
+        "both sockets of the failed relay closed"
+    );
+}
+
+#[test]
+fn client_reset_tears_down_both_sides() {
+    let _g = serial();
+    let up = TcpListener::bind("127.0.0.1:0").unwrap();
+    let up_addr = up.local_addr().unwrap();
+    let baseline = open_fds();
+    let listener = relay_listener(up_addr);
+    let mut c = connect(listener.local_addr()).unwrap();
+    c.write_all(b"x").unwrap();
+    let (mut s, _) = up.accept().unwrap();
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).unwrap();
+    // RST from the client.
+    socket2::SockRef::from(&c)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(c);
+    // The upstream side ends too (reset, as the client's was).
+    let mut rest = [0u8; 16];
+    assert!(matches!(s.read(&mut rest), Ok(0) | Err(_)));
+    wait_for("the relay fails", || relays(&listener).failed == 1);
+    assert_eq!(relays(&listener).active, 0);
+    drop((s, listener));
+    assert_eq!(
+        open_fds(),
+        baseline,
+        "both sockets of the failed relay closed"
+    );
+}
+
+#[test]
+fn shutdown_closes_relays_in_flight_and_leaves_no_fd() {
+    let _g = serial();
+    let echo = Echo::start();
+    let baseline = open_fds();
+    let listener = relay_listener(echo.addr);
+    const N: usize = 8;
+    let mut clients = Vec::new();
+    for i in 0..N {
+        let mut c = connect(listener.local_addr()).unwrap();
+        let msg = [i as u8; 10];
+        c.write_all(&msg).unwrap();
+        let mut back = [0u8; 10];
+        c.read_exact(&mut back).unwrap();
+        assert_eq!(back, msg);
+        clients.push(c);
+    }
+    assert_eq!(relays(&listener).active, N as u64);
+    listener.shutdown();
+    let r = relays(&listener);
+    assert_eq!((r.active, r.closed_at_shutdown), (0, N as u64));
+    for mut c in clients {
+        let mut b = [0u8; 1];
+        assert!(matches!(c.read(&mut b), Ok(0) | Err(_)));
+    }
+    drop(listener);
+    // The echo server's ends close as their reads see the resets.
+    wait_for("fd table back to baseline", || open_fds() == baseline);
+}
+
+#[test]
+fn many_concurrent_relays_each_arrive_intact() {
+    let _g = serial();
+    let echo = Echo::start();
+    let listener = Listener::builder("127.0.0.1:0".parse().unwrap())
+        .handler({
+            let up = echo.addr;
+            // Small buffers: many short sends and receives per relay.
+            let opts = RelayOptions::new().with_buffer_size(4096);
+            move |conn, ctx| {
+                let _ = ctx.relay(conn, up, opts);
+            }
+        })
+        .build()
+        .unwrap();
+    const CLIENTS: usize = 48;
+    const LEN: usize = 256 * 1024;
+    let addr = listener.local_addr();
+    let threads: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            std::thread::spawn(move || -> io::Result<bool> {
+                let data = bytes(LEN, i as u64 + 1);
+                let mut w = connect(addr)?;
+                let mut r = w.try_clone()?;
+                let reader = std::thread::spawn(move || -> io::Result<Vec<u8>> {
+                    let mut back = Vec::with_capacity(LEN);
+                    r.read_to_end(&mut back)?;
+                    Ok(back)
+                });
+                w.write_all(&data)?;
+                w.shutdown(Shutdown::Write)?;
+                let back = reader
+                    .join()
+                    .map_err(|_| io::Error::other("reader panicked"))??;
+                Ok(back == data)
+            })
+        })
+        .collect();
+    for t in threads {
+        assert!(t.join().unwrap().unwrap(), "a relay garbled its bytes");
+    }
+    wait_for("every relay completes", || {
+        relays(&listener).completed == CLIENTS as u64
+    });
+    let r = relays(&listener);
+    assert_eq!((r.failed, r.active), (0, 0));
+    assert_eq!(r.bytes_to_upstream, (CLIENTS * LEN) as u64);
+    assert_eq!(r.bytes_to_client, (CLIENTS * LEN) as u64);
+}
+
+#[test]
+fn an_upstream_that_never_answers_times_out_and_fails() {
+    let _g = serial();
+    // A listener whose accept queue (backlog 0: room for one) is full and
+    // never drained: further SYNs are dropped, so a connect hangs.
+    let up = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    up.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    up.listen(0).unwrap();
+    let up_addr = up.local_addr().unwrap().as_socket().unwrap();
+    let _filler = TcpStream::connect(up_addr).unwrap();
+    let timeout = Duration::from_millis(200);
+    let listener = Listener::builder("127.0.0.1:0".parse().unwrap())
+        .handler(move |conn, ctx| {
+            let opts = RelayOptions::new().with_connect_timeout(timeout);
+            let _ = ctx.relay(conn, up_addr, opts);
+        })
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    let mut c = connect(listener.local_addr()).unwrap();
+    let mut b = [0u8; 1];
+    assert!(matches!(c.read(&mut b), Ok(0) | Err(_)));
+    assert!(
+        started.elapsed() >= timeout,
+        "the client was let go only once the upstream connect timed out"
+    );
+    wait_for("the relay fails", || relays(&listener).failed == 1);
+    assert_eq!(relays(&listener).active, 0);
+}
