@@ -1,8 +1,7 @@
 //! An admitted connection, as the application receives it.
 
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::time::Instant;
 
 use crate::backlog::Pending;
@@ -65,42 +64,52 @@ impl Admitted {
     }
 }
 
-impl AsFd for Admitted {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.stream.as_fd()
-    }
-}
+/// The std traits of a type that owns a connected `TcpStream` in a field
+/// named `stream`: fd access, conversion into the fd or the stream, and
+/// Read/Write by delegation.
+macro_rules! stream_owner {
+    ($t:ty) => {
+        impl std::os::fd::AsFd for $t {
+            fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+                std::os::fd::AsFd::as_fd(&self.stream)
+            }
+        }
 
-impl AsRawFd for Admitted {
-    fn as_raw_fd(&self) -> RawFd {
-        self.stream.as_raw_fd()
-    }
-}
+        impl std::os::fd::AsRawFd for $t {
+            fn as_raw_fd(&self) -> std::os::fd::RawFd {
+                std::os::fd::AsRawFd::as_raw_fd(&self.stream)
+            }
+        }
 
-impl From<Admitted> for OwnedFd {
-    fn from(a: Admitted) -> OwnedFd {
-        a.stream.into()
-    }
-}
+        impl From<$t> for std::os::fd::OwnedFd {
+            fn from(c: $t) -> std::os::fd::OwnedFd {
+                c.stream.into()
+            }
+        }
 
-impl From<Admitted> for TcpStream {
-    fn from(a: Admitted) -> TcpStream {
-        a.stream
-    }
-}
+        impl From<$t> for std::net::TcpStream {
+            fn from(c: $t) -> std::net::TcpStream {
+                c.stream
+            }
+        }
 
-impl Read for Admitted {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.stream.read(buf)
-    }
-}
+        impl std::io::Read for $t {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                std::io::Read::read(&mut self.stream, buf)
+            }
+        }
 
-impl Write for Admitted {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.stream.write(buf)
-    }
+        impl std::io::Write for $t {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                std::io::Write::write(&mut self.stream, buf)
+            }
 
-    fn flush(&mut self) -> io::Result<()> {
-        self.stream.flush()
-    }
+            fn flush(&mut self) -> std::io::Result<()> {
+                std::io::Write::flush(&mut self.stream)
+            }
+        }
+    };
 }
+pub(crate) use stream_owner;
+
+stream_owner!(Admitted);

@@ -29,7 +29,7 @@
 //! with socket2, which works on every kernel and costs one system call.
 
 use std::collections::VecDeque;
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -540,45 +540,7 @@ impl Connected {
     }
 }
 
-impl AsFd for Connected {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.stream.as_fd()
-    }
-}
-
-impl AsRawFd for Connected {
-    fn as_raw_fd(&self) -> RawFd {
-        self.stream.as_raw_fd()
-    }
-}
-
-impl From<Connected> for OwnedFd {
-    fn from(c: Connected) -> OwnedFd {
-        c.stream.into()
-    }
-}
-
-impl From<Connected> for TcpStream {
-    fn from(c: Connected) -> TcpStream {
-        c.stream
-    }
-}
-
-impl Read for Connected {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.stream.read(buf)
-    }
-}
-
-impl Write for Connected {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.stream.write(buf)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.stream.flush()
-    }
-}
+crate::conn::stream_owner!(Connected);
 
 /// A snapshot of one connect shard's counters.
 ///

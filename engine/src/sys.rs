@@ -686,49 +686,6 @@ pub(crate) fn listener_queue(fd: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
     Ok((info.tcpi_unacked, info.tcpi_sacked))
 }
 
-/// Sets an integer socket option socket2 has no setter for.
-pub(crate) fn setsockopt_int(
-    fd: BorrowedFd<'_>,
-    level: i32,
-    name: i32,
-    value: i32,
-) -> io::Result<()> {
-    // SAFETY: passes a pointer to a live c_int with its exact size.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&value as *const i32).cast(),
-            size_of::<i32>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Reads an integer socket option socket2 has no getter for.
-pub(crate) fn getsockopt_int(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<i32> {
-    let mut value: i32 = 0;
-    let mut len = size_of::<i32>() as libc::socklen_t;
-    // SAFETY: a live c_int and its size; the kernel writes at most `len` bytes.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&mut value as *mut i32).cast(),
-            &mut len,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(value)
-}
-
 /// Reads `TCP_SAVED_SYN`: the IP and TCP headers of the SYN that opened this
 /// connection (the listener must have set `TCP_SAVE_SYN`; 4.2+). Empty when
 /// nothing was saved. The kernel frees the saved copy after the first read.
@@ -759,50 +716,6 @@ pub(crate) mod op {
     pub const ACCEPT: u8 = io_uring::opcode::Accept::CODE;
     /// IORING_OP_CONNECT.
     pub const CONNECT: u8 = io_uring::opcode::Connect::CODE;
-}
-
-/// Sets a 64-bit socket option (SO_MAX_PACING_RATE takes a u64 since 4.20;
-/// the kernel also accepts a u32).
-pub(crate) fn setsockopt_u64(
-    fd: BorrowedFd<'_>,
-    level: i32,
-    name: i32,
-    value: u64,
-) -> io::Result<()> {
-    // SAFETY: passes a pointer to a live u64 with its exact size.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&value as *const u64).cast(),
-            size_of::<u64>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Reads a 64-bit socket option.
-pub(crate) fn getsockopt_u64(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<u64> {
-    let mut value: u64 = 0;
-    let mut len = size_of::<u64>() as libc::socklen_t;
-    // SAFETY: a live u64 and its size; the kernel writes at most `len` bytes.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&mut value as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(value)
 }
 
 /// `recv(MSG_PEEK | MSG_DONTWAIT)` of up to `len` bytes: what has arrived,
@@ -903,4 +816,85 @@ pub(crate) fn set_timer_slack(ns: u64) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Plain integer types a socket option is read or written as: every bit
+/// pattern is a valid value, so the kernel may fill one in.
+pub(crate) trait OptValue: Copy + Default {}
+impl OptValue for i32 {}
+impl OptValue for u64 {}
+
+/// Sets a socket option socket2 has no setter for.
+pub(crate) fn setsockopt<T: OptValue>(
+    fd: BorrowedFd<'_>,
+    level: i32,
+    name: i32,
+    value: T,
+) -> io::Result<()> {
+    // SAFETY: passes a pointer to a live `T` with its exact size; the fd is
+    // borrowed, so open.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&value as *const T).cast(),
+            size_of::<T>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Reads a socket option socket2 has no getter for.
+pub(crate) fn getsockopt<T: OptValue>(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<T> {
+    let mut value = T::default();
+    let mut len = size_of::<T>() as libc::socklen_t;
+    // SAFETY: a live `T` and its size; the kernel writes at most `len`
+    // bytes, and any bit pattern is a valid `T` (OptValue).
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&mut value as *mut T).cast(),
+            &mut len,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value)
+}
+
+/// An `int` socket option.
+pub(crate) fn setsockopt_int(
+    fd: BorrowedFd<'_>,
+    level: i32,
+    name: i32,
+    value: i32,
+) -> io::Result<()> {
+    setsockopt(fd, level, name, value)
+}
+
+/// An `int` socket option.
+pub(crate) fn getsockopt_int(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<i32> {
+    getsockopt(fd, level, name)
+}
+
+/// A 64-bit socket option (SO_MAX_PACING_RATE takes a u64 since 4.20).
+pub(crate) fn setsockopt_u64(
+    fd: BorrowedFd<'_>,
+    level: i32,
+    name: i32,
+    value: u64,
+) -> io::Result<()> {
+    setsockopt(fd, level, name, value)
+}
+
+/// A 64-bit socket option.
+pub(crate) fn getsockopt_u64(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<u64> {
+    getsockopt(fd, level, name)
 }
