@@ -389,3 +389,23 @@ fn connections_left_in_the_ring_past_the_pending_timeout_are_withdrawn_at_accept
     drop(l);
     assert_eq!(open_fds(), baseline);
 }
+
+#[test]
+fn the_condition_sees_both_addresses() {
+    let _g = serial();
+    let seen = Arc::new(Mutex::new(None));
+    let s2 = seen.clone();
+    let l = Listener::builder("127.0.0.1:0".parse().unwrap())
+        .shards(1)
+        .condition(move |req: &ConnectRequest<'_>| {
+            *s2.lock().unwrap() = Some((req.peer, req.local));
+            Verdict::accept()
+        })
+        .build()
+        .unwrap();
+    let c = connect(l.local_addr()).unwrap();
+    let _app = l.accept().unwrap();
+    let (peer, local) = seen.lock().unwrap().expect("the condition ran");
+    assert_eq!(peer, c.local_addr().unwrap());
+    assert_eq!(local, l.local_addr());
+}

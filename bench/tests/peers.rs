@@ -152,12 +152,37 @@ fn peer_uring_closes_fd_when_send_fails() {
 }
 
 #[test]
+fn peer_floodgate_handler_serves_x() {
+    check(
+        env!("CARGO_BIN_EXE_peer_floodgate"),
+        &["--mode", "handler", "--pin", "0"],
+    );
+}
+
+#[test]
+fn peer_floodgate_accept_serves_x() {
+    check(
+        env!("CARGO_BIN_EXE_peer_floodgate"),
+        &["--mode", "accept", "--pin", "0"],
+    );
+}
+
+#[test]
+fn peer_floodgate_trivial_condition_serves_x() {
+    check(
+        env!("CARGO_BIN_EXE_peer_floodgate"),
+        &["--mode", "handler", "--condition", "trivial"],
+    );
+}
+
+#[test]
 fn peers_refuse_non_loopback() {
     for bin in [
         env!("CARGO_BIN_EXE_peer_std"),
         env!("CARGO_BIN_EXE_peer_epoll"),
         env!("CARGO_BIN_EXE_peer_tokio"),
         env!("CARGO_BIN_EXE_peer_uring"),
+        env!("CARGO_BIN_EXE_peer_floodgate"),
     ] {
         let out = Command::new(bin)
             .args(["--listen", "0.0.0.0:0"])

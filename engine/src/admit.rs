@@ -39,6 +39,9 @@ pub(crate) struct AdmissionConfig {
     pub save_syn: bool,
     pub attrs: SocketAttrs,
     pub ipv6: bool,
+    /// The listener's bound address when it is not a wildcard: every
+    /// accepted socket's local address.
+    pub local: Option<SocketAddr>,
 }
 
 impl AdmissionConfig {
@@ -143,11 +146,15 @@ impl Admission {
         now: Instant,
     ) {
         let sock = SockRef::from(&p.fd);
-        let (peer, local) = match (sock.peer_addr(), sock.local_addr()) {
-            (Ok(pa), Ok(la)) => match (pa.as_socket(), la.as_socket()) {
-                (Some(pa), Some(la)) => (pa, la),
-                _ => return Counters::add(&c.withdrawn_gone, 1),
-            },
+        // The local address is the listener's unless it listens on a
+        // wildcard address: then ask the socket (one getsockname saved per
+        // connection otherwise).
+        let local = match self.cfg.local {
+            Some(l) => Some(l),
+            None => sock.local_addr().ok().and_then(|a| a.as_socket()),
+        };
+        let (peer, local) = match (sock.peer_addr().ok().and_then(|a| a.as_socket()), local) {
+            (Some(pa), Some(la)) => (pa, la),
             // ENOTCONN: the peer reset before we looked.
             _ => return Counters::add(&c.withdrawn_gone, 1),
         };

@@ -411,6 +411,11 @@ impl ListenerBuilder {
             &self.attrs,
             self.save_syn,
         )?;
+        let local_addr = sockets[0]
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .ok_or_else(|| Error::setup("getsockname", std::io::Error::other("no address")))?;
         let admission = Arc::new(AdmissionConfig {
             condition: self.condition.clone(),
             peek: self.peek,
@@ -420,12 +425,8 @@ impl ListenerBuilder {
             save_syn: self.save_syn,
             attrs: self.attrs.clone(),
             ipv6: self.addr.is_ipv6(),
+            local: (!local_addr.ip().is_unspecified()).then_some(local_addr),
         });
-        let local_addr = sockets[0]
-            .local_addr()
-            .ok()
-            .and_then(|a| a.as_socket())
-            .ok_or_else(|| Error::setup("getsockname", std::io::Error::other("no address")))?;
         let delivery = Arc::new(Delivery::new()?);
         let mut shards = Vec::with_capacity(n);
         let mut threads = Vec::with_capacity(n);

@@ -1,0 +1,129 @@
+//! Benchmark peer: the Floodgate engine with one shard.
+//!
+//! Same command line as the other peers ([`PeerArgs`]) plus:
+//! - `--mode handler` (default): the engine's inline handler replies `x` and closes, on the
+//!   shard's ring (`ShardContext::reply_and_close`: linked SEND with MSG_MORE + CLOSE);
+//! - `--mode accept`: the main thread runs a blocking `Listener::accept()` loop: write `x`, drop;
+//! - `--condition trivial`: adds an admission condition that returns `Verdict::accept()`.
+//!
+//! The process pins its main thread to `--pin CORE` before the listener is built, and builds the
+//! listener with `pin(false)`, so the shard thread inherits that single-core affinity: one shard
+//! on the `--pin` core (the engine itself would pin shard 0 to core 0). Every thread is an
+//! ordinary thread of this one process, so `CpuQuota::add_process_threads` caps all of them.
+
+use std::io::Write;
+
+use clap::{Parser, ValueEnum};
+use floodgate::{Coalesce, ConnectRequest, Error, Listener, Verdict};
+use floodgate_bench::peer::{self, PeerArgs, REPLY};
+
+const NAME: &str = "peer_floodgate";
+
+/// How connections reach the application.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    /// Inline handler on the shard thread: reply_and_close("x").
+    Handler,
+    /// Blocking accept() loop on the main thread: write "x", drop.
+    Accept,
+}
+
+/// Which admission condition the listener runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Cond {
+    /// No condition.
+    None,
+    /// A condition that admits everything (`Verdict::accept()`).
+    Trivial,
+}
+
+/// Floodgate (one shard) accept loop: accept, write one byte, close.
+#[derive(Parser, Debug)]
+#[command(name = NAME, version, about)]
+struct Cli {
+    #[command(flatten)]
+    peer: PeerArgs,
+
+    /// Delivery path.
+    #[arg(long, value_enum, default_value_t = Mode::Handler)]
+    mode: Mode,
+
+    /// Admission condition.
+    #[arg(long, value_enum, default_value_t = Cond::None)]
+    condition: Cond,
+
+    /// Turn on the engine's load-adaptive wake-up coalescing
+    /// (`Coalesce::default()`: pause 50 µs after a turn that accepted 8+).
+    #[arg(long)]
+    coalesce: bool,
+}
+
+fn trivial(_req: &ConnectRequest<'_>) -> Verdict {
+    Verdict::accept()
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let args = &cli.peer;
+    if let Err(msg) = peer::check_loopback(&args.listen) {
+        peer::fatal(NAME, msg);
+    }
+    if let Some(core) = args.pin {
+        if let Err(msg) = peer::pin_current_thread(core) {
+            peer::fatal(NAME, msg);
+        }
+    }
+    let backlog = usize::try_from(args.backlog).unwrap_or(1).max(1);
+    let mut builder = Listener::builder(args.listen)
+        .shards(1)
+        .pin(false)
+        .backlog(backlog)
+        .coalesce(cli.coalesce.then(Coalesce::default));
+    if cli.condition == Cond::Trivial {
+        builder = builder.condition(trivial);
+    }
+    if cli.mode == Mode::Handler {
+        builder = builder.handler(|conn, ctx| {
+            // The client may already have reset; the engine closes the socket either way.
+            let _ = ctx.reply_and_close(conn, REPLY);
+        });
+    }
+    let listener = match builder.build() {
+        Ok(l) => l,
+        Err(e) => peer::fatal(
+            NAME,
+            format_args!("--listen {}: cannot start the listener: {e}", args.listen),
+        ),
+    };
+    if let Err(msg) = peer::exit_after(args.max_seconds) {
+        peer::fatal(NAME, msg);
+    }
+    peer::announce(NAME, listener.local_addr());
+    match cli.mode {
+        Mode::Handler => park_forever(),
+        Mode::Accept => accept_loop(&listener),
+    }
+}
+
+/// The handler runs on the shard thread; the main thread only waits for the alarm or a signal.
+fn park_forever() -> ! {
+    loop {
+        std::thread::park();
+    }
+}
+
+fn accept_loop(listener: &Listener) -> ! {
+    loop {
+        match listener.accept() {
+            Ok(mut conn) => {
+                // The client may already have gone (RST); that is its business.
+                let _ = conn.write_all(REPLY);
+            }
+            // A shard's accept error is reported once; the shard keeps retrying.
+            Err(Error::Accept { shard, source }) => {
+                eprintln!("{NAME}: shard {shard}: accept error (shard retries): {source}");
+            }
+            Err(e) => peer::fatal(NAME, format_args!("accept failed: {e}")),
+        }
+    }
+}
