@@ -195,7 +195,7 @@ impl Admission {
     fn wait(&mut self, mut w: Waiting, have: usize, ring: &mut Uring, c: &Counters) {
         let lowat = (have + 1).min(self.cfg.peek).max(1);
         if lowat != w.lowat
-            && sys::setsockopt_int(
+            && sys::setsockopt::<i32>(
                 w.pending.fd.as_fd(),
                 libc::SOL_SOCKET,
                 libc::SO_RCVLOWAT,
@@ -408,7 +408,7 @@ impl Admission {
     ) -> io::Result<()> {
         let fd = w.pending.fd.as_fd();
         if w.lowat != 1 {
-            sys::setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, 1)?;
+            sys::setsockopt::<i32>(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, 1)?;
             w.lowat = 1;
         }
         let attrs = &self.cfg.attrs;

@@ -259,7 +259,8 @@ impl SocketAttrs {
             }
         }
         if let Some(p) = self.qos.priority {
-            if sys::getsockopt_int(fd.as_fd(), libc::SOL_SOCKET, libc::SO_PRIORITY)? != p as i32 {
+            if sys::getsockopt::<i32>(fd.as_fd(), libc::SOL_SOCKET, libc::SO_PRIORITY)? != p as i32
+            {
                 bad.push(Attr::Priority);
             }
         }
@@ -269,7 +270,8 @@ impl SocketAttrs {
             }
         }
         if let Some(r) = self.qos.max_pacing_rate {
-            if sys::getsockopt_u64(fd.as_fd(), libc::SOL_SOCKET, libc::SO_MAX_PACING_RATE)? != r {
+            if sys::getsockopt::<u64>(fd.as_fd(), libc::SOL_SOCKET, libc::SO_MAX_PACING_RATE)? != r
+            {
                 bad.push(Attr::PacingRate);
             }
         }

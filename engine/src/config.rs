@@ -535,7 +535,7 @@ fn bind_group(
             ))
         })?;
         if save_syn {
-            sys::setsockopt_int(socket.as_fd(), libc::IPPROTO_TCP, libc::TCP_SAVE_SYN, 1)
+            sys::setsockopt::<i32>(socket.as_fd(), libc::IPPROTO_TCP, libc::TCP_SAVE_SYN, 1)
                 .map_err(|e| Error::setup("setsockopt(TCP_SAVE_SYN)", e))?;
         }
         socket.bind(&bind_addr.into()).map_err(bind_err)?;

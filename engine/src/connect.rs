@@ -949,7 +949,7 @@ fn open_socket(addr: SocketAddr, source: Option<IpAddr>, reset: bool) -> io::Res
         if ip.is_ipv4() != addr.is_ipv4() {
             return Err(io::Error::from_raw_os_error(libc::EAFNOSUPPORT));
         }
-        sys::setsockopt_int(
+        sys::setsockopt::<i32>(
             s.as_fd(),
             libc::IPPROTO_IP,
             libc::IP_BIND_ADDRESS_NO_PORT,

@@ -44,13 +44,13 @@ impl Qos {
             }
         }
         if let Some(p) = self.priority {
-            sys::setsockopt_int(fd.as_fd(), libc::SOL_SOCKET, libc::SO_PRIORITY, p as i32)?;
+            sys::setsockopt::<i32>(fd.as_fd(), libc::SOL_SOCKET, libc::SO_PRIORITY, p as i32)?;
         }
         if let Some(m) = self.mark {
             s.set_mark(m)?;
         }
         if let Some(rate) = self.max_pacing_rate {
-            sys::setsockopt_u64(fd.as_fd(), libc::SOL_SOCKET, libc::SO_MAX_PACING_RATE, rate)?;
+            sys::setsockopt::<u64>(fd.as_fd(), libc::SOL_SOCKET, libc::SO_MAX_PACING_RATE, rate)?;
         }
         Ok(())
     }

@@ -868,33 +868,3 @@ pub(crate) fn getsockopt<T: OptValue>(fd: BorrowedFd<'_>, level: i32, name: i32)
     }
     Ok(value)
 }
-
-/// An `int` socket option.
-pub(crate) fn setsockopt_int(
-    fd: BorrowedFd<'_>,
-    level: i32,
-    name: i32,
-    value: i32,
-) -> io::Result<()> {
-    setsockopt(fd, level, name, value)
-}
-
-/// An `int` socket option.
-pub(crate) fn getsockopt_int(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<i32> {
-    getsockopt(fd, level, name)
-}
-
-/// A 64-bit socket option (SO_MAX_PACING_RATE takes a u64 since 4.20).
-pub(crate) fn setsockopt_u64(
-    fd: BorrowedFd<'_>,
-    level: i32,
-    name: i32,
-    value: u64,
-) -> io::Result<()> {
-    setsockopt(fd, level, name, value)
-}
-
-/// A 64-bit socket option.
-pub(crate) fn getsockopt_u64(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<u64> {
-    getsockopt(fd, level, name)
-}
