@@ -471,3 +471,30 @@ fn bad_plans_are_refused_naming_the_field() {
         }
     }
 }
+
+#[test]
+fn sockets_come_from_io_uring_socket_where_the_kernel_has_it() {
+    let _g = serial();
+    let baseline = open_fds();
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let c = connector(1);
+    // This kernel (6.x) has IORING_OP_SOCKET (5.19+): the shard uses it.
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release.trim().split(|ch: char| !ch.is_ascii_digit());
+    let major: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let expected = (major, minor) >= (5, 19);
+    assert_eq!(c.stats().total().uring_socket, expected, "kernel {release}");
+    // Dials made that way connect, and their sockets are close-on-exec.
+    for _ in 0..50 {
+        let conn = c.connect(listener.local_addr().unwrap()).expect("connect");
+        let (_server_side, peer) = listener.accept().expect("accept");
+        assert_eq!(peer, conn.local_addr().unwrap());
+        // SAFETY: F_GETFD takes no pointer; the fd is borrowed from a live socket.
+        let flags = unsafe { libc::fcntl(conn.as_raw_fd(), libc::F_GETFD) };
+        assert!(flags >= 0 && flags & libc::FD_CLOEXEC != 0, "close-on-exec");
+    }
+    drop(c);
+    drop(listener);
+    assert_eq!(open_fds(), baseline);
+}

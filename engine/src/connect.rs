@@ -39,7 +39,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_queue::SegQueue;
-use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, Type};
 
 use crate::accept::Delivery;
 use crate::error::{ConfigError, ConnectErrorKind, Error};
@@ -581,6 +581,9 @@ pub struct ConnectShardStats {
     pub bytes_received: u64,
     /// Inline handler (or run sink) calls that panicked; the shard went on.
     pub handler_panics: u64,
+    /// Whether this shard creates its sockets with io_uring SOCKET (5.19+);
+    /// false: with socket(2).
+    pub uring_socket: bool,
 }
 
 impl ConnectShardStats {
@@ -607,9 +610,11 @@ impl ConnectorStats {
     pub fn total(&self) -> ConnectShardStats {
         let mut t = ConnectShardStats {
             shard: self.shards.len(),
+            uring_socket: !self.shards.is_empty(),
             ..Default::default()
         };
         for s in &self.shards {
+            t.uring_socket &= s.uring_socket;
             t.submitted += s.submitted;
             t.connected += s.connected;
             t.refused += s.refused;
@@ -649,6 +654,7 @@ struct Counters {
     bytes_sent: AtomicU64,
     bytes_received: AtomicU64,
     handler_panics: AtomicU64,
+    uring_socket: std::sync::atomic::AtomicBool,
 }
 
 fn kind_index(k: ConnectErrorKind) -> usize {
@@ -700,6 +706,7 @@ impl Counters {
             bytes_sent: g(&self.bytes_sent),
             bytes_received: g(&self.bytes_received),
             handler_panics: g(&self.handler_panics),
+            uring_socket: self.uring_socket.load(Ordering::Relaxed),
         }
     }
 
@@ -812,6 +819,21 @@ const OP_TIMEOUT: u8 = 2;
 const OP_SEND: u8 = 4;
 const OP_RECV: u8 = 8;
 const OP_CLOSE: u8 = 16;
+const OP_SOCKET: u8 = 32;
+
+/// What a slot does once its io_uring SOCKET completes.
+enum Opening {
+    /// A single connect.
+    Connect {
+        timeout: Option<Duration>,
+        source: Option<IpAddr>,
+    },
+    /// A load sequence.
+    Sequence {
+        plan: Arc<SequencePlan>,
+        source: Option<IpAddr>,
+    },
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Cancel {
@@ -845,6 +867,8 @@ struct Slot {
     eof: bool,
     recv_err: Option<i32>,
     close_linked: bool,
+    /// Set while the slot's socket is being created by an io_uring SOCKET.
+    opening: Option<Opening>,
 }
 
 impl Slot {
@@ -871,6 +895,7 @@ impl Slot {
             eof: false,
             recv_err: None,
             close_linked: false,
+            opening: None,
         }
     }
 }
@@ -920,6 +945,9 @@ struct Dialer {
     next_scan: Instant,
     stopping: bool,
     pushed: bool,
+    /// Whether sockets are created with io_uring SOCKET (5.19) rather than
+    /// socket(2); probed when the shard starts.
+    uring_socket: bool,
 }
 
 impl std::fmt::Debug for Dialer {
@@ -942,6 +970,18 @@ fn open_socket(addr: SocketAddr, source: Option<IpAddr>, reset: bool) -> io::Res
         Type::STREAM.cloexec(),
         Some(Protocol::TCP),
     )?;
+    configure_socket(&SockRef::from(&s), addr, source, reset)?;
+    Ok(s)
+}
+
+/// Applies what [`open_socket`] applies to a socket made elsewhere (by an
+/// io_uring SOCKET).
+fn configure_socket(
+    s: &SockRef<'_>,
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+    reset: bool,
+) -> io::Result<()> {
     if reset {
         s.set_linger(Some(Duration::ZERO))?;
     }
@@ -957,7 +997,7 @@ fn open_socket(addr: SocketAddr, source: Option<IpAddr>, reset: bool) -> io::Res
         )?;
         s.bind(&SocketAddr::new(ip, 0).into())?;
     }
-    Ok(s)
+    Ok(())
 }
 
 fn errno_of(e: &io::Error) -> i32 {
@@ -998,45 +1038,110 @@ impl Dialer {
         Some(self.common.sources[i])
     }
 
-    /// Posts a single connect.
+    /// Posts a single connect: its socket first (an io_uring SOCKET where
+    /// the kernel has it, else socket(2)), then the CONNECT chain.
     fn start_connect(&mut self, ring: &mut Uring, job: ConnectJob, now: Instant) {
         let source = job.source.or_else(|| self.pick_source());
-        let socket = match open_socket(job.addr, source, false) {
-            Ok(s) => s,
-            Err(e) => {
-                let errno = errno_of(&e);
-                let kind = ConnectErrorKind::from_errno(errno);
-                self.counters().connect_done(Err(Some(kind)));
-                let err = Error::Connect {
-                    kind,
-                    addr: job.addr,
-                    source: e,
-                };
-                self.deliver(job.ticket, job.reply, Err(err));
-                return;
-            }
-        };
-        add(&self.counters().open_sockets, 1);
-        let fd: OwnedFd = socket.into();
         let i = self.alloc(now);
-        let raw = fd.as_raw_fd();
-        let timeout = job.timeout;
         {
             let s = &mut self.slots[i];
             s.busy = true;
-            s.raw = raw;
-            s.fd = Some(fd);
             s.addr = job.addr;
             s.intended = now;
             s.started = now;
             s.job = Some((job.ticket, job.reply));
+        }
+        if self.uring_socket {
+            self.slots[i].opening = Some(Opening::Connect {
+                timeout: job.timeout,
+                source,
+            });
+            self.open_on_ring(ring, i, now);
+            return;
+        }
+        match open_socket(job.addr, source, false) {
+            Ok(socket) => self.post_connect(ring, i, socket.into(), job.timeout, now),
+            Err(e) => {
+                self.slots[i].connect_res = Some(-errno_of(&e));
+                self.finish_slot(ring, i, now);
+            }
+        }
+    }
+
+    /// Posts the io_uring SOCKET of slot `i`; its completion continues with
+    /// [`Dialer::socket_opened`].
+    fn open_on_ring(&mut self, ring: &mut Uring, i: usize, now: Instant) {
+        let domain = if self.slots[i].addr.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        };
+        match ring.socket(domain, user_data(Tag::ConnectSocket, i as u64)) {
+            Ok(()) => self.slots[i].ops = OP_SOCKET,
+            Err(e) => {
+                self.slots[i].opening = None;
+                self.slots[i].connect_res = Some(-errno_of(&e));
+                self.finish_slot(ring, i, now);
+            }
+        }
+    }
+
+    /// The io_uring SOCKET of slot `i` completed with `res`.
+    fn socket_opened(&mut self, ring: &mut Uring, i: usize, res: i32, now: Instant) {
+        self.slots[i].ops &= !OP_SOCKET;
+        let Some(opening) = self.slots[i].opening.take() else {
+            return;
+        };
+        if res < 0 {
+            self.slots[i].connect_res = Some(res);
+            return self.finish_slot(ring, i, now);
+        }
+        // Owned from the moment the completion is read.
+        let fd = sys::adopt_fd(res);
+        if self.slots[i].cancel != Cancel::No {
+            drop(fd);
+            self.slots[i].connect_res = Some(-libc::ECANCELED);
+            return self.finish_slot(ring, i, now);
+        }
+        let addr = self.slots[i].addr;
+        let (source, reset) = match &opening {
+            Opening::Connect { source, .. } => (*source, false),
+            Opening::Sequence { plan, source } => (*source, plan.close == CloseMode::Reset),
+        };
+        if let Err(e) = configure_socket(&SockRef::from(&fd), addr, source, reset) {
+            drop(fd);
+            self.slots[i].connect_res = Some(-errno_of(&e));
+            return self.finish_slot(ring, i, now);
+        }
+        match opening {
+            Opening::Connect { timeout, .. } => self.post_connect(ring, i, fd, timeout, now),
+            Opening::Sequence { plan, .. } => self.post_sequence(ring, i, fd, &plan, now),
+        }
+    }
+
+    /// Posts the CONNECT (+ LINK_TIMEOUT) of a single connect on `fd`.
+    fn post_connect(
+        &mut self,
+        ring: &mut Uring,
+        i: usize,
+        fd: OwnedFd,
+        timeout: Option<Duration>,
+        now: Instant,
+    ) {
+        add(&self.counters().open_sockets, 1);
+        let raw = fd.as_raw_fd();
+        let addr = self.slots[i].addr;
+        {
+            let s = &mut self.slots[i];
+            s.raw = raw;
+            s.fd = Some(fd);
         }
         let p = i as u64;
         let t = timeout.map(|d| (d, user_data(Tag::ConnectTimeout, p)));
         let posted = ring.reserve(2).and_then(|()| {
             ring.connect_chain(
                 raw,
-                SockAddr::from(job.addr),
+                SockAddr::from(addr),
                 t,
                 false,
                 user_data(Tag::Connect, p),
@@ -1082,16 +1187,31 @@ impl Dialer {
             s.deadline =
                 Some(now + plan.connect_timeout.unwrap_or(Duration::ZERO) + plan.io_timeout);
         }
-        let socket = match open_socket(plan.target, source, plan.close == CloseMode::Reset) {
-            Ok(s) => s,
+        if self.uring_socket {
+            self.slots[i].opening = Some(Opening::Sequence { plan, source });
+            self.open_on_ring(ring, i, now);
+            return;
+        }
+        match open_socket(plan.target, source, plan.close == CloseMode::Reset) {
+            Ok(socket) => self.post_sequence(ring, i, socket.into(), &plan, now),
             Err(e) => {
                 self.slots[i].connect_res = Some(-errno_of(&e));
                 self.finish_slot(ring, i, now);
-                return;
             }
-        };
+        }
+    }
+
+    /// Posts a sequence's chain on `fd`: CONNECT (+ LINK_TIMEOUT), SEND,
+    /// RECV and, when one RECV completes it, CLOSE.
+    fn post_sequence(
+        &mut self,
+        ring: &mut Uring,
+        i: usize,
+        fd: OwnedFd,
+        plan: &SequencePlan,
+        now: Instant,
+    ) {
         add(&self.counters().open_sockets, 1);
-        let fd: OwnedFd = socket.into();
         let raw = fd.as_raw_fd();
         let p = i as u64;
         let send = !plan.payload.is_empty();
@@ -1358,6 +1478,7 @@ impl Dialer {
     fn on_cqe(&mut self, ring: &mut Uring, tag: Tag, i: usize, cqe: Cqe, now: Instant) {
         let res = cqe.result;
         match tag {
+            Tag::ConnectSocket => return self.socket_opened(ring, i, res, now),
             Tag::Connect => {
                 ring.release(cqe.user_data);
                 let s = &mut self.slots[i];
@@ -1554,6 +1675,12 @@ impl Service for Dialer {
                 "io_uring CONNECT is not supported by this kernel (needs Linux 5.5+)",
             ));
         }
+        // SOCKET needs 5.19; older kernels get socket(2), the same socket.
+        self.uring_socket = ring.supports(sys::op::SOCKET);
+        self.shared
+            .counters
+            .uring_socket
+            .store(self.uring_socket, Ordering::Relaxed);
         Ok(())
     }
 
@@ -1827,6 +1954,7 @@ impl ConnectorBuilder {
                 next_scan: Instant::now(),
                 stopping: false,
                 pushed: false,
+                uring_socket: false,
             };
             let placement = Placement { index: k, core };
             match shard::spawn("floodgate-connect", placement, control, dialer) {

@@ -206,6 +206,19 @@ impl Uring {
         Ok(())
     }
 
+    /// Posts a SOCKET (5.19): a new close-on-exec TCP socket of `domain`,
+    /// its descriptor in the completion's result.
+    pub fn socket(&mut self, domain: i32, user_data: u64) -> io::Result<()> {
+        let e = opcode::Socket::new(
+            domain,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            libc::IPPROTO_TCP,
+        )
+        .build()
+        .user_data(user_data);
+        self.push_plain(e)
+    }
+
     /// Posts a multishot ACCEPT (5.19) on listening socket `fd`.
     pub fn accept_multi(&mut self, fd: RawFd, user_data: u64) -> io::Result<()> {
         let e = opcode::AcceptMulti::new(types::Fd(fd))
@@ -716,6 +729,8 @@ pub(crate) mod op {
     pub const ACCEPT: u8 = io_uring::opcode::Accept::CODE;
     /// IORING_OP_CONNECT.
     pub const CONNECT: u8 = io_uring::opcode::Connect::CODE;
+    /// IORING_OP_SOCKET.
+    pub const SOCKET: u8 = io_uring::opcode::Socket::CODE;
 }
 
 /// `recv(MSG_PEEK | MSG_DONTWAIT)` of up to `len` bytes: what has arrived,
