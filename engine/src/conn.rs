@@ -10,7 +10,7 @@ use crate::backlog::Pending;
 ///
 /// It owns its socket: dropping it closes the connection. It reads and
 /// writes like a [`TcpStream`] and converts into one with
-/// [`Admitted::into_std`] (or into an [`OwnedFd`]) for any runtime.
+/// [`Admitted::into_std`] (or into an [`OwnedFd`](std::os::fd::OwnedFd)) for any runtime.
 #[derive(Debug)]
 pub struct Admitted {
     stream: TcpStream,
