@@ -27,7 +27,7 @@ pub const EXIT_STARTUP: i32 = 2;
 /// Command-line options common to all peer servers (flatten into each binary's parser).
 #[derive(clap::Args, Debug, Clone)]
 pub struct PeerArgs {
-    /// Address to listen on. Loopback only (127.0.0.0/8 or [::1]); port 0 picks a free port.
+    /// Address to listen on. Loopback only (127.0.0.0/8 or `[::1]`); port 0 picks a free port.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
     pub listen: SocketAddr,
 

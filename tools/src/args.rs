@@ -42,7 +42,7 @@ pub fn duration_or_zero(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-/// A loopback socket address (127.0.0.0/8 or [::1]).
+/// A loopback socket address (127.0.0.0/8 or `[::1]`).
 pub fn loopback_addr(s: &str) -> Result<SocketAddr, String> {
     let a: SocketAddr = s
         .parse()
