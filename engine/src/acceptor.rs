@@ -377,7 +377,7 @@ impl Service for Acceptor {
                 ring.release(cqe.user_data);
                 self.backoff_timer = false;
             }
-            Tag::ReplySend | Tag::ReplyClose => self.replies.complete(ring, tag, payload, cqe),
+            Tag::ReplySend | Tag::ReplyClose => self.replies.complete(ring, tag, cqe),
             Tag::RelayConnect
             | Tag::RelayConnectTimeout
             | Tag::RelayRecv

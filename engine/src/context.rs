@@ -1,6 +1,5 @@
 //! What an inline handler can do on its shard's io_uring.
 
-use std::collections::HashMap;
 use std::io;
 use std::os::fd::OwnedFd;
 
@@ -141,9 +140,11 @@ impl<'a> ShardContext<'a> {
 /// Linked reply-and-close operations in flight.
 #[derive(Debug, Default)]
 pub(crate) struct Replies {
+    /// Id of the last pair: it keeps the user data (and so the memory the
+    /// ring holds for each operation) of concurrent pairs apart.
     next: u64,
     /// SEND completions still to come.
-    sends: HashMap<u64, ()>,
+    sends: usize,
     /// CLOSE completions still to come.
     closes: usize,
 }
@@ -158,17 +159,17 @@ impl Replies {
         let flags = libc::MSG_MORE | libc::MSG_NOSIGNAL;
         ring.reserve(2)?;
         ring.send(raw, bytes, flags, true, user_data(Tag::ReplySend, id))?;
-        self.sends.insert(id, ());
+        self.sends += 1;
         ring.close(fd, user_data(Tag::ReplyClose, id))?;
         self.closes += 1;
         Ok(())
     }
 
-    pub(crate) fn complete(&mut self, ring: &mut Uring, tag: Tag, payload: u64, cqe: Cqe) {
+    pub(crate) fn complete(&mut self, ring: &mut Uring, tag: Tag, cqe: Cqe) {
         match tag {
             Tag::ReplySend => {
                 ring.release(cqe.user_data);
-                self.sends.remove(&payload);
+                self.sends = self.sends.saturating_sub(1);
             }
             Tag::ReplyClose => {
                 ring.finish_close(cqe.user_data, cqe.result);
@@ -179,6 +180,6 @@ impl Replies {
     }
 
     pub(crate) fn is_empty(&self) -> bool {
-        self.sends.is_empty() && self.closes == 0
+        self.sends == 0 && self.closes == 0
     }
 }
