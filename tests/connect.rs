@@ -498,3 +498,117 @@ fn sockets_come_from_io_uring_socket_where_the_kernel_has_it() {
     drop(listener);
     assert_eq!(open_fds(), baseline);
 }
+
+/// Whether this kernel runs io_uring SOCKET into direct slots (5.19+), the
+/// condition for sequences on direct sockets.
+fn kernel_has_direct_sockets() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release.trim().split(|ch: char| !ch.is_ascii_digit());
+    let major: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    (major, minor) >= (5, 19)
+}
+
+#[test]
+fn rst_sequences_reuse_their_sockets_and_every_server_side_sees_an_rst() {
+    let _g = serial();
+    const N: u64 = 2_000;
+    const C: usize = 8;
+    let baseline = open_fds();
+    let server = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = server.local_addr().unwrap();
+    // Every 4th connection the server resets at once (the client's receive
+    // fails: a sequence that ends in an error, whose socket must still be
+    // disconnected and reused); the others get a byte, then the server
+    // reads to see how the client closed.
+    let serving = std::thread::spawn(move || {
+        let (mut resets_seen, mut fins_seen, mut reset_by_server) = (0u64, 0u64, 0u64);
+        for k in 0..N {
+            let (mut s, _) = server.accept().expect("accept");
+            if k % 4 == 3 {
+                socket2::SockRef::from(&s)
+                    .set_linger(Some(Duration::ZERO))
+                    .unwrap();
+                reset_by_server += 1;
+                continue;
+            }
+            s.set_read_timeout(Some(LONG)).unwrap();
+            use std::io::Write;
+            s.write_all(b"x").expect("write the byte");
+            let mut buf = [0u8; 1];
+            match s.read(&mut buf) {
+                Ok(0) => fins_seen += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => resets_seen += 1,
+                other => panic!("unexpected read after the byte: {other:?}"),
+            }
+        }
+        (resets_seen, fins_seen, reset_by_server)
+    });
+    let c = connector(1);
+    let plan = SequencePlan::new(addr)
+        .expect(1)
+        .close(CloseMode::Reset)
+        .concurrency(C)
+        .count(N)
+        .duration(LONG);
+    let summary = c
+        .run(&plan, |_| |_: &floodgate::SequenceRecord| {})
+        .unwrap();
+    let (resets_seen, fins_seen, reset_by_server) = serving.join().unwrap();
+    assert_eq!(summary.outcomes.total(), N, "{summary:?}");
+    assert_eq!(
+        summary.outcomes.get(SequenceOutcome::Ok),
+        N - reset_by_server,
+        "{summary:?}"
+    );
+    assert_eq!(
+        summary.outcomes.get(SequenceOutcome::Reset),
+        reset_by_server,
+        "{summary:?}"
+    );
+    // RST close held on every connection that got its byte.
+    assert_eq!((resets_seen, fins_seen), (N - reset_by_server, 0));
+    let t = c.stats().total();
+    assert_eq!(t.direct_sockets, kernel_has_direct_sockets());
+    if t.direct_sockets {
+        // One socket per slot in flight, reused across sequences, also
+        // after the server reset it.
+        assert!(
+            t.sockets_created <= C as u64,
+            "{} sockets for {N} sequences",
+            t.sockets_created
+        );
+    } else {
+        assert_eq!(t.sockets_created, N);
+    }
+    // The run leaves nothing behind.
+    assert_eq!(t.open_sockets, 0);
+    assert!(c.stats().conserved());
+    drop(c);
+    assert_eq!(open_fds(), baseline, "descriptors leaked");
+}
+
+#[test]
+fn sequence_connect_timeout_is_typed_without_a_timer_per_connect() {
+    let _g = serial();
+    let (_l, addr, _fill) = full_listener();
+    let c = connector(1);
+    let plan = SequencePlan::new(addr)
+        .connect_timeout(Some(Duration::from_millis(200)))
+        .io_timeout(LONG)
+        .concurrency(4)
+        .count(8);
+    let summary = c
+        .run(&plan, |_| |_: &floodgate::SequenceRecord| {})
+        .unwrap();
+    assert_eq!(
+        summary
+            .outcomes
+            .get(SequenceOutcome::Connect(ConnectErrorKind::TimedOut)),
+        8,
+        "{summary:?}"
+    );
+    let t = c.stats().total();
+    assert_eq!((t.timed_out, t.open_sockets), (8, 0));
+    assert!(c.stats().conserved());
+}

@@ -44,7 +44,7 @@ use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, Type};
 use crate::accept::Delivery;
 use crate::error::{ConfigError, ConnectErrorKind, Error};
 use crate::shard::{self, user_data, Placement, Service, ShardControl, Tag};
-use crate::sys::{self, Cqe, RingSetup, Uring};
+use crate::sys::{self, Cqe, Desc, RingSetup, Uring};
 
 /// The connect timeout used when none is configured.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -284,8 +284,9 @@ impl SequencePlan {
         self
     }
 
-    /// Connect timeout (a linked LINK_TIMEOUT); `None` leaves it to the
-    /// kernel's SYN retries, bounded by the I/O timeout.
+    /// Connect timeout, checked by the shard's deadline scan (every 10 ms;
+    /// no timer per connection); `None` leaves it to the kernel's SYN
+    /// retries, bounded by the I/O timeout.
     pub fn connect_timeout(mut self, t: Option<Duration>) -> Self {
         self.connect_timeout = t;
         self
@@ -569,8 +570,13 @@ pub struct ConnectShardStats {
     pub cancelled: u64,
     /// Connects queued for the shard or in flight on it now.
     pub in_flight: u64,
-    /// Sockets the shard holds now (0 once it has stopped).
+    /// Sockets the shard holds now (0 once it has stopped, and at the end
+    /// of every run).
     pub open_sockets: u64,
+    /// Sockets the shard has created. One per connect, except for load
+    /// sequences on direct sockets with RST close, which reuse theirs: a
+    /// run then creates about as many sockets as it has in flight.
+    pub sockets_created: u64,
     /// Sequence outcomes so far.
     pub sequences: OutcomeCounts,
     /// Sequences started.
@@ -584,6 +590,13 @@ pub struct ConnectShardStats {
     /// Whether this shard creates its sockets with io_uring SOCKET (5.19+);
     /// false: with socket(2).
     pub uring_socket: bool,
+    /// Whether this shard's load sequences keep their sockets in the ring's
+    /// direct-descriptor table (SOCKET into a slot, 5.19+): each sequence
+    /// is one linked chain, its socket never enters the fd table, and with
+    /// RST close it ends with a disconnect (CONNECT to AF_UNSPEC) that
+    /// keeps the socket for the run's next sequence. False: plain
+    /// descriptors, one socket per sequence.
+    pub direct_sockets: bool,
 }
 
 impl ConnectShardStats {
@@ -611,10 +624,12 @@ impl ConnectorStats {
         let mut t = ConnectShardStats {
             shard: self.shards.len(),
             uring_socket: !self.shards.is_empty(),
+            direct_sockets: !self.shards.is_empty(),
             ..Default::default()
         };
         for s in &self.shards {
             t.uring_socket &= s.uring_socket;
+            t.direct_sockets &= s.direct_sockets;
             t.submitted += s.submitted;
             t.connected += s.connected;
             t.refused += s.refused;
@@ -625,6 +640,7 @@ impl ConnectorStats {
             t.cancelled += s.cancelled;
             t.in_flight += s.in_flight;
             t.open_sockets += s.open_sockets;
+            t.sockets_created += s.sockets_created;
             t.sequences.add(&s.sequences);
             t.sequences_started += s.sequences_started;
             t.bytes_sent += s.bytes_sent;
@@ -649,12 +665,14 @@ struct Counters {
     cancelled: AtomicU64,
     in_flight: AtomicU64,
     open_sockets: AtomicU64,
+    sockets_created: AtomicU64,
     sequences: [AtomicU64; 11],
     sequences_started: AtomicU64,
     bytes_sent: AtomicU64,
     bytes_received: AtomicU64,
     handler_panics: AtomicU64,
     uring_socket: std::sync::atomic::AtomicBool,
+    direct_sockets: std::sync::atomic::AtomicBool,
 }
 
 fn kind_index(k: ConnectErrorKind) -> usize {
@@ -701,12 +719,14 @@ impl Counters {
             cancelled,
             in_flight,
             open_sockets: g(&self.open_sockets),
+            sockets_created: g(&self.sockets_created),
             sequences,
             sequences_started: g(&self.sequences_started),
             bytes_sent: g(&self.bytes_sent),
             bytes_received: g(&self.bytes_received),
             handler_panics: g(&self.handler_panics),
             uring_socket: self.uring_socket.load(Ordering::Relaxed),
+            direct_sockets: self.direct_sockets.load(Ordering::Relaxed),
         }
     }
 
@@ -820,6 +840,7 @@ const OP_SEND: u8 = 4;
 const OP_RECV: u8 = 8;
 const OP_CLOSE: u8 = 16;
 const OP_SOCKET: u8 = 32;
+const OP_DISCONNECT: u8 = 64;
 
 /// What a slot does once its io_uring SOCKET completes.
 enum Opening {
@@ -869,6 +890,21 @@ struct Slot {
     close_linked: bool,
     /// Set while the slot's socket is being created by an io_uring SOCKET.
     opening: Option<Opening>,
+    /// A sequence whose socket lives in this direct slot of the ring.
+    direct: Option<u32>,
+    /// Whether that direct slot holds the slot's socket (created, not yet
+    /// closed).
+    direct_open: bool,
+    /// When a sequence's connect is overdue (checked by the scan, so that
+    /// no per-connect timer is needed).
+    connect_deadline: Option<Instant>,
+    /// The sequence closes with an RST.
+    reset: bool,
+    /// A disconnect (CONNECT to AF_UNSPEC) was posted for it.
+    disconnect_tried: bool,
+    /// Its disconnect succeeded: the socket stays in the direct slot for
+    /// the next sequence.
+    parkable: bool,
 }
 
 impl Slot {
@@ -896,6 +932,12 @@ impl Slot {
             recv_err: None,
             close_linked: false,
             opening: None,
+            direct: None,
+            direct_open: false,
+            connect_deadline: None,
+            reset: false,
+            disconnect_tried: false,
+            parkable: false,
         }
     }
 }
@@ -948,6 +990,15 @@ struct Dialer {
     /// Whether sockets are created with io_uring SOCKET (5.19) rather than
     /// socket(2); probed when the shard starts.
     uring_socket: bool,
+    /// Size of the ring's direct-descriptor table that load sequences use
+    /// (slot `i` for slot `i`); 0 when the kernel cannot (probed at start).
+    direct_slots: u32,
+    /// Per direct slot: a disconnected socket kept there by an earlier
+    /// sequence of the run (`Some(is_ipv4)`), ready to connect again.
+    parked: Vec<Option<bool>>,
+    parked_count: usize,
+    /// CLOSEs of kept sockets in flight.
+    unparking: usize,
 }
 
 impl std::fmt::Debug for Dialer {
@@ -998,6 +1049,26 @@ fn configure_socket(
         s.bind(&SocketAddr::new(ip, 0).into())?;
     }
     Ok(())
+}
+
+/// Sizes of direct-descriptor table tried, largest first: the kernel refuses
+/// a table larger than RLIMIT_NOFILE.
+const DIRECT_TABLE_SIZES: [u32; 4] = [65_536, 8_192, 1_024, 128];
+
+/// Registers a direct-descriptor table on a fresh ring and checks that
+/// sockets can live in it (SOCKET into a slot, disconnect, CLOSE). Returns
+/// its size, or 0 when load sequences must use plain descriptors.
+fn direct_table(ring: &mut Uring) -> u32 {
+    let Some(size) = DIRECT_TABLE_SIZES
+        .into_iter()
+        .find(|&n| ring.register_direct_table(n).is_ok())
+    else {
+        return 0;
+    };
+    match ring.probe_direct_sockets() {
+        Ok(()) => size,
+        Err(_) => 0,
+    }
 }
 
 fn errno_of(e: &io::Error) -> i32 {
@@ -1060,7 +1131,10 @@ impl Dialer {
             return;
         }
         match open_socket(job.addr, source, false) {
-            Ok(socket) => self.post_connect(ring, i, socket.into(), job.timeout, now),
+            Ok(socket) => {
+                add(&self.counters().sockets_created, 1);
+                self.post_connect(ring, i, socket.into(), job.timeout, now)
+            }
             Err(e) => {
                 self.slots[i].connect_res = Some(-errno_of(&e));
                 self.finish_slot(ring, i, now);
@@ -1098,6 +1172,7 @@ impl Dialer {
         }
         // Owned from the moment the completion is read.
         let fd = sys::adopt_fd(res);
+        add(&self.counters().sockets_created, 1);
         if self.slots[i].cancel != Cancel::No {
             drop(fd);
             self.slots[i].connect_res = Some(-libc::ECANCELED);
@@ -1186,6 +1261,10 @@ impl Dialer {
             s.expect = plan.expect;
             s.deadline =
                 Some(now + plan.connect_timeout.unwrap_or(Duration::ZERO) + plan.io_timeout);
+            s.connect_deadline = plan.connect_timeout.map(|d| now + d);
+        }
+        if source.is_none() && (i as u64) < u64::from(self.direct_slots) {
+            return self.post_direct_sequence(ring, i, &plan, now);
         }
         if self.uring_socket {
             self.slots[i].opening = Some(Opening::Sequence { plan, source });
@@ -1193,7 +1272,10 @@ impl Dialer {
             return;
         }
         match open_socket(plan.target, source, plan.close == CloseMode::Reset) {
-            Ok(socket) => self.post_sequence(ring, i, socket.into(), &plan, now),
+            Ok(socket) => {
+                add(&self.counters().sockets_created, 1);
+                self.post_sequence(ring, i, socket.into(), &plan, now)
+            }
             Err(e) => {
                 self.slots[i].connect_res = Some(-errno_of(&e));
                 self.finish_slot(ring, i, now);
@@ -1219,10 +1301,10 @@ impl Dialer {
         // A single RECV completes the expectation when it is one byte; then
         // the CLOSE can ride in the chain too.
         let close_linked = plan.expect <= 1;
-        let timeout = plan
-            .connect_timeout
-            .map(|d| (d, user_data(Tag::ConnectTimeout, p)));
-        let n = 1 + usize::from(timeout.is_some()) + usize::from(send) + usize::from(recv) + 1;
+        // The connect timeout is the slot's `connect_deadline`, checked by
+        // the scan: no LINK_TIMEOUT (an hrtimer armed and cancelled per
+        // connection).
+        let n = 1 + usize::from(send) + usize::from(recv) + 1;
         let mut ops = 0u8;
         let posted = (|| -> io::Result<()> {
             ring.reserve(n)?;
@@ -1230,11 +1312,11 @@ impl Dialer {
             ring.connect_chain(
                 raw,
                 SockAddr::from(plan.target),
-                timeout,
+                None,
                 after_connect,
                 user_data(Tag::Connect, p),
             )?;
-            ops |= OP_CONNECT | if timeout.is_some() { OP_TIMEOUT } else { 0 };
+            ops |= OP_CONNECT;
             if send {
                 let flags = libc::MSG_NOSIGNAL | libc::MSG_WAITALL;
                 let bytes: Box<[u8]> = plan.payload.as_slice().into();
@@ -1277,6 +1359,168 @@ impl Dialer {
                 }
             }
         }
+    }
+
+    /// Posts a sequence as one linked chain on direct slot `i`, in one
+    /// submission and without a syscall of its own; the socket never enters
+    /// the fd table. The chain: SOCKET into the slot (unless the slot keeps
+    /// a socket from an earlier sequence of the run), CONNECT, SEND, RECV
+    /// and, when one RECV completes the expectation, the end: with RST
+    /// close a CONNECT to AF_UNSPEC (the kernel sends the RST and keeps the
+    /// socket for the next sequence: no socket, file or inode is created or
+    /// freed per connection), with FIN close a CLOSE of the slot.
+    fn post_direct_sequence(
+        &mut self,
+        ring: &mut Uring,
+        i: usize,
+        plan: &SequencePlan,
+        now: Instant,
+    ) {
+        let slot = i as u32;
+        let p = i as u64;
+        let v4 = plan.target.is_ipv4();
+        let reset = plan.close == CloseMode::Reset;
+        let reuse = match self.parked[i].take() {
+            Some(parked_v4) => {
+                self.parked_count -= 1;
+                if parked_v4 == v4 && reset {
+                    true
+                } else {
+                    // The SOCKET below replaces it; the kernel closes it.
+                    sub(&self.counters().open_sockets, 1);
+                    false
+                }
+            }
+            None => false,
+        };
+        let send = !plan.payload.is_empty();
+        let recv = plan.expect > 0;
+        let close_linked = plan.expect <= 1;
+        let n = usize::from(!reuse) + 1 + usize::from(send) + usize::from(recv) + 1;
+        let mut ops = 0u8;
+        let fixed = Desc::Fixed(slot);
+        let posted = (|| -> io::Result<()> {
+            ring.reserve(n)?;
+            if !reuse {
+                let domain = if v4 { libc::AF_INET } else { libc::AF_INET6 };
+                ring.socket_direct(domain, slot, true, user_data(Tag::ConnectSocket, p))?;
+                ops |= OP_SOCKET;
+            }
+            ring.connect_chain(
+                fixed,
+                SockAddr::from(plan.target),
+                None,
+                send || recv || close_linked,
+                user_data(Tag::Connect, p),
+            )?;
+            ops |= OP_CONNECT;
+            if send {
+                let flags = libc::MSG_NOSIGNAL | libc::MSG_WAITALL;
+                let bytes: Box<[u8]> = plan.payload.as_slice().into();
+                ring.send(
+                    fixed,
+                    bytes,
+                    flags,
+                    recv || close_linked,
+                    user_data(Tag::ConnectSend, p),
+                )?;
+                ops |= OP_SEND;
+            }
+            if recv {
+                let len = plan.expect.min(RECV_CHUNK);
+                ring.recv_linked(fixed, len, 0, close_linked, user_data(Tag::ConnectRecv, p))?;
+                ops |= OP_RECV;
+            }
+            if close_linked && reset {
+                ring.disconnect(fixed, user_data(Tag::ConnectDisconnect, p))?;
+                ops |= OP_DISCONNECT;
+            } else if close_linked {
+                ring.close_direct(slot, user_data(Tag::ConnectClose, p))?;
+                ops |= OP_CLOSE;
+            }
+            Ok(())
+        })();
+        let s = &mut self.slots[i];
+        s.direct = Some(slot);
+        s.direct_open = reuse;
+        s.reset = reset;
+        s.ops = ops;
+        s.close_linked = close_linked;
+        if let Err(e) = posted {
+            // Only a failed submission gets here (room was reserved); what
+            // was queued completes or is cancelled as a chain.
+            if s.ops & OP_CONNECT == 0 {
+                s.connect_res = Some(-errno_of(&e));
+            }
+            if s.ops == 0 {
+                self.finish_slot(ring, i, now);
+            }
+        }
+    }
+
+    /// Ends a direct sequence whose chain did not (no end in the chain, or
+    /// the chain broke before it): with RST close a disconnect first (the
+    /// RST, and the socket is kept), else or if that fails a CLOSE.
+    /// Returns whether an operation was posted.
+    fn end_direct(&mut self, ring: &mut Uring, i: usize) -> bool {
+        let stopping = self.stopping;
+        let s = &mut self.slots[i];
+        if s.reset && !s.disconnect_tried && !stopping {
+            s.disconnect_tried = true;
+            if let Some(slot) = s.direct {
+                if ring
+                    .disconnect(
+                        Desc::Fixed(slot),
+                        user_data(Tag::ConnectDisconnect, i as u64),
+                    )
+                    .is_ok()
+                {
+                    s.ops |= OP_DISCONNECT;
+                    return true;
+                }
+            }
+        }
+        self.post_close_direct(ring, i);
+        self.slots[i].ops != 0
+    }
+
+    /// Closes the sockets kept in direct slots (at the end of a run, or on
+    /// stop); each CLOSE completes as [`Tag::ConnectUnpark`].
+    fn close_parked(&mut self, ring: &mut Uring) {
+        if self.parked_count == 0 {
+            return;
+        }
+        for (i, parked) in self.parked.iter_mut().enumerate() {
+            if parked.take().is_some() {
+                self.parked_count -= 1;
+                match ring.close_direct(i as u32, user_data(Tag::ConnectUnpark, i as u64)) {
+                    Ok(()) => self.unparking += 1,
+                    // The ring's teardown closes it; count it gone.
+                    Err(_) => sub(&self.shared.counters.open_sockets, 1),
+                }
+            }
+        }
+    }
+
+    /// Posts the CLOSE of a sequence's direct slot whose chain did not
+    /// close it (no CLOSE in the chain, or the chain broke before it).
+    fn post_close_direct(&mut self, ring: &mut Uring, i: usize) {
+        let Some(slot) = self.slots[i].direct else {
+            return;
+        };
+        match ring.close_direct(slot, user_data(Tag::ConnectClose, i as u64)) {
+            Ok(()) => self.slots[i].ops |= OP_CLOSE,
+            Err(_) => {
+                // The next SOCKET into this slot replaces (and closes) it.
+                self.slots[i].direct_open = false;
+                sub(&self.counters().open_sockets, 1);
+            }
+        }
+    }
+
+    /// The descriptor a slot's operations name.
+    fn desc_of(s: &Slot) -> Desc {
+        s.direct.map_or(Desc::Fd(s.raw), Desc::Fixed)
     }
 
     /// Posts the CLOSE of a sequence whose chain did not include one.
@@ -1375,6 +1619,23 @@ impl Dialer {
             self.post_close(ring, i);
             if self.slots[i].ops != 0 {
                 return;
+            }
+        }
+        if self.slots[i].direct_open {
+            let parkable = self.slots[i].parkable;
+            if parkable && !self.stopping {
+                // Disconnected: keep the socket for the next sequence.
+                self.slots[i].direct_open = false;
+                self.parked[i] = Some(self.slots[i].addr.is_ipv4());
+                self.parked_count += 1;
+            } else if !parkable && self.end_direct(ring, i) {
+                return;
+            } else if parkable {
+                // Stopping: no next sequence.
+                self.post_close_direct(ring, i);
+                if self.slots[i].ops != 0 {
+                    return;
+                }
             }
         }
         let mut s = std::mem::replace(&mut self.slots[i], Slot::empty(now));
@@ -1478,12 +1739,34 @@ impl Dialer {
     fn on_cqe(&mut self, ring: &mut Uring, tag: Tag, i: usize, cqe: Cqe, now: Instant) {
         let res = cqe.result;
         match tag {
+            Tag::ConnectSocket if self.slots[i].direct.is_some() => {
+                let s = &mut self.slots[i];
+                s.ops &= !OP_SOCKET;
+                if res < 0 {
+                    s.connect_res = Some(res);
+                } else {
+                    s.direct_open = true;
+                    add(&self.counters().open_sockets, 1);
+                    add(&self.counters().sockets_created, 1);
+                }
+            }
             Tag::ConnectSocket => return self.socket_opened(ring, i, res, now),
+            Tag::ConnectDisconnect => {
+                let s = &mut self.slots[i];
+                s.ops &= !OP_DISCONNECT;
+                // Otherwise (cancelled with a broken chain, or refused) the
+                // socket is still in the slot and finish_slot ends it.
+                s.parkable = res == 0;
+            }
             Tag::Connect => {
                 ring.release(cqe.user_data);
                 let s = &mut self.slots[i];
                 s.ops &= !OP_CONNECT;
-                s.connect_res = Some(res);
+                // A failed SOCKET or SETSOCKOPT before it said why first
+                // (this CONNECT was then cancelled with its chain).
+                if s.connect_res.is_none() {
+                    s.connect_res = Some(res);
+                }
                 if res == 0 {
                     s.connect_at = Some(now);
                 }
@@ -1524,13 +1807,23 @@ impl Dialer {
                     && !self.stopping;
                 if more {
                     let len = (s.expect - s.received).min(RECV_CHUNK);
-                    let (raw, p) = (s.raw, i as u64);
+                    let (desc, p) = (Self::desc_of(s), i as u64);
                     if ring
-                        .recv_linked(raw, len, 0, false, user_data(Tag::ConnectRecv, p))
+                        .recv_linked(desc, len, 0, false, user_data(Tag::ConnectRecv, p))
                         .is_ok()
                     {
                         self.slots[i].ops |= OP_RECV;
                     }
+                }
+            }
+            Tag::ConnectClose if self.slots[i].direct.is_some() => {
+                let s = &mut self.slots[i];
+                s.ops &= !OP_CLOSE;
+                // -ECANCELED: the chain broke before its CLOSE ran; the
+                // slot still holds the socket and finish_slot closes it.
+                if s.direct_open && res != -libc::ECANCELED {
+                    s.direct_open = false;
+                    sub(&self.counters().open_sockets, 1);
                 }
             }
             Tag::ConnectClose => {
@@ -1549,10 +1842,12 @@ impl Dialer {
     fn scan(&mut self, ring: &mut Uring, now: Instant) {
         for i in 0..self.slots.len() {
             let s = &self.slots[i];
+            let overdue = s.deadline.is_some_and(|d| d <= now)
+                || (s.ops & OP_CONNECT != 0 && s.connect_deadline.is_some_and(|d| d <= now));
             if s.busy
                 && s.cancel == Cancel::No
                 && s.ops & (OP_CONNECT | OP_SEND | OP_RECV) != 0
-                && s.deadline.is_some_and(|d| d <= now)
+                && overdue
             {
                 self.cancel_slot(ring, i, Cancel::Deadline);
             }
@@ -1616,8 +1911,11 @@ impl Dialer {
             self.start_sequence(ring, intended, now);
             room -= 1;
         }
-        if let Some(run) = self.run.as_ref() {
-            if run.finished(now) {
+        if self.run.as_ref().is_some_and(|run| run.finished(now)) {
+            // The run leaves no socket behind: close the kept ones and end
+            // it when they are closed.
+            self.close_parked(ring);
+            if self.unparking == 0 {
                 if let Some(run) = self.run.take() {
                     let _ = run.job.done.send((run.started, run.outcomes, run.last_end));
                 }
@@ -1677,6 +1975,16 @@ impl Service for Dialer {
         }
         // SOCKET needs 5.19; older kernels get socket(2), the same socket.
         self.uring_socket = ring.supports(sys::op::SOCKET);
+        self.direct_slots = if self.uring_socket {
+            direct_table(ring)
+        } else {
+            0
+        };
+        self.parked = vec![None; self.direct_slots as usize];
+        self.shared
+            .counters
+            .direct_sockets
+            .store(self.direct_slots > 0, Ordering::Relaxed);
         self.shared
             .counters
             .uring_socket
@@ -1689,6 +1997,11 @@ impl Service for Dialer {
             ring.release(cqe.user_data);
             self.timer_armed = None;
             self.timer_cancelling = false;
+            return;
+        }
+        if tag == Tag::ConnectUnpark {
+            self.unparking -= 1;
+            sub(&self.counters().open_sockets, 1);
             return;
         }
         let i = payload as usize;
@@ -1727,6 +2040,7 @@ impl Service for Dialer {
                 self.cancel_slot(ring, i, Cancel::Shutdown);
             }
         }
+        self.close_parked(ring);
         if self.timer_armed.is_some() && !self.timer_cancelling {
             let _ = ring.cancel(user_data(Tag::ConnectTimer, 0), user_data(Tag::Cancel, 0));
             self.timer_cancelling = true;
@@ -1740,7 +2054,7 @@ impl Service for Dialer {
     }
 
     fn idle(&self) -> bool {
-        self.busy == 0 && self.timer_armed.is_none()
+        self.busy == 0 && self.timer_armed.is_none() && self.unparking == 0
     }
 
     fn finish(&mut self) {
@@ -1955,6 +2269,10 @@ impl ConnectorBuilder {
                 stopping: false,
                 pushed: false,
                 uring_socket: false,
+                direct_slots: 0,
+                parked: Vec::new(),
+                parked_count: 0,
+                unparking: 0,
             };
             let placement = Placement { index: k, core };
             match shard::spawn("floodgate-connect", placement, control, dialer) {

@@ -63,6 +63,11 @@ pub(crate) enum Tag {
     ConnectClose = 21,
     /// Connect side: a timer.
     ConnectTimer = 22,
+    /// Connect side: a CONNECT to AF_UNSPEC that ends a sequence (RST) and
+    /// keeps its socket for the next one.
+    ConnectDisconnect = 24,
+    /// Connect side: the CLOSE of a kept socket at the end of a run.
+    ConnectUnpark = 25,
     /// Relay: the CONNECT of a relay's upstream socket.
     RelayConnect = 40,
     /// Relay: the LINK_TIMEOUT linked to a relay's CONNECT.
@@ -81,7 +86,7 @@ pub(crate) enum Tag {
 
 impl Tag {
     fn from_u8(v: u8) -> Option<Tag> {
-        const ALL: [Tag; 25] = [
+        const ALL: [Tag; 27] = [
             Tag::Wake,
             Tag::Accept,
             Tag::Cancel,
@@ -100,6 +105,8 @@ impl Tag {
             Tag::ConnectRecv,
             Tag::ConnectClose,
             Tag::ConnectTimer,
+            Tag::ConnectDisconnect,
+            Tag::ConnectUnpark,
             Tag::RelayConnect,
             Tag::RelayConnectTimeout,
             Tag::RelayRecv,

@@ -50,6 +50,49 @@ impl Cqe {
     }
 }
 
+/// The descriptor an operation names: a plain one, or a slot of the ring's
+/// registered (direct) file table, which never enters the process's fd
+/// table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Desc {
+    /// A plain file descriptor.
+    Fd(RawFd),
+    /// A direct descriptor: slot `n` of the ring's file table.
+    Fixed(u32),
+}
+
+impl From<RawFd> for Desc {
+    fn from(fd: RawFd) -> Self {
+        Desc::Fd(fd)
+    }
+}
+
+/// Builds an opcode on either kind of [`Desc`] (the crate takes `types::Fd`
+/// or `types::Fixed` through a sealed trait; this picks one).
+macro_rules! on_desc {
+    ($desc:expr, |$t:ident| $build:expr) => {
+        match $desc {
+            Desc::Fd(fd) => {
+                let $t = types::Fd(fd);
+                $build
+            }
+            Desc::Fixed(n) => {
+                let $t = types::Fixed(n);
+                $build
+            }
+        }
+    };
+}
+
+/// An `AF_UNSPEC` address: CONNECT to it disconnects a TCP socket (an RST
+/// if it was connected) and leaves it ready to connect again. A static, for
+/// the same reason: an SQE may point at it without the ring keeping any memory
+/// for the operation.
+static UNSPEC: libc::sockaddr = libc::sockaddr {
+    sa_family: libc::AF_UNSPEC as libc::sa_family_t,
+    sa_data: [0; 14],
+};
+
 /// Memory an in-flight operation points at.
 #[derive(Debug)]
 enum OpMemory {
@@ -294,16 +337,17 @@ impl Uring {
     /// `link` chains the next SQE to it (IOSQE_IO_LINK).
     pub fn send(
         &mut self,
-        fd: RawFd,
+        fd: impl Into<Desc>,
         bytes: Box<[u8]>,
         flags: i32,
         link: bool,
         user_data: u64,
     ) -> io::Result<()> {
-        let mut e = opcode::Send::new(types::Fd(fd), bytes.as_ptr(), bytes.len() as u32)
+        let (ptr, len) = (bytes.as_ptr(), bytes.len() as u32);
+        let mut e = on_desc!(fd.into(), |t| opcode::Send::new(t, ptr, len)
             .flags(flags)
-            .build()
-            .user_data(user_data);
+            .build())
+        .user_data(user_data);
         if link {
             e = e.flags(squeue::Flags::IO_LINK);
         }
@@ -434,16 +478,16 @@ impl Uring {
     /// reserves room for the whole chain first ([`Uring::reserve`]).
     pub fn connect_chain(
         &mut self,
-        fd: RawFd,
+        fd: impl Into<Desc>,
         addr: socket2::SockAddr,
         timeout: Option<(Duration, u64)>,
         link_next: bool,
         user_data: u64,
     ) -> io::Result<()> {
         let addr = Box::new(addr);
-        let mut e = opcode::Connect::new(types::Fd(fd), addr.as_ptr().cast(), addr.len())
-            .build()
-            .user_data(user_data);
+        let (ptr, len) = (addr.as_ptr().cast(), addr.len());
+        let mut e =
+            on_desc!(fd.into(), |t| opcode::Connect::new(t, ptr, len).build()).user_data(user_data);
         if timeout.is_some() || link_next {
             e = e.flags(squeue::Flags::IO_LINK);
         }
@@ -464,21 +508,127 @@ impl Uring {
     /// by [`Uring::release`]; `link` chains the next SQE (IOSQE_IO_LINK).
     pub fn recv_linked(
         &mut self,
-        fd: RawFd,
+        fd: impl Into<Desc>,
         len: usize,
         flags: i32,
         link: bool,
         user_data: u64,
     ) -> io::Result<()> {
         let mut buf = vec![0u8; len].into_boxed_slice();
-        let mut e = opcode::Recv::new(types::Fd(fd), buf.as_mut_ptr(), len as u32)
+        let ptr = buf.as_mut_ptr();
+        let mut e = on_desc!(fd.into(), |t| opcode::Recv::new(t, ptr, len as u32)
             .flags(flags)
+            .build())
+        .user_data(user_data);
+        if link {
+            e = e.flags(squeue::Flags::IO_LINK);
+        }
+        self.push_with(e, user_data, OpMemory::Bytes(buf))
+    }
+
+    /// Registers an empty (sparse) direct-descriptor table of `slots`
+    /// entries (5.19); the kernel refuses more than RLIMIT_NOFILE.
+    pub fn register_direct_table(&mut self, slots: u32) -> io::Result<()> {
+        self.ring.submitter().register_files_sparse(slots)
+    }
+
+    /// Posts a SOCKET (5.19) whose TCP socket of `domain` goes into direct
+    /// slot `slot` (replacing whatever was there) instead of the fd table;
+    /// the completion's result is 0 on success. `link` chains the next SQE.
+    pub fn socket_direct(
+        &mut self,
+        domain: i32,
+        slot: u32,
+        link: bool,
+        user_data: u64,
+    ) -> io::Result<()> {
+        let dest = types::DestinationSlot::try_from_slot_target(slot)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "direct slot out of range"))?;
+        // SOCK_CLOEXEC is refused for a direct descriptor (it has no fd).
+        let mut e = opcode::Socket::new(domain, libc::SOCK_STREAM, libc::IPPROTO_TCP)
+            .file_index(Some(dest))
             .build()
             .user_data(user_data);
         if link {
             e = e.flags(squeue::Flags::IO_LINK);
         }
-        self.push_with(e, user_data, OpMemory::Bytes(buf))
+        self.push_plain(e)
+    }
+
+    /// CONNECT of `fd` to `AF_UNSPEC` (5.5): the kernel's `tcp_disconnect`
+    /// sends an RST if the socket is connected (whatever SO_LINGER says),
+    /// frees its port and leaves the socket ready for another CONNECT, so
+    /// a load generator can reuse it instead of closing it and creating a
+    /// new one. The result is 0 on success.
+    pub fn disconnect(&mut self, fd: impl Into<Desc>, user_data: u64) -> io::Result<()> {
+        self.disconnect_linked(fd, false, user_data)
+    }
+
+    /// [`Uring::disconnect`], with `link` chaining the next SQE.
+    fn disconnect_linked(
+        &mut self,
+        fd: impl Into<Desc>,
+        link: bool,
+        user_data: u64,
+    ) -> io::Result<()> {
+        let addr: *const libc::sockaddr = &UNSPEC;
+        let len = size_of::<libc::sockaddr>() as libc::socklen_t;
+        let mut e = on_desc!(fd.into(), |t| opcode::Connect::new(t, addr, len).build())
+            .user_data(user_data);
+        if link {
+            e = e.flags(squeue::Flags::IO_LINK);
+        }
+        // SAFETY: the entry points only at UNSPEC, a static.
+        unsafe { self.push(e) }
+    }
+
+    /// CLOSE of direct slot `slot` (5.15): the ring's file table lets the
+    /// socket go. Nothing of the caller's needs to live until the CQE.
+    pub fn close_direct(&mut self, slot: u32, user_data: u64) -> io::Result<()> {
+        let e = opcode::Close::new(types::Fixed(slot))
+            .build()
+            .user_data(user_data);
+        self.push_plain(e)
+    }
+
+    /// Checks, on a ring with nothing else in flight, that this kernel
+    /// creates sockets in direct slots, disconnects them and closes them
+    /// (SOCKET into slot 0 → CONNECT to AF_UNSPEC → CLOSE, linked, waited
+    /// for). Leaves slot 0 empty. Needs the direct table registered.
+    pub fn probe_direct_sockets(&mut self) -> io::Result<()> {
+        const PROBE: u64 = u64::MAX - 2;
+        self.socket_direct(libc::AF_INET, 0, true, PROBE)?;
+        self.disconnect_linked(Desc::Fixed(0), true, PROBE + 1)?;
+        self.close_direct(0, PROBE + 2)?;
+        let mut results = [None; 3];
+        let mut got = Vec::new();
+        while results.iter().any(Option::is_none) {
+            self.submit_and_wait(1)?;
+            got.clear();
+            self.drain(&mut got);
+            for c in &got {
+                match c.user_data.checked_sub(PROBE) {
+                    Some(k @ 0..=2) => results[k as usize] = Some(c.result),
+                    _ => {
+                        return Err(io::Error::other(
+                            "direct-socket probe: the ring had other operations in flight",
+                        ))
+                    }
+                }
+            }
+        }
+        let failed = results.iter().flatten().find(|r| **r < 0);
+        if let Some(r) = failed {
+            if results[2] == Some(-libc::ECANCELED) {
+                // The chain broke before the close: empty the slot anyway.
+                self.close_direct(0, PROBE + 2)?;
+                self.submit_and_wait(1)?;
+                got.clear();
+                self.drain(&mut got);
+            }
+            return Err(io::Error::from_raw_os_error(-r));
+        }
+        Ok(())
     }
 }
 

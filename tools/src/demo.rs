@@ -90,7 +90,8 @@ pub fn main(a: DemoArgs) -> Result<ExitCode, String> {
         .duration(a.duration)
         .expect(1);
     let before = CpuSample::take(None, None);
-    let (summary, lat) = run::execute(&connector, &plan, "demo")?;
+    let executed = run::execute(&connector, &plan, "demo")?;
+    let summary = &executed.summary;
     let after = CpuSample::take(None, None);
     connector.shutdown();
     listener.shutdown();
@@ -101,8 +102,7 @@ pub fn main(a: DemoArgs) -> Result<ExitCode, String> {
         target,
         connector.shards(),
         &plan,
-        &summary,
-        &lat,
+        &executed,
         Default::default(),
     );
     let (serve_stats, stats) = serve::final_stats(&listener, &counts, summary.elapsed);

@@ -141,6 +141,12 @@ pub struct Report {
     pub first_byte_us: Percentiles,
     /// CPU figures.
     pub cpu: Cpu,
+    /// Sockets flood created in the window: about the concurrency when
+    /// sockets are reused (direct sockets, RST close), else one per
+    /// connection.
+    pub sockets_created: u64,
+    /// Whether every thread kept its sockets in the ring's direct table.
+    pub direct_sockets: bool,
 }
 
 impl Report {
@@ -189,6 +195,15 @@ impl Report {
             }
         ));
         out.push(format!("rate  {:.0} conn/s", self.conn_per_s));
+        out.push(format!(
+            "client sockets  {} created  ({})",
+            self.sockets_created,
+            if self.direct_sockets {
+                "direct descriptors; with RST close each is reused after a disconnect"
+            } else {
+                "plain descriptors, one per connection"
+            }
+        ));
         out.push(format!(
             "{:<16}{:>10}{:>10}{:>10}{:>10}{:>10}",
             "latency (µs)", "p50", "p90", "p99", "p99.9", "max"

@@ -247,13 +247,25 @@ pub fn progress_bar() -> ProgressBar {
     pb
 }
 
+/// What [`execute`] measured.
+pub struct Executed {
+    /// The run's summary.
+    pub summary: RunSummary,
+    /// Latencies of every shard, merged.
+    pub latencies: Latencies,
+    /// Sockets the connector created during the run.
+    pub sockets_created: u64,
+    /// Whether every shard kept its sockets in the ring's direct table.
+    pub direct_sockets: bool,
+}
+
 /// Runs `plan` on `connector`, with a progress bar labelled `label`,
 /// and returns the summary with the merged latency histograms.
 pub fn execute(
     connector: &Connector,
     plan: &SequencePlan,
     label: &str,
-) -> Result<(RunSummary, Latencies), String> {
+) -> Result<Executed, String> {
     let shards = connector.shards();
     let hists: Vec<Arc<Mutex<Latencies>>> = (0..shards)
         .map(|_| Arc::new(Mutex::new(Latencies::default())))
@@ -298,7 +310,13 @@ pub fn execute(
             all.merge(&g);
         }
     }
-    Ok((summary, all))
+    let after = connector.stats().total();
+    Ok(Executed {
+        summary,
+        latencies: all,
+        sockets_created: after.sockets_created - before.sockets_created,
+        direct_sockets: after.direct_sockets,
+    })
 }
 
 /// Builds the report of a measured run.
@@ -306,10 +324,10 @@ pub fn report(
     target: SocketAddr,
     threads: usize,
     plan: &SequencePlan,
-    summary: &RunSummary,
-    lat: &Latencies,
+    run: &Executed,
     cpu: Cpu,
 ) -> Report {
+    let (summary, lat) = (&run.summary, &run.latencies);
     let (ok, errors, errors_by_kind) = Report::counts(&summary.outcomes);
     let secs = summary.elapsed.as_secs_f64();
     let (concurrency, rate) = match plan.load() {
@@ -331,6 +349,8 @@ pub fn report(
         connect_us: Percentiles::of(&lat.connect),
         first_byte_us: Percentiles::of(&lat.first_byte),
         cpu,
+        sockets_created: run.sockets_created,
+        direct_sockets: run.direct_sockets,
     }
 }
 
@@ -373,11 +393,11 @@ pub fn main(a: RunArgs) -> Result<ExitCode, String> {
         execute(&connector, &a.base_plan().duration(a.warmup), "warm-up")?;
     }
     let before = CpuSample::take(a.server_pid, a.pin);
-    let (summary, lat) = execute(&connector, &plan, "run")?;
+    let run = execute(&connector, &plan, "run")?;
     let after = CpuSample::take(a.server_pid, a.pin);
-    let ok = summary.outcomes.get(floodgate::SequenceOutcome::Ok);
+    let ok = run.summary.outcomes.get(floodgate::SequenceOutcome::Ok);
     let cpu = before.per_conn(&after, ok, a.pin);
-    let rep = report(a.target, threads, &plan, &summary, &lat, cpu);
+    let rep = report(a.target, threads, &plan, &run, cpu);
     connector.shutdown();
     if a.json {
         let text = serde_json::to_string(&rep).map_err(|e| format!("JSON: {e}"))?;
