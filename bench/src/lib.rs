@@ -3,6 +3,8 @@
 //! - [`peer`]: the command line, pinning and listener setup shared by the peer servers in
 //!   `src/bin/` (`peer_std`, `peer_epoll`, `peer_tokio`, `peer_uring`). Each peer accepts a TCP
 //!   connection, writes one byte (`x`) and closes it, on one thread.
+//! - [`harness`]: starting a pinned server, running `flood run` against it, medians: what the
+//!   comparison binaries (`compare`, `client_cost`) share.
 //! - [`measure`]: readers of `/proc` counters (process CPU time, voluntary context switches, a
 //!   core's busy time) and [`measure::CpuQuota`], a cgroup CPU cap for saturated runs.
 //!
@@ -10,5 +12,6 @@
 
 #![warn(missing_docs)]
 
+pub mod harness;
 pub mod measure;
 pub mod peer;

@@ -1,6 +1,7 @@
 //! Measurement helpers: `/proc` counters and a cgroup CPU cap.
 //!
 //! - [`proc_cpu_time`]: user + system CPU time of a whole process (`/proc/PID/stat`).
+//! - [`own_cpu_time`]: the same for the calling process, from `getrusage` (µs resolution).
 //! - [`proc_voluntary_switches`]: voluntary context switches summed over a process's live
 //!   threads (`/proc/PID/task/*/status`).
 //! - [`core_busy`]: one core's busy and total time (`/proc/stat`, softirq included).
@@ -60,6 +61,24 @@ pub fn proc_cpu_time(pid: u32) -> io::Result<Duration> {
     let text = fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let (utime, stime) = parse_stat_cpu_ticks(&text)?;
     Ok(ticks_to_duration(utime + stime, clock_ticks_per_second()?))
+}
+
+/// CPU time (user + system) consumed so far by the calling process, all its threads, from
+/// `getrusage(RUSAGE_SELF)`: microsecond resolution, where `/proc` counts 10 ms ticks.
+pub fn own_cpu_time() -> io::Result<Duration> {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes one `struct rusage` through the pointer, which points at
+    // zeroed memory of exactly that type, owned by this frame.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: getrusage returned 0, so it filled the struct (and it was zeroed before).
+    let usage = unsafe { usage.assume_init() };
+    let tv = |t: libc::timeval| {
+        Duration::from_secs(t.tv_sec.max(0) as u64) + Duration::from_micros(t.tv_usec.max(0) as u64)
+    };
+    Ok(tv(usage.ru_utime) + tv(usage.ru_stime))
 }
 
 /// Parses the `voluntary_ctxt_switches` count from the text of a `/proc/.../status` file.
@@ -363,6 +382,28 @@ impl Drop for CpuQuota {
 mod tests {
     use super::*;
     use std::process::{Command, Stdio};
+
+    #[test]
+    fn own_cpu_time_advances_with_work_and_agrees_with_proc() {
+        let start = own_cpu_time().unwrap();
+        // Spin until getrusage sees more CPU time (bounded by a count, not a clock).
+        let mut x = 0u64;
+        let mut advanced = false;
+        for _ in 0..10_000 {
+            for i in 0..100_000u64 {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(i);
+            }
+            if own_cpu_time().unwrap() > start {
+                advanced = true;
+                break;
+            }
+        }
+        assert!(advanced, "no CPU time counted ({x})");
+        // /proc counts in ticks and lags: it never exceeds getrusage's total.
+        let from_proc = proc_cpu_time(std::process::id()).unwrap();
+        let tick = ticks_to_duration(1, clock_ticks_per_second().unwrap());
+        assert!(from_proc <= own_cpu_time().unwrap() + tick);
+    }
 
     #[test]
     fn stat_plain() {

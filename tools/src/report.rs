@@ -98,7 +98,7 @@ impl Percentiles {
 /// CPU cost over the measured window.
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct Cpu {
-    /// flood's own CPU time (all threads, user + system) per connection, µs.
+    /// flood's own CPU time (all threads, user + system, from getrusage) per connection, µs.
     pub flood_us_per_conn: Option<f64>,
     /// The server's (`--server-pid`) CPU time per connection, µs.
     pub server_us_per_conn: Option<f64>,

@@ -209,7 +209,7 @@ impl CpuSample {
     /// Samples flood itself, the server process and the pinned core.
     pub fn take(server: Option<u32>, core: Option<usize>) -> Self {
         CpuSample {
-            own: measure::proc_cpu_time(std::process::id()).ok(),
+            own: measure::own_cpu_time().ok(),
             server: server.and_then(|p| measure::proc_cpu_time(p).ok()),
             switches: server.and_then(|p| measure::proc_voluntary_switches(p).ok()),
             core: core.and_then(|c| measure::core_busy(c).ok()),

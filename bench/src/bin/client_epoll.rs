@@ -149,7 +149,7 @@ fn main() {
         Ok(c) => c,
         Err(e) => peer::fatal(NAME, format_args!("cannot read /proc/stat: {e}")),
     };
-    let own_before = measure::proc_cpu_time(std::process::id()).ok();
+    let own_before = measure::own_cpu_time().ok();
     let server_before = cli.server_pid.and_then(|p| measure::proc_cpu_time(p).ok());
     let begin = Instant::now();
 
@@ -192,7 +192,7 @@ fn main() {
             report["core_busy_us_per_conn"] = (busy.as_secs_f64() * 1e6 / done).into();
         }
     }
-    if let (Some(before), Ok(after)) = (own_before, measure::proc_cpu_time(std::process::id())) {
+    if let (Some(before), Ok(after)) = (own_before, measure::own_cpu_time()) {
         report["client_us_per_conn"] = ((after - before).as_secs_f64() * 1e6 / done).into();
     }
     if let (Some(pid), Some(before)) = (cli.server_pid, server_before) {

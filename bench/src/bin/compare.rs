@@ -13,23 +13,16 @@
 //! PERF.md, and writes every run and every median as JSON to `--out`.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+use std::time::Instant;
 
 use clap::Parser;
+use floodgate_bench::harness::{
+    flood, median, num, start, Launch, Server, CLIENT_CORE, SERVER_CORE,
+};
 use floodgate_bench::measure::{self, CpuQuota};
 use serde_json::{json, Value};
-
-/// The core every server is pinned to.
-const SERVER_CORE: usize = 0;
-/// The core flood is pinned to.
-const CLIENT_CORE: usize = 1;
-/// Longest wait for a server's `LISTENING` line.
-const START_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Runs every server through every scenario and prints the comparison.
 #[derive(Parser, Debug)]
@@ -70,49 +63,6 @@ struct Cli {
     /// Where to write the JSON results.
     #[arg(long, value_name = "FILE")]
     out: PathBuf,
-}
-
-/// One server under test: a name and how to start it on a port (0 = any).
-struct Server {
-    name: &'static str,
-    program: PathBuf,
-    args: Vec<String>,
-    /// nginx takes `PORT CORE` and needs an explicit port.
-    nginx: bool,
-}
-
-impl Server {
-    fn peer(bin_dir: &Path, name: &'static str, bin: &str, extra: &[&str]) -> Self {
-        Server {
-            name,
-            program: bin_dir.join(bin),
-            args: extra.iter().map(|s| s.to_string()).collect(),
-            nginx: false,
-        }
-    }
-
-    fn command(&self, max_seconds: u64) -> Result<Command, String> {
-        let mut cmd = Command::new(&self.program);
-        if self.nginx {
-            let port = free_port()?;
-            cmd.arg(port.to_string()).arg(SERVER_CORE.to_string());
-        } else {
-            cmd.args(["--listen", "127.0.0.1:0", "--pin"])
-                .arg(SERVER_CORE.to_string())
-                .arg("--max-seconds")
-                .arg(max_seconds.to_string())
-                .args(&self.args);
-        }
-        Ok(cmd)
-    }
-}
-
-/// A free loopback port for nginx (bound then released: a fresh one each run).
-fn free_port() -> Result<u16, String> {
-    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind 127.0.0.1:0: {e}"))?;
-    l.local_addr()
-        .map(|a| a.port())
-        .map_err(|e| format!("getsockname: {e}"))
 }
 
 /// A scenario: its name, flood's load options, whether the server is CPU-capped.
@@ -176,111 +126,6 @@ impl Figures {
     }
 }
 
-/// Kills (SIGTERM, then SIGKILL after 2 s) and reaps the child when dropped.
-struct Running {
-    child: Child,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Ok(pid) = libc::pid_t::try_from(self.child.id()) {
-            // SAFETY: kill(2) on our own child's pid, which is not reaped yet (we hold the
-            // Child), so the pid cannot have been reused.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
-        }
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts `server` and waits (bounded) for its `LISTENING addr` line.
-fn start(server: &Server, max_seconds: u64) -> Result<(Running, SocketAddr), String> {
-    let mut cmd = server.command(max_seconds)?;
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .map_err(|e| {
-            format!(
-                "{}: cannot spawn {}: {e}",
-                server.name,
-                server.program.display()
-            )
-        })?;
-    let stdout = child.stdout.take();
-    let running = Running { child };
-    let Some(stdout) = stdout else {
-        return Err(format!("{}: no stdout", server.name));
-    };
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let r = BufReader::new(stdout).read_line(&mut line).map(|_| line);
-        let _ = tx.send(r);
-    });
-    let line = rx
-        .recv_timeout(START_TIMEOUT)
-        .map_err(|_| {
-            format!(
-                "{}: no LISTENING line within {START_TIMEOUT:?}",
-                server.name
-            )
-        })?
-        .map_err(|e| format!("{}: reading stdout: {e}", server.name))?;
-    let addr = line
-        .trim()
-        .strip_prefix("LISTENING ")
-        .and_then(|a| a.parse::<SocketAddr>().ok())
-        .ok_or_else(|| format!("{}: unexpected first line {line:?}", server.name))?;
-    Ok((running, addr))
-}
-
-/// Runs flood once; returns its JSON report.
-fn flood(
-    bin_dir: &Path,
-    addr: SocketAddr,
-    pid: u32,
-    load: &[&str],
-    secs: f64,
-) -> Result<Value, String> {
-    let out = Command::new(bin_dir.join("flood"))
-        .arg("run")
-        .arg("--target")
-        .arg(addr.to_string())
-        .arg("--pin")
-        .arg(CLIENT_CORE.to_string())
-        .arg("--duration")
-        .arg(format!("{secs}s"))
-        .arg("--server-pid")
-        .arg(pid.to_string())
-        .arg("--json")
-        .args(load)
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run flood: {e}"))?;
-    if !out.status.success() {
-        return Err(format!("flood exited with {}", out.status));
-    }
-    serde_json::from_slice(&out.stdout).map_err(|e| format!("flood's JSON: {e}"))
-}
-
-fn num(v: &Value, path: &[&str]) -> f64 {
-    let mut cur = v;
-    for p in path {
-        cur = &cur[*p];
-    }
-    cur.as_f64().unwrap_or(f64::NAN)
-}
-
 /// One measured run of `server` under `scenario`.
 fn run_one(cli: &Cli, server: &Server, scenario: &Scenario) -> Result<Figures, String> {
     let max_seconds = (cli.warmup + cli.seconds).ceil() as u64 + 30;
@@ -312,20 +157,6 @@ fn run_one(cli: &Cli, server: &Server, scenario: &Scenario) -> Result<Figures, S
         vcsw: num(&rep, &["cpu", "server_voluntary_switches_per_conn"]),
         errors: num(&rep, &["errors"]),
     })
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.retain(|x| x.is_finite());
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 fn medians(runs: &[Figures]) -> Figures {
@@ -497,7 +328,7 @@ fn main() -> ExitCode {
             name: "nginx",
             program: run.clone(),
             args: Vec::new(),
-            nginx: true,
+            launch: Launch::Nginx,
         }),
         (None, None) => {
             println!("SKIP nginx: no --nginx-run given");
