@@ -3,10 +3,11 @@
 //!
 //! A [`Connector`] runs one shard per core (or as many as asked). Requests
 //! reach a shard through its lock-free queue (`crossbeam_queue::SegQueue`)
-//! and a wake-up of its eventfd; the shard creates the socket (socket2),
-//! binds it if a source address is given (with `IP_BIND_ADDRESS_NO_PORT`, so
-//! that many source addresses share the ephemeral port range and the port is
-//! picked at connect time), and posts a CONNECT with a linked LINK_TIMEOUT.
+//! and a wake-up of its eventfd; the shard creates the socket (io_uring
+//! SOCKET where the kernel has it, 5.19+, else socket2), binds it if a
+//! source address is given (with `IP_BIND_ADDRESS_NO_PORT`, so that many
+//! source addresses share the ephemeral port range and the port is picked at
+//! connect time), and posts a CONNECT with a linked LINK_TIMEOUT.
 //! Completions come back four ways, all from the same shards:
 //!
 //! - blocking: [`Connector::connect`] / [`Connector::connect_with`];
@@ -19,14 +20,26 @@
 //!
 //! For load generation, [`Connector::run`] executes whole *sequences* on the
 //! shards' rings: CONNECT → optional SEND → optional RECV until N bytes (or
-//! EOF) → CLOSE with FIN or RST, posted as one IO_LINK chain in the shard's
+//! EOF) → close with FIN or RST, posted as one IO_LINK chain in the shard's
 //! batch (one `io_uring_enter` per loop turn), closed loop (keep C in
 //! flight) or open loop (a fixed rate, latency measured from the intended
 //! start so that coordinated omission is not hidden), each producing a
-//! [`SequenceRecord`] with its timings and [`SequenceOutcome`].
+//! [`SequenceRecord`] with its timings and [`SequenceOutcome`]. Their
+//! connect timeout is a deadline the shard scans every 10 ms, not a timer
+//! per connection.
 //!
-//! The io_uring SOCKET operation (5.19) is not used: sockets are created
-//! with socket2, which works on every kernel and costs one system call.
+//! Where the kernel allows (probed per shard: a direct-descriptor table and
+//! SOCKET into it; [`ConnectShardStats::direct_sockets`]), a sequence's
+//! socket lives in the ring's direct table, never in the fd table, and the
+//! SOCKET heads the same chain. With RST close the chain ends with a CONNECT
+//! to `AF_UNSPEC`: the kernel's `tcp_disconnect` sends the RST, frees the
+//! port and leaves the socket ready to connect again, so the run's next
+//! sequence in that slot reuses it. On loopback the client's core carries
+//! the handshake of both ends; not creating and freeing a socket, file,
+//! inode and dentry per connection is what makes the tool cheaper than the
+//! kernel work it drives (PERF.md). Kept sockets are closed at the end of
+//! every run. Sequences with explicit source addresses use plain
+//! descriptors (a bind per socket).
 
 use std::collections::VecDeque;
 use std::io;
@@ -187,7 +200,9 @@ impl OutcomeCounts {
 pub enum CloseMode {
     /// A normal close: FIN, and the client's side goes to TIME_WAIT.
     Fin,
-    /// SO_LINGER 0 before close: an RST, no TIME_WAIT left behind.
+    /// An RST, no TIME_WAIT left behind: SO_LINGER 0 then close, or on
+    /// direct sockets a disconnect (CONNECT to `AF_UNSPEC`), which sends the
+    /// RST and keeps the socket for the next sequence.
     #[default]
     Reset,
 }

@@ -145,7 +145,8 @@ pub struct Report {
     /// sockets are reused (direct sockets, RST close), else one per
     /// connection.
     pub sockets_created: u64,
-    /// Whether every thread kept its sockets in the ring's direct table.
+    /// Whether every thread can keep its sockets in the ring's direct table
+    /// (it does for runs without `--sources`).
     pub direct_sockets: bool,
 }
 
@@ -196,12 +197,13 @@ impl Report {
         ));
         out.push(format!("rate  {:.0} conn/s", self.conn_per_s));
         out.push(format!(
-            "client sockets  {} created  ({})",
+            "client sockets  {} created for {} connections  ({})",
             self.sockets_created,
-            if self.direct_sockets {
-                "direct descriptors; with RST close each is reused after a disconnect"
+            self.started,
+            if self.sockets_created < self.started {
+                "direct descriptors, each reused after an RST disconnect"
             } else {
-                "plain descriptors, one per connection"
+                "one per connection"
             }
         ));
         out.push(format!(

@@ -24,7 +24,7 @@ pub const DEFAULT_DURATION: Duration = Duration::from_secs(10);
 pub enum Close {
     /// Normal close (FIN); the client side keeps TIME_WAIT.
     Fin,
-    /// SO_LINGER 0 then close (RST); no TIME_WAIT.
+    /// RST (SO_LINGER 0 then close, or a disconnect that keeps the socket for the next connection); no TIME_WAIT.
     Rst,
 }
 
@@ -255,7 +255,8 @@ pub struct Executed {
     pub latencies: Latencies,
     /// Sockets the connector created during the run.
     pub sockets_created: u64,
-    /// Whether every shard kept its sockets in the ring's direct table.
+    /// Whether every shard can keep its sockets in the ring's direct table
+    /// (it does for runs without source addresses).
     pub direct_sockets: bool,
 }
 
