@@ -612,3 +612,47 @@ fn sequence_connect_timeout_is_typed_without_a_timer_per_connect() {
     assert_eq!((t.timed_out, t.open_sockets), (8, 0));
     assert!(c.stats().conserved());
 }
+
+#[test]
+fn shutdown_in_the_middle_of_a_run_closes_kept_and_in_flight_sockets() {
+    let _g = serial();
+    let baseline = open_fds();
+    {
+        let listener = Listener::builder("127.0.0.1:0".parse().unwrap())
+            .shards(1)
+            .pin(false)
+            .handler(|conn, ctx| {
+                let _ = ctx.reply_and_close(conn, b"x");
+            })
+            .build()
+            .unwrap();
+        let c = Arc::new(connector(2));
+        // Bounded by count and time; shut down long before either.
+        let plan = SequencePlan::new(listener.local_addr())
+            .expect(1)
+            .close(CloseMode::Reset)
+            .concurrency(16)
+            .count(10_000_000)
+            .duration(LONG);
+        let running = {
+            let c = c.clone();
+            std::thread::spawn(move || c.run(&plan, |_| |_: &floodgate::SequenceRecord| {}))
+        };
+        // Enough sequences that sockets are being reused and some are kept.
+        wait_for("2,000 sequences", || {
+            c.stats().total().sequences.total() >= 2_000
+        });
+        c.shutdown();
+        let summary = running
+            .join()
+            .unwrap()
+            .expect("the run ends with the shutdown");
+        assert_eq!(summary.outcomes.total(), summary.started, "{summary:?}");
+        let t = c.stats().total();
+        assert_eq!((t.in_flight, t.open_sockets), (0, 0), "{t:?}");
+        assert!(c.stats().conserved());
+        drop(c);
+        listener.shutdown();
+    }
+    assert_eq!(open_fds(), baseline, "descriptors leaked");
+}
