@@ -145,9 +145,13 @@ pub fn start(server: &Server, max_seconds: u64) -> Result<(Running, SocketAddr),
     };
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
+        let mut reader = BufReader::new(stdout);
         let mut line = String::new();
-        let r = BufReader::new(stdout).read_line(&mut line).map(|_| line);
+        let r = reader.read_line(&mut line).map(|_| line);
         let _ = tx.send(r);
+        // Keep the pipe open until the server exits: what it prints at the end (final stats)
+        // must not meet a closed pipe.
+        let _ = std::io::copy(&mut reader, &mut std::io::sink());
     });
     let line = rx
         .recv_timeout(START_TIMEOUT)

@@ -46,7 +46,7 @@ fn side_by_side(left: &[String], right: &[String]) {
         let l = left.get(i).map_or("", String::as_str);
         let r = right.get(i).map_or("", String::as_str);
         let pad = width.saturating_sub(l.chars().count());
-        println!("{l}{}{r}", " ".repeat(pad));
+        crate::emit(&format!("{l}{}{r}", " ".repeat(pad)));
     }
 }
 
@@ -77,14 +77,14 @@ pub fn main(a: DemoArgs) -> Result<ExitCode, String> {
         .sources(sources)
         .build()
         .map_err(|e| format!("cannot start the connector: {e}"))?;
-    println!(
+    crate::emit(&format!(
         "flood demo: engine on {target} ({} shards, backlog {}), flooding it for {:.1} s \
          from 127.0.0.2-127.0.0.17, {} in flight; {REFUSED_SOURCE} is refused",
         listener.shards(),
         listener.backlog().effective,
         a.duration.as_secs_f64(),
         a.concurrency
-    );
+    ));
     let plan = SequencePlan::new(target)
         .concurrency(a.concurrency as usize)
         .duration(a.duration)
@@ -128,9 +128,9 @@ pub fn main(a: DemoArgs) -> Result<ExitCode, String> {
     }
     if a.json {
         let text = serde_json::to_string(&rep).map_err(|e| format!("JSON: {e}"))?;
-        println!("{text}");
+        crate::emit(&text);
         for l in &engine {
-            println!("{l}");
+            crate::emit(l);
         }
     } else {
         let mut client = vec!["client (flood)".to_string()];
@@ -138,10 +138,12 @@ pub fn main(a: DemoArgs) -> Result<ExitCode, String> {
         side_by_side(&client, &engine);
     }
     if let Some(us) = cpu.flood_us_per_conn {
-        println!("process CPU (engine and flood together): {us:.2} µs per connection");
+        crate::emit(&format!(
+            "process CPU (engine and flood together): {us:.2} µs per connection"
+        ));
     }
     let conserved = stats.conserved();
-    println!(
+    crate::emit(&format!(
         "conservation: accepted == delivered + rejected + withdrawn + closed_at_shutdown + pending: \
          {} == {} + {} + {} + {} + {} -> {}",
         t.accepted,
@@ -151,9 +153,9 @@ pub fn main(a: DemoArgs) -> Result<ExitCode, String> {
         t.closed_at_shutdown,
         t.pending,
         if conserved { "holds" } else { "BROKEN" }
-    );
+    ));
     let short = summary.outcomes.get(SequenceOutcome::ShortRead);
-    println!(
+    crate::emit(&format!(
         "cross-check: client ok {} == banners sent {} -> {}; client short reads {} == refused {} -> {}",
         ok,
         serve_stats.served,
@@ -161,10 +163,10 @@ pub fn main(a: DemoArgs) -> Result<ExitCode, String> {
         short,
         serve_stats.rejected,
         if short == serve_stats.rejected { "yes" } else { "no" },
-    );
+    ));
     let client = connector.stats();
     if !client.conserved() || client.total().open_sockets != 0 {
-        println!("client accounting BROKEN: {:?}", client.total());
+        crate::emit(&format!("client accounting BROKEN: {:?}", client.total()));
         return Ok(ExitCode::FAILURE);
     }
     Ok(if conserved {

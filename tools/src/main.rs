@@ -10,6 +10,7 @@
 //!
 //! Only loopback addresses are accepted anywhere.
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -52,4 +53,11 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Prints `text` and a newline on stdout. A reader that went away (a
+/// closed pipe) is not flood's failure: the line is dropped, with no panic.
+pub fn emit(text: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{text}").and_then(|()| out.flush());
 }

@@ -402,10 +402,10 @@ pub fn main(a: RunArgs) -> Result<ExitCode, String> {
     connector.shutdown();
     if a.json {
         let text = serde_json::to_string(&rep).map_err(|e| format!("JSON: {e}"))?;
-        println!("{text}");
+        crate::emit(&text);
     } else {
         for line in rep.table() {
-            println!("{line}");
+            crate::emit(&line);
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -238,7 +238,7 @@ pub fn main(a: ServeArgs) -> Result<ExitCode, String> {
     listener.shutdown();
     let (out, _) = final_stats(&listener, &counts, started.elapsed());
     let text = serde_json::to_string(&out).map_err(|e| format!("JSON: {e}"))?;
-    println!("{text}");
+    crate::emit(&text);
     Ok(if out.conserved {
         ExitCode::SUCCESS
     } else {

@@ -243,3 +243,17 @@ fn bad_input_is_refused_naming_the_flag() {
         );
     }
 }
+
+#[test]
+fn a_reader_that_goes_away_is_not_a_crash() {
+    let _g = serial();
+    let server = Server::start(&[]);
+    let Server { mut child, out, .. } = server;
+    // The reader closes the pipe after the LISTENING line (as `| head -1`
+    // would); the final stats then meet a closed stdout.
+    drop(out);
+    drop(child.stdin.take());
+    let status = child.wait().expect("wait flood serve");
+    // A panic on the broken pipe would exit with 101.
+    assert!(status.success(), "flood serve exited with {status}");
+}
