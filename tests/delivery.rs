@@ -190,3 +190,52 @@ fn a_panicking_handler_does_not_take_the_shard_down() {
     assert_eq!(reply, b"ok");
     assert_eq!(listener.stats().total().handler_panics, 1);
 }
+
+/// Segments the client side of `s` has received (TCP_INFO `tcpi_segs_in`).
+fn segments_in(s: &std::net::TcpStream) -> u32 {
+    let mut info = std::mem::MaybeUninit::<libc::tcp_info>::zeroed();
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: TCP_INFO writes at most `len` bytes into `info`, which is that
+    // large, zeroed and owned by this frame; `len` is updated in place.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+    // SAFETY: getsockopt succeeded and the struct was zeroed before.
+    unsafe { info.assume_init() }.tcpi_segs_in
+}
+
+#[test]
+fn replies_leave_with_the_fin_by_default_and_at_once_when_asked() {
+    let _g = serial();
+    let baseline = open_fds();
+    for at_once in [false, true] {
+        let listener = Listener::builder("127.0.0.1:0".parse().unwrap())
+            .shards(1)
+            .replies_at_once(at_once)
+            .handler(|conn, ctx| {
+                ctx.reply_and_close(conn, b"x").expect("reply");
+            })
+            .build()
+            .unwrap();
+        for _ in 0..50 {
+            let mut c = connect(listener.local_addr()).unwrap();
+            let mut reply = Vec::new();
+            c.read_to_end(&mut reply).unwrap();
+            assert_eq!(reply, b"x");
+            // SYN-ACK, then the reply and the FIN: in one segment (MSG_MORE)
+            // or, sent at once, in two.
+            let expected = if at_once { 3 } else { 2 };
+            assert_eq!(segments_in(&c), expected, "replies_at_once({at_once})");
+        }
+        listener.shutdown();
+        assert!(listener.stats().conserved());
+    }
+    assert_eq!(open_fds(), baseline);
+}

@@ -170,6 +170,13 @@ impl Acceptor {
         self
     }
 
+    /// Sends replies at once instead of with the FIN (see
+    /// [`crate::ListenerBuilder::replies_at_once`]).
+    pub fn with_replies_at_once(mut self, on: bool) -> Self {
+        self.replies.at_once = on;
+        self
+    }
+
     fn counters(&self) -> &Counters {
         &self.shard.counters
     }

@@ -108,7 +108,9 @@ impl<'a> ShardContext<'a> {
 
     /// Sends `reply` on `conn` and closes it, as two linked io_uring
     /// operations submitted with this turn's batch: a SEND with `MSG_MORE`,
-    /// so that the reply leaves in the same segment as the FIN, and a CLOSE.
+    /// so that the reply leaves in the same segment as the FIN (unless the
+    /// listener sends replies at once:
+    /// [`crate::ListenerBuilder::replies_at_once`]), and a CLOSE.
     /// If the send fails the close is cancelled by the kernel and the shard
     /// closes the socket itself: it is closed exactly once either way.
     ///
@@ -140,6 +142,8 @@ impl<'a> ShardContext<'a> {
 /// Linked reply-and-close operations in flight.
 #[derive(Debug, Default)]
 pub(crate) struct Replies {
+    /// Send without `MSG_MORE` (the reply leaves before the FIN).
+    pub(crate) at_once: bool,
     /// Id of the last pair: it keeps the user data (and so the memory the
     /// ring holds for each operation) of concurrent pairs apart.
     next: u64,
@@ -156,7 +160,11 @@ impl Replies {
         let id = self.next;
         let raw = fd.as_raw_fd();
         let bytes: Box<[u8]> = reply.into();
-        let flags = libc::MSG_MORE | libc::MSG_NOSIGNAL;
+        let flags = if self.at_once {
+            libc::MSG_NOSIGNAL
+        } else {
+            libc::MSG_MORE | libc::MSG_NOSIGNAL
+        };
         ring.reserve(2)?;
         ring.send(raw, bytes, flags, true, user_data(Tag::ReplySend, id))?;
         self.sends += 1;

@@ -359,6 +359,12 @@ fn main() -> ExitCode {
         "peer_floodgate",
         &["--mode", "handler", "--coalesce"],
     ));
+    servers.push(Server::peer(
+        b,
+        "floodgate_at_once",
+        "peer_floodgate",
+        &["--mode", "handler", "--replies-at-once"],
+    ));
     if let Some(only) = &cli.servers {
         servers.retain(|s| only.iter().any(|o| o == s.name));
     }

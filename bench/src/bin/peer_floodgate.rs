@@ -56,6 +56,11 @@ struct Cli {
     /// (`Coalesce::default()`: pause 50 µs after a turn that accepted 8+).
     #[arg(long)]
     coalesce: bool,
+
+    /// Send the handler's reply at once instead of with the FIN
+    /// (`ListenerBuilder::replies_at_once`).
+    #[arg(long)]
+    replies_at_once: bool,
 }
 
 fn trivial(_req: &ConnectRequest<'_>) -> Verdict {
@@ -78,7 +83,8 @@ fn main() {
         .shards(1)
         .pin(false)
         .backlog(backlog)
-        .coalesce(cli.coalesce.then(Coalesce::default));
+        .coalesce(cli.coalesce.then(Coalesce::default))
+        .replies_at_once(cli.replies_at_once);
     if cli.condition == Cond::Trivial {
         builder = builder.condition(trivial);
     }
