@@ -656,3 +656,107 @@ fn shutdown_in_the_middle_of_a_run_closes_kept_and_in_flight_sockets() {
     }
     assert_eq!(open_fds(), baseline, "descriptors leaked");
 }
+
+#[test]
+fn connected_sockets_carry_the_connectors_attributes_or_the_dials() {
+    let _g = serial();
+    let server = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = server.local_addr().unwrap();
+    let attrs = floodgate::SocketAttrs {
+        nodelay: Some(true),
+        recv_buffer: Some(64 * 1024),
+        linger: Some(Duration::from_secs(3)),
+        nonblocking: true,
+        ..Default::default()
+    };
+    let c = Connector::builder()
+        .shards(1)
+        .pin(false)
+        .attrs(attrs.clone())
+        .build()
+        .unwrap();
+    let conn = c.connect(addr).expect("connect");
+    let (_peer, _) = server.accept().unwrap();
+    assert_eq!(attrs.verify(conn.as_std(), false).unwrap(), vec![]);
+    // The file flag is set on the handed-over socket: a read with nothing
+    // sent would block, so it says so.
+    let mut buf = [0u8; 1];
+    let err = (&mut conn.as_std()).read(&mut buf).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::WouldBlock);
+    // A dial's own attributes replace the connector's.
+    let own = floodgate::SocketAttrs {
+        nodelay: Some(false),
+        ..Default::default()
+    };
+    let conn = c
+        .connect_with(Dial::new(addr).attrs(own.clone()))
+        .expect("connect");
+    let (_peer, _) = server.accept().unwrap();
+    assert_eq!(own.verify(conn.as_std(), false).unwrap(), vec![]);
+    assert!(conn.as_std().nodelay().map(|on| !on).unwrap());
+}
+
+#[test]
+fn sequences_carry_the_attributes_to_the_wire() {
+    let _g = serial();
+    const N: u64 = 200;
+    let dscp = Arc::new(Mutex::new(HashMap::<u8, u64>::new()));
+    let seen = dscp.clone();
+    let listener = Listener::builder("127.0.0.1:0".parse().unwrap())
+        .shards(1)
+        .pin(false)
+        .save_syn(true)
+        .condition(move |req: &floodgate::ConnectRequest<'_>| {
+            let d = req.syn.map_or(255, |s| s.dscp);
+            *seen.lock().unwrap().entry(d).or_default() += 1;
+            floodgate::Verdict::accept()
+        })
+        .handler(|conn, ctx| {
+            let _ = ctx.reply_and_close(conn, b"x");
+        })
+        .build()
+        .unwrap();
+    let c = Connector::builder()
+        .shards(1)
+        .pin(false)
+        .attrs(floodgate::SocketAttrs {
+            qos: floodgate::Qos {
+                tos: Some(46 << 2),
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .build()
+        .unwrap();
+    let plan = SequencePlan::new(listener.local_addr())
+        .expect(1)
+        .concurrency(8)
+        .count(N)
+        .duration(LONG);
+    let summary = c
+        .run(&plan, |_| |_: &floodgate::SequenceRecord| {})
+        .unwrap();
+    assert_eq!(summary.outcomes.get(SequenceOutcome::Ok), N, "{summary:?}");
+    wait_for("every connection admitted", || {
+        listener.stats().total().delivered == N
+    });
+    // Every SYN carried DSCP 46 (EF).
+    assert_eq!(dscp.lock().unwrap().clone(), HashMap::from([(46u8, N)]));
+    assert_eq!(c.stats().total().open_sockets, 0);
+}
+
+#[test]
+fn attributes_the_kernel_refuses_are_refused_at_build_naming_the_field() {
+    let bad = floodgate::SocketAttrs {
+        congestion: Some("no-such-cc".into()),
+        ..Default::default()
+    };
+    let err = Connector::builder()
+        .shards(1)
+        .pin(false)
+        .attrs(bad)
+        .build()
+        .expect_err("an unknown congestion control is refused");
+    let text = err.to_string();
+    assert!(text.contains("attrs"), "{text}");
+}

@@ -55,6 +55,7 @@ use crossbeam_queue::SegQueue;
 use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, Type};
 
 use crate::accept::Delivery;
+use crate::attrs::SocketAttrs;
 use crate::error::{ConfigError, ConnectErrorKind, Error};
 use crate::shard::{self, user_data, Placement, Service, ShardControl, Tag};
 use crate::sys::{self, Cqe, Desc, RingSetup, Uring};
@@ -441,11 +442,12 @@ pub struct RunSummary {
 /// assert_eq!(dial.addr().port(), 8080);
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Dial {
     addr: SocketAddr,
     source: Option<IpAddr>,
     timeout: Option<Option<Duration>>,
+    attrs: Option<Arc<SocketAttrs>>,
 }
 
 impl Dial {
@@ -455,7 +457,15 @@ impl Dial {
             addr,
             source: None,
             timeout: None,
+            attrs: None,
         }
+    }
+
+    /// These socket attributes instead of the connector's
+    /// ([`ConnectorBuilder::attrs`]).
+    pub fn attrs(mut self, attrs: SocketAttrs) -> Self {
+        self.attrs = Some(Arc::new(attrs));
+        self
     }
 
     /// Binds to `ip` (any free port) instead of the connector's sources.
@@ -773,6 +783,7 @@ struct Common {
     sources: Vec<IpAddr>,
     next_source: AtomicUsize,
     timeout: Option<Duration>,
+    attrs: Arc<SocketAttrs>,
 }
 
 impl std::fmt::Debug for Common {
@@ -797,6 +808,7 @@ struct ConnectJob {
     addr: SocketAddr,
     source: Option<IpAddr>,
     timeout: Option<Duration>,
+    attrs: Arc<SocketAttrs>,
     reply: Reply,
 }
 
@@ -863,6 +875,7 @@ enum Opening {
     Connect {
         timeout: Option<Duration>,
         source: Option<IpAddr>,
+        attrs: Arc<SocketAttrs>,
     },
     /// A load sequence.
     Sequence {
@@ -920,6 +933,9 @@ struct Slot {
     /// Its disconnect succeeded: the socket stays in the direct slot for
     /// the next sequence.
     parkable: bool,
+    /// A single connect's attributes (their file flags are set when the
+    /// connected socket is handed over).
+    attrs: Option<Arc<SocketAttrs>>,
 }
 
 impl Slot {
@@ -953,6 +969,7 @@ impl Slot {
             reset: false,
             disconnect_tried: false,
             parkable: false,
+            attrs: None,
         }
     }
 }
@@ -1030,24 +1047,62 @@ impl std::fmt::Debug for Dialer {
 /// close-on-exec, SO_LINGER 0 for an RST close, bound to `source` with
 /// IP_BIND_ADDRESS_NO_PORT (the port is chosen at connect time, per
 /// 4-tuple, so many source addresses share the ephemeral range).
-fn open_socket(addr: SocketAddr, source: Option<IpAddr>, reset: bool) -> io::Result<Socket> {
+fn open_socket(
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+    reset: bool,
+    attrs: &SocketAttrs,
+) -> io::Result<Socket> {
     let s = Socket::new(
         Domain::for_address(addr),
         Type::STREAM.cloexec(),
         Some(Protocol::TCP),
     )?;
-    configure_socket(&SockRef::from(&s), addr, source, reset)?;
+    configure_socket(&SockRef::from(&s), addr, source, reset, attrs)?;
     Ok(s)
 }
 
+/// Refuses attributes the kernel will not take, by setting them on a
+/// scratch socket; the error names the field.
+fn check_attrs(attrs: &SocketAttrs) -> Result<(), Error> {
+    if attrs.is_default() {
+        return Ok(());
+    }
+    if let Some(c) = &attrs.congestion {
+        if c.is_empty() || c.len() > 15 {
+            return Err(ConfigError::new(
+                "attrs.congestion",
+                c,
+                "a congestion control name of 1 to 15 bytes",
+            )
+            .into());
+        }
+    }
+    let scratch = Socket::new(Domain::IPV4, Type::STREAM.cloexec(), Some(Protocol::TCP))
+        .map_err(|e| Error::setup("socket", e))?;
+    attrs.apply(&scratch, false, false).map_err(|e| {
+        Error::Config(ConfigError::new(
+            "attrs",
+            format!("{attrs:?}"),
+            format!("the kernel refused it: {e}"),
+        ))
+    })
+}
+
 /// Applies what [`open_socket`] applies to a socket made elsewhere (by an
-/// io_uring SOCKET).
+/// io_uring SOCKET): the attributes' socket options, then SO_LINGER 0 for
+/// an RST close (so that it holds whatever the attributes say), then the
+/// source address.
 fn configure_socket(
     s: &SockRef<'_>,
     addr: SocketAddr,
     source: Option<IpAddr>,
     reset: bool,
+    attrs: &SocketAttrs,
 ) -> io::Result<()> {
+    if !attrs.is_default() {
+        attrs.apply(&**s, addr.is_ipv6(), false)?;
+    }
     if reset {
         s.set_linger(Some(Duration::ZERO))?;
     }
@@ -1136,16 +1191,18 @@ impl Dialer {
             s.intended = now;
             s.started = now;
             s.job = Some((job.ticket, job.reply));
+            s.attrs = Some(job.attrs.clone());
         }
         if self.uring_socket {
             self.slots[i].opening = Some(Opening::Connect {
                 timeout: job.timeout,
                 source,
+                attrs: job.attrs,
             });
             self.open_on_ring(ring, i, now);
             return;
         }
-        match open_socket(job.addr, source, false) {
+        match open_socket(job.addr, source, false, &job.attrs) {
             Ok(socket) => {
                 add(&self.counters().sockets_created, 1);
                 self.post_connect(ring, i, socket.into(), job.timeout, now)
@@ -1194,11 +1251,15 @@ impl Dialer {
             return self.finish_slot(ring, i, now);
         }
         let addr = self.slots[i].addr;
-        let (source, reset) = match &opening {
-            Opening::Connect { source, .. } => (*source, false),
-            Opening::Sequence { plan, source } => (*source, plan.close == CloseMode::Reset),
+        let (source, reset, attrs) = match &opening {
+            Opening::Connect { source, attrs, .. } => (*source, false, attrs.clone()),
+            Opening::Sequence { plan, source } => (
+                *source,
+                plan.close == CloseMode::Reset,
+                self.common.attrs.clone(),
+            ),
         };
-        if let Err(e) = configure_socket(&SockRef::from(&fd), addr, source, reset) {
+        if let Err(e) = configure_socket(&SockRef::from(&fd), addr, source, reset, &attrs) {
             drop(fd);
             self.slots[i].connect_res = Some(-errno_of(&e));
             return self.finish_slot(ring, i, now);
@@ -1278,7 +1339,10 @@ impl Dialer {
                 Some(now + plan.connect_timeout.unwrap_or(Duration::ZERO) + plan.io_timeout);
             s.connect_deadline = plan.connect_timeout.map(|d| now + d);
         }
-        if source.is_none() && (i as u64) < u64::from(self.direct_slots) {
+        if source.is_none()
+            && (i as u64) < u64::from(self.direct_slots)
+            && self.common.attrs.is_default()
+        {
             return self.post_direct_sequence(ring, i, &plan, now);
         }
         if self.uring_socket {
@@ -1286,7 +1350,8 @@ impl Dialer {
             self.open_on_ring(ring, i, now);
             return;
         }
-        match open_socket(plan.target, source, plan.close == CloseMode::Reset) {
+        let attrs = self.common.attrs.clone();
+        match open_socket(plan.target, source, plan.close == CloseMode::Reset, &attrs) {
             Ok(socket) => {
                 add(&self.counters().sockets_created, 1);
                 self.post_sequence(ring, i, socket.into(), &plan, now)
@@ -1663,12 +1728,18 @@ impl Dialer {
                 let result = match (outcome, s.fd.take()) {
                     (Ok(()), Some(fd)) => {
                         sub(&self.counters().open_sockets, 1);
-                        Ok(Connected {
-                            stream: TcpStream::from(fd),
-                            peer: s.addr,
-                            shard: self.index,
-                            latency: now.saturating_duration_since(s.started),
-                        })
+                        let flags = s.attrs.as_ref().map_or(Ok(()), |a| a.apply_file_flags(&fd));
+                        if let Err(e) = flags {
+                            // Counted as connected: the connect itself worked.
+                            Err(Error::setup("fcntl (attrs file flags)", e))
+                        } else {
+                            Ok(Connected {
+                                stream: TcpStream::from(fd),
+                                peer: s.addr,
+                                shard: self.index,
+                                latency: now.saturating_duration_since(s.started),
+                            })
+                        }
                     }
                     (outcome, fd) => {
                         if fd.is_some() {
@@ -2118,6 +2189,7 @@ pub struct ConnectorBuilder {
     sources: Vec<IpAddr>,
     timeout: Option<Duration>,
     handler: Option<Arc<ConnectHandler>>,
+    attrs: SocketAttrs,
 }
 
 impl std::fmt::Debug for ConnectorBuilder {
@@ -2129,6 +2201,7 @@ impl std::fmt::Debug for ConnectorBuilder {
             .field("sources", &self.sources)
             .field("timeout", &self.timeout)
             .field("handler", &self.handler.is_some())
+            .field("attrs", &self.attrs)
             .finish()
     }
 }
@@ -2142,7 +2215,20 @@ impl ConnectorBuilder {
             sources: Vec::new(),
             timeout: Some(DEFAULT_CONNECT_TIMEOUT),
             handler: None,
+            attrs: SocketAttrs::default(),
         }
+    }
+
+    /// Socket attributes for every outgoing socket (the type the listener
+    /// uses, [`crate::ListenerBuilder::attrs`]): options are set when the
+    /// socket is created, before its connect; the file flags
+    /// (`nonblocking`, `close_on_exec`) when a connected socket is handed
+    /// over. A [`Dial`] may bring its own. Load sequences with attributes
+    /// use plain descriptors (one socket each). Checked at
+    /// [`ConnectorBuilder::build`] on a scratch socket.
+    pub fn attrs(mut self, attrs: SocketAttrs) -> Self {
+        self.attrs = attrs;
+        self
     }
 
     /// Number of shards. Default: one per core this process may run on.
@@ -2218,6 +2304,7 @@ impl ConnectorBuilder {
                 );
             }
         }
+        check_attrs(&self.attrs)?;
         let placement = |k: usize| -> Result<Option<core_affinity::CoreId>, ConfigError> {
             if !self.pin {
                 return Ok(None);
@@ -2252,6 +2339,7 @@ impl ConnectorBuilder {
             sources: self.sources.clone(),
             next_source: AtomicUsize::new(0),
             timeout: self.timeout,
+            attrs: Arc::new(self.attrs.clone()),
         });
         let mut connector = Connector {
             shards: Vec::with_capacity(n),
@@ -2409,6 +2497,7 @@ impl Connector {
             addr: dial.addr,
             source: dial.source,
             timeout: dial.timeout.unwrap_or(self.common.timeout),
+            attrs: dial.attrs.unwrap_or_else(|| self.common.attrs.clone()),
             reply,
         };
         (shard, job)
