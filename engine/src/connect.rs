@@ -1122,8 +1122,10 @@ fn configure_socket(
 }
 
 /// Sizes of direct-descriptor table tried, largest first: the kernel refuses
-/// a table larger than RLIMIT_NOFILE.
-const DIRECT_TABLE_SIZES: [u32; 4] = [65_536, 8_192, 1_024, 128];
+/// a table larger than RLIMIT_NOFILE. 4,096 slots (32 KiB of kernel memory
+/// per shard) cover flood's largest default (4,096 in flight); sequences
+/// in slots beyond the table use plain descriptors.
+const DIRECT_TABLE_SIZES: [u32; 3] = [4_096, 1_024, 128];
 
 /// Registers a direct-descriptor table on a fresh ring and checks that
 /// sockets can live in it (SOCKET into a slot, disconnect, CLOSE). Returns
