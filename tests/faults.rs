@@ -112,3 +112,77 @@ fn io_uring_disabled_by_sysctl_is_named() {
         .build()
         .expect("io_uring back");
 }
+
+#[test]
+fn a_load_out_of_descriptors_counts_them_and_backs_off() {
+    let _g = serial();
+    let listener = Listener::builder("127.0.0.1:0".parse().unwrap())
+        .shards(1)
+        .pin(false)
+        .handler(|conn, ctx| {
+            let _ = ctx.reply_and_close(conn, b"x");
+        })
+        .build()
+        .unwrap();
+    let port = listener.local_addr().port().to_string();
+    let (line, field) = connect_emfile_probe(&port, 2, 300);
+    // Every sequence is accounted for; with room for two sockets, some get
+    // through and the rest fail as `exhausted`, and the shard held back
+    // rather than failing them at full speed.
+    assert_eq!(field("total"), 300, "{line}");
+    assert!(field("ok") >= 1, "{line}");
+    assert!(field("exhausted") >= 1, "{line}");
+    assert_eq!(field("ok") + field("exhausted"), 300, "{line}");
+    assert!(field("backoffs") >= 1, "{line}");
+    assert!(line.contains("conserved=true"), "{line}");
+    assert_eq!(field("open"), 0, "{line}");
+    listener.shutdown();
+}
+
+/// Runs the `connect-emfile` probe; returns its line and a field reader.
+fn connect_emfile_probe(port: &str, spare: u64, total: u64) -> (String, impl Fn(&str) -> u64) {
+    let out = Command::new(PROBE)
+        .args([
+            "connect-emfile",
+            port,
+            &spare.to_string(),
+            &total.to_string(),
+        ])
+        .output()
+        .expect("run probe");
+    let line = String::from_utf8_lossy(&out.stdout).to_string();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "probe failed: {line} {err}");
+    let text = line.clone();
+    let field = move |k: &str| -> u64 {
+        text.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {k} in {text}"))
+    };
+    (line, field)
+}
+
+#[test]
+fn a_load_with_no_descriptor_left_pauses_instead_of_spinning() {
+    let _g = serial();
+    let listener = Listener::builder("127.0.0.1:0".parse().unwrap())
+        .shards(1)
+        .pin(false)
+        .handler(|conn, ctx| {
+            let _ = ctx.reply_and_close(conn, b"x");
+        })
+        .build()
+        .unwrap();
+    let port = listener.local_addr().port().to_string();
+    let (line, field) = connect_emfile_probe(&port, 0, 40);
+    assert_eq!((field("total"), field("exhausted")), (40, 40), "{line}");
+    assert_eq!(field("backoffs"), 40, "{line}");
+    // After the first 20 (all started at once) nothing is in flight, so
+    // each failure is followed by a pause: 1, 2, 4 … 64, then 100 ms. Their
+    // sum is a lower bound of the run's length, whatever the machine.
+    assert!(field("elapsed_ms") >= 1_000, "{line}");
+    assert!(line.contains("conserved=true"), "{line}");
+    assert_eq!(field("open"), 0, "{line}");
+    listener.shutdown();
+}

@@ -5,6 +5,9 @@
 //!   and reports how the engine backed off and recovered.
 //! - `seccomp`: installs a seccomp filter that makes `io_uring_setup` fail
 //!   with EPERM (as container default profiles do) and prints the error.
+//! - `connect-emfile PORT SPARE TOTAL`: runs TOTAL sequences against PORT
+//!   with RLIMIT_NOFILE lowered so that only SPARE sockets fit, and reports
+//!   how the connector classified the failures and backed off.
 
 use std::io::{BufRead, Write};
 use std::time::Duration;
@@ -16,8 +19,9 @@ fn main() {
     let code = match mode.as_str() {
         "emfile" => emfile(),
         "seccomp" => seccomp(),
+        "connect-emfile" => connect_emfile(),
         _ => {
-            eprintln!("usage: floodgate-probe emfile|seccomp");
+            eprintln!("usage: floodgate-probe emfile|seccomp|connect-emfile PORT");
             2
         }
     };
@@ -199,4 +203,89 @@ fn seccomp() -> i32 {
             1
         }
     }
+}
+
+/// Prints `DONE total=.. ok=.. exhausted=.. backoffs=.. conserved=..
+/// open=.. elapsed_ms=..` after a count-bounded load run with room for
+/// SPARE sockets.
+fn connect_emfile() -> i32 {
+    use floodgate::{CloseMode, Connector, SequenceOutcome, SequencePlan};
+    let arg = |k: usize| std::env::args().nth(k).and_then(|p| p.parse::<u64>().ok());
+    let (Some(port), Some(spare), Some(total)) = (arg(2), arg(3), arg(4)) else {
+        eprintln!("connect-emfile needs PORT SPARE TOTAL");
+        return 2;
+    };
+    let Ok(port) = u16::try_from(port) else {
+        eprintln!("connect-emfile: bad port");
+        return 2;
+    };
+    // A source address makes the shard use plain descriptors (direct ones
+    // are not counted against RLIMIT_NOFILE).
+    let connector = match Connector::builder()
+        .shards(1)
+        .pin(false)
+        .source([127, 0, 0, 1].into())
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("build: {e}");
+            return 1;
+        }
+    };
+    // RLIMIT_NOFILE bounds descriptor numbers, not their count: put it at
+    // the number below which exactly SPARE numbers are free.
+    let limit = nth_free_fd(spare);
+    let rl = libc::rlimit {
+        rlim_cur: limit,
+        rlim_max: limit,
+    };
+    // SAFETY: setrlimit reads one live rlimit struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &rl) } != 0 {
+        eprintln!("setrlimit: {}", std::io::Error::last_os_error());
+        return 1;
+    }
+    let plan = SequencePlan::new(([127, 0, 0, 1], port).into())
+        .expect(1)
+        .close(CloseMode::Reset)
+        .concurrency(20)
+        .count(total)
+        .duration(Duration::from_secs(120));
+    let summary = match connector.run(&plan, |_| |_: &floodgate::SequenceRecord| {}) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("run: {e}");
+            return 1;
+        }
+    };
+    let t = connector.stats().total();
+    println!(
+        "DONE total={} ok={} exhausted={} backoffs={} conserved={} open={} elapsed_ms={}",
+        summary.outcomes.total(),
+        summary.outcomes.get(SequenceOutcome::Ok),
+        summary.outcomes.get(SequenceOutcome::Connect(
+            floodgate::ConnectErrorKind::Exhausted
+        )),
+        t.backoffs,
+        connector.stats().conserved(),
+        t.open_sockets,
+        summary.elapsed.as_millis(),
+    );
+    0
+}
+
+/// The `n`th (from 0) descriptor number not in use.
+fn nth_free_fd(n: u64) -> u64 {
+    let mut free = 0;
+    for fd in 0..i32::MAX {
+        // SAFETY: F_GETFD takes no pointer; on a number not in use it
+        // fails with EBADF and changes nothing.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
+            if free == n {
+                return fd as u64;
+            }
+            free += 1;
+        }
+    }
+    u64::MAX
 }

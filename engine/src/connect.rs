@@ -82,6 +82,10 @@ const RETRY_AFTER: Duration = Duration::from_millis(1);
 /// The shortest timer a shard posts (open-loop pacing batches below it).
 const MIN_TIMER: Duration = Duration::from_micros(20);
 
+/// First and longest pause of a load whose sockets cannot be created.
+const MIN_BACKOFF: Duration = Duration::from_millis(1);
+const MAX_BACKOFF: Duration = Duration::from_millis(100);
+
 /// The application's inline completion handler, called on the shard thread.
 pub type ConnectHandler = dyn Fn(Completion) + Send + Sync;
 
@@ -108,12 +112,13 @@ pub enum SequenceOutcome {
 
 impl SequenceOutcome {
     /// Every outcome, in the order of [`SequenceOutcome::index`].
-    pub const ALL: [SequenceOutcome; 11] = [
+    pub const ALL: [SequenceOutcome; 12] = [
         SequenceOutcome::Ok,
         SequenceOutcome::Connect(ConnectErrorKind::Refused),
         SequenceOutcome::Connect(ConnectErrorKind::TimedOut),
         SequenceOutcome::Connect(ConnectErrorKind::AddrUnavailable),
         SequenceOutcome::Connect(ConnectErrorKind::Unreachable),
+        SequenceOutcome::Connect(ConnectErrorKind::Exhausted),
         SequenceOutcome::Connect(ConnectErrorKind::Other),
         SequenceOutcome::Reset,
         SequenceOutcome::ShortRead,
@@ -130,17 +135,19 @@ impl SequenceOutcome {
             SequenceOutcome::Connect(ConnectErrorKind::TimedOut) => 2,
             SequenceOutcome::Connect(ConnectErrorKind::AddrUnavailable) => 3,
             SequenceOutcome::Connect(ConnectErrorKind::Unreachable) => 4,
-            SequenceOutcome::Connect(ConnectErrorKind::Other) => 5,
-            SequenceOutcome::Reset => 6,
-            SequenceOutcome::ShortRead => 7,
-            SequenceOutcome::TimedOut => 8,
-            SequenceOutcome::Io => 9,
-            SequenceOutcome::Cancelled => 10,
+            SequenceOutcome::Connect(ConnectErrorKind::Exhausted) => 5,
+            SequenceOutcome::Connect(ConnectErrorKind::Other) => 6,
+            SequenceOutcome::Reset => 7,
+            SequenceOutcome::ShortRead => 8,
+            SequenceOutcome::TimedOut => 9,
+            SequenceOutcome::Io => 10,
+            SequenceOutcome::Cancelled => 11,
         }
     }
 
     /// A short name: `ok`, `connect_refused`, `connect_timed_out`,
-    /// `connect_addr_unavailable`, `connect_unreachable`, `connect_other`,
+    /// `connect_addr_unavailable`, `connect_unreachable`, `connect_exhausted`,
+    /// `connect_other`,
     /// `reset`, `short_read`, `timed_out`, `io`, `cancelled`.
     pub fn name(&self) -> &'static str {
         match self {
@@ -151,6 +158,7 @@ impl SequenceOutcome {
                 "connect_addr_unavailable"
             }
             SequenceOutcome::Connect(ConnectErrorKind::Unreachable) => "connect_unreachable",
+            SequenceOutcome::Connect(ConnectErrorKind::Exhausted) => "connect_exhausted",
             SequenceOutcome::Connect(ConnectErrorKind::Other) => "connect_other",
             SequenceOutcome::Reset => "reset",
             SequenceOutcome::ShortRead => "short_read",
@@ -163,7 +171,7 @@ impl SequenceOutcome {
 
 /// Counts of sequence outcomes, indexed by [`SequenceOutcome::index`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct OutcomeCounts(pub [u64; 11]);
+pub struct OutcomeCounts(pub [u64; 12]);
 
 impl OutcomeCounts {
     /// The count of one outcome.
@@ -589,8 +597,16 @@ pub struct ConnectShardStats {
     pub addr_unavailable: u64,
     /// ENETUNREACH, EHOSTUNREACH …
     pub unreachable: u64,
-    /// Other connect failures (including socket creation).
+    /// Sockets that could not be created: out of descriptors or memory
+    /// (EMFILE, ENFILE, ENOBUFS, ENOMEM).
+    pub exhausted: u64,
+    /// Other connect failures.
     pub other: u64,
+    /// Times a running load held back because a socket could not be
+    /// created: it then keeps no more sequences in flight than it had
+    /// (growing again as they succeed), or, with none, pauses (1 ms,
+    /// doubling to 100 ms; reset by a success).
+    pub backoffs: u64,
     /// Cancelled by shutdown (queued or in flight), socket closed.
     pub cancelled: u64,
     /// Connects queued for the shard or in flight on it now.
@@ -627,7 +643,12 @@ pub struct ConnectShardStats {
 impl ConnectShardStats {
     /// All connect failures (every kind, not `cancelled`).
     pub fn failed(&self) -> u64 {
-        self.refused + self.timed_out + self.addr_unavailable + self.unreachable + self.other
+        self.refused
+            + self.timed_out
+            + self.addr_unavailable
+            + self.unreachable
+            + self.exhausted
+            + self.other
     }
 
     /// Whether `submitted == connected + failed + cancelled + in_flight`.
@@ -662,6 +683,8 @@ impl ConnectorStats {
             t.addr_unavailable += s.addr_unavailable;
             t.unreachable += s.unreachable;
             t.other += s.other;
+            t.exhausted += s.exhausted;
+            t.backoffs += s.backoffs;
             t.cancelled += s.cancelled;
             t.in_flight += s.in_flight;
             t.open_sockets += s.open_sockets;
@@ -686,12 +709,13 @@ impl ConnectorStats {
 struct Counters {
     submitted: AtomicU64,
     connected: AtomicU64,
-    by_kind: [AtomicU64; 5],
+    by_kind: [AtomicU64; 6],
     cancelled: AtomicU64,
     in_flight: AtomicU64,
     open_sockets: AtomicU64,
     sockets_created: AtomicU64,
-    sequences: [AtomicU64; 11],
+    backoffs: AtomicU64,
+    sequences: [AtomicU64; 12],
     sequences_started: AtomicU64,
     bytes_sent: AtomicU64,
     bytes_received: AtomicU64,
@@ -707,6 +731,7 @@ fn kind_index(k: ConnectErrorKind) -> usize {
         ConnectErrorKind::AddrUnavailable => 2,
         ConnectErrorKind::Unreachable => 3,
         ConnectErrorKind::Other => 4,
+        ConnectErrorKind::Exhausted => 5,
     }
 }
 
@@ -741,10 +766,12 @@ impl Counters {
             addr_unavailable: kinds[2],
             unreachable: kinds[3],
             other: kinds[4],
+            exhausted: kinds[5],
             cancelled,
             in_flight,
             open_sockets: g(&self.open_sockets),
             sockets_created: g(&self.sockets_created),
+            backoffs: g(&self.backoffs),
             sequences,
             sequences_started: g(&self.sequences_started),
             bytes_sent: g(&self.bytes_sent),
@@ -1031,6 +1058,15 @@ struct Dialer {
     parked_count: usize,
     /// CLOSEs of kept sockets in flight.
     unparking: usize,
+    /// No sequence starts before this (sockets could not be created).
+    backoff_until: Option<Instant>,
+    /// The next back-off's length.
+    backoff_step: Duration,
+    /// The most sequences in flight while sockets are scarce (see
+    /// [`Dialer::exhausted`]); `None`: the run's own concurrency.
+    cap: Option<usize>,
+    /// Successes since the cap last grew.
+    cap_successes: usize,
 }
 
 impl std::fmt::Debug for Dialer {
@@ -1605,6 +1641,42 @@ impl Dialer {
         s.direct.map_or(Desc::Fd(s.raw), Desc::Fixed)
     }
 
+    /// A sequence's socket could not be created (out of descriptors or
+    /// memory): rather than fail the rest of the load at full speed, the
+    /// shard keeps no more sequences in flight than it has now (the
+    /// most the system gave it) and, when it has none, starts nothing for
+    /// a while (1 ms, doubling to [`MAX_BACKOFF`]).
+    fn exhausted(&mut self, now: Instant) {
+        let Some(run) = self.run.as_ref() else {
+            return;
+        };
+        // This sequence is still counted in flight.
+        let others = run.in_flight.saturating_sub(1);
+        self.cap = Some(others.max(1));
+        self.cap_successes = 0;
+        if others == 0 && !self.backoff_until.is_some_and(|t| now < t) {
+            self.backoff_until = Some(now + self.backoff_step);
+            self.backoff_step = (self.backoff_step * 2).min(MAX_BACKOFF);
+        }
+        add(&self.counters().backoffs, 1);
+    }
+
+    /// A sequence connected: the pause resets, and a cap set by
+    /// [`Dialer::exhausted`] grows by one per cap's worth of successes
+    /// (additive increase) until it no longer limits the load.
+    fn connected_ok(&mut self) {
+        self.backoff_step = MIN_BACKOFF;
+        let Some(cap) = self.cap else {
+            return;
+        };
+        self.cap_successes += 1;
+        if self.cap_successes >= cap {
+            self.cap_successes = 0;
+            let limit = self.run.as_ref().map_or(0, |r| r.job.concurrency);
+            self.cap = (cap + 1 < limit).then_some(cap + 1);
+        }
+    }
+
     /// Posts the CLOSE of a sequence whose chain did not include one.
     fn post_close(&mut self, ring: &mut Uring, i: usize) {
         let Some(fd) = self.slots[i].fd.take() else {
@@ -1764,6 +1836,11 @@ impl Dialer {
             None => {
                 // A sequence: its connect is accounted here too.
                 self.counters().connect_done(outcome);
+                match outcome {
+                    Err(Some(ConnectErrorKind::Exhausted)) => self.exhausted(now),
+                    Ok(()) => self.connected_ok(),
+                    Err(_) => {}
+                }
                 let seq = Self::sequence_outcome(&s);
                 let c = self.counters();
                 add(&c.sequences[seq.index()], 1);
@@ -1957,6 +2034,11 @@ impl Dialer {
             if let Some(job) = self.pending_runs.pop_front() {
                 let job = *job;
                 let deadline = job.plan.duration.map(|d| job.started + d);
+                // A new run starts without the last one's restraint.
+                self.cap = None;
+                self.cap_successes = 0;
+                self.backoff_until = None;
+                self.backoff_step = MIN_BACKOFF;
                 self.run = Some(Run {
                     next_due: job.started,
                     deadline,
@@ -1977,7 +2059,18 @@ impl Dialer {
             return;
         };
         let now = Instant::now();
-        let mut room = run.job.concurrency.saturating_sub(run.in_flight);
+        let backing_off = self.backoff_until.is_some_and(|t| now < t);
+        if !backing_off {
+            self.backoff_until = None;
+        }
+        let limit = self
+            .cap
+            .map_or(run.job.concurrency, |c| c.min(run.job.concurrency));
+        let mut room = if backing_off {
+            0
+        } else {
+            limit.saturating_sub(run.in_flight)
+        };
         while room > 0 {
             let Some(run) = self.run.as_mut() else {
                 return;
@@ -2017,13 +2110,14 @@ impl Dialer {
         let mut want: Option<Instant> = None;
         if let Some(run) = &self.run {
             if run.in_flight < run.job.concurrency && run.may_start(now) {
-                want = Some(match run.job.interval {
+                let at = match run.job.interval {
                     Some(_) => run.next_due,
                     // A closed loop that could not fill up (sockets could
                     // not be created): retry shortly rather than wait for
                     // a completion that will not come.
                     None => now + RETRY_AFTER,
-                });
+                };
+                want = Some(self.backoff_until.map_or(at, |b| at.max(b)));
             }
         }
         if self.busy > 0 {
@@ -2378,6 +2472,10 @@ impl ConnectorBuilder {
                 parked: Vec::new(),
                 parked_count: 0,
                 unparking: 0,
+                backoff_until: None,
+                backoff_step: MIN_BACKOFF,
+                cap: None,
+                cap_successes: 0,
             };
             let placement = Placement { index: k, core };
             match shard::spawn("floodgate-connect", placement, control, dialer) {

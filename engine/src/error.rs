@@ -188,7 +188,11 @@ pub enum ConnectErrorKind {
     AddrUnavailable,
     /// No route to the peer: ENETUNREACH, EHOSTUNREACH, ENETDOWN, EHOSTDOWN.
     Unreachable,
-    /// Anything else (EMFILE creating the socket, ECONNRESET, …).
+    /// No socket could be created: the process or the system is out of
+    /// descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM). A shard
+    /// running a load backs off before it starts more.
+    Exhausted,
+    /// Anything else (ECONNRESET, …).
     Other,
 }
 
@@ -202,18 +206,22 @@ impl ConnectErrorKind {
             libc::ENETUNREACH | libc::EHOSTUNREACH | libc::ENETDOWN | libc::EHOSTDOWN => {
                 ConnectErrorKind::Unreachable
             }
+            libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM => {
+                ConnectErrorKind::Exhausted
+            }
             _ => ConnectErrorKind::Other,
         }
     }
 
     /// A short lower-case name: `refused`, `timed_out`, `addr_unavailable`,
-    /// `unreachable`, `other`.
+    /// `unreachable`, `exhausted`, `other`.
     pub fn name(&self) -> &'static str {
         match self {
             ConnectErrorKind::Refused => "refused",
             ConnectErrorKind::TimedOut => "timed_out",
             ConnectErrorKind::AddrUnavailable => "addr_unavailable",
             ConnectErrorKind::Unreachable => "unreachable",
+            ConnectErrorKind::Exhausted => "exhausted",
             ConnectErrorKind::Other => "other",
         }
     }
@@ -228,6 +236,9 @@ impl fmt::Display for ConnectErrorKind {
                 "no local address/port available (ports exhausted or address in use)"
             }
             ConnectErrorKind::Unreachable => "unreachable",
+            ConnectErrorKind::Exhausted => {
+                "no socket could be created (out of descriptors or memory)"
+            }
             ConnectErrorKind::Other => "failed",
         })
     }

@@ -200,7 +200,7 @@ impl Report {
             "client sockets  {} created for {} connections  ({})",
             self.sockets_created,
             self.started,
-            if self.sockets_created < self.started {
+            if self.sockets_created < self.ok {
                 "direct descriptors, each reused after an RST disconnect"
             } else {
                 "one per connection"
