@@ -14,7 +14,7 @@ use std::time::Duration;
 use floodgate::{
     CloseMode, ConnectErrorKind, Connector, Dial, Error, Listener, SequenceOutcome, SequencePlan,
 };
-use floodgate_tests::{open_fds, serial, wait_for};
+use floodgate_tests::{open_fds, ring_held_sockets, serial, wait_for};
 use socket2::{Domain, Protocol, Socket, Type};
 
 /// Bounds only turn a hang into a failure; the tests wait on events.
@@ -581,8 +581,10 @@ fn rst_sequences_reuse_their_sockets_and_every_server_side_sees_an_rst() {
     } else {
         assert_eq!(t.sockets_created, N);
     }
-    // The run leaves nothing behind.
+    // The run leaves nothing behind: by the engine's count, and by the
+    // kernel's list of the rings' direct tables.
     assert_eq!(t.open_sockets, 0);
+    assert_eq!(ring_held_sockets(), 0);
     assert!(c.stats().conserved());
     drop(c);
     assert_eq!(open_fds(), baseline, "descriptors leaked");
@@ -642,6 +644,11 @@ fn shutdown_in_the_middle_of_a_run_closes_kept_and_in_flight_sockets() {
         wait_for("2,000 sequences", || {
             c.stats().total().sequences.total() >= 2_000
         });
+        if c.stats().total().direct_sockets {
+            wait_for("the kernel to list sockets in the ring's table", || {
+                ring_held_sockets() > 0
+            });
+        }
         c.shutdown();
         let summary = running
             .join()
@@ -650,6 +657,7 @@ fn shutdown_in_the_middle_of_a_run_closes_kept_and_in_flight_sockets() {
         assert_eq!(summary.outcomes.total(), summary.started, "{summary:?}");
         let t = c.stats().total();
         assert_eq!((t.in_flight, t.open_sockets), (0, 0), "{t:?}");
+        assert_eq!(ring_held_sockets(), 0);
         assert!(c.stats().conserved());
         drop(c);
         listener.shutdown();

@@ -24,6 +24,39 @@ pub fn open_fds() -> usize {
         .unwrap_or(0)
 }
 
+/// Sockets held in the direct-descriptor tables of this process's io_uring
+/// instances, as the kernel lists them (`/proc/self/fdinfo/<ring>`: one
+/// `N: socket:[inode]` line per occupied slot). Direct sockets are not in
+/// the fd table, so [`open_fds`] cannot see them; this can.
+pub fn ring_held_sockets() -> usize {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return 0;
+    };
+    let mut held = 0;
+    for entry in dir.flatten() {
+        let is_ring = std::fs::read_link(entry.path())
+            .map(|l| l.to_string_lossy().contains("io_uring"))
+            .unwrap_or(false);
+        if !is_ring {
+            continue;
+        }
+        let info = format!("/proc/self/fdinfo/{}", entry.file_name().to_string_lossy());
+        if let Ok(text) = std::fs::read_to_string(info) {
+            held += text
+                .lines()
+                .filter(|l| {
+                    let l = l.trim_start();
+                    l.split_once(':').is_some_and(|(n, rest)| {
+                        n.chars().all(|c| c.is_ascii_digit())
+                            && rest.trim_start().starts_with("socket:")
+                    })
+                })
+                .count();
+        }
+    }
+    held
+}
+
 /// Waits until `cond` holds, re-checking whenever the engine may have moved.
 /// It waits on a count, not on a clock: the 120 s bound only turns a hang
 /// into a failure that names `what`.
