@@ -511,6 +511,20 @@ fn kernel_has_direct_sockets() -> bool {
 
 #[test]
 fn rst_sequences_reuse_their_sockets_and_every_server_side_sees_an_rst() {
+    // Direct sockets (where the kernel has them).
+    rst_reuse_case(None);
+}
+
+#[test]
+fn rst_sequences_with_attributes_reuse_plain_sockets_too() {
+    // Attributes make the shard use plain descriptors.
+    rst_reuse_case(Some(floodgate::SocketAttrs {
+        nodelay: Some(true),
+        ..Default::default()
+    }));
+}
+
+fn rst_reuse_case(attrs: Option<floodgate::SocketAttrs>) {
     let _g = serial();
     const N: u64 = 2_000;
     const C: usize = 8;
@@ -544,7 +558,11 @@ fn rst_sequences_reuse_their_sockets_and_every_server_side_sees_an_rst() {
         }
         (resets_seen, fins_seen, reset_by_server)
     });
-    let c = connector(1);
+    let mut builder = Connector::builder().shards(1).pin(false);
+    if let Some(a) = attrs {
+        builder = builder.attrs(a);
+    }
+    let c = builder.build().expect("build connector");
     let plan = SequencePlan::new(addr)
         .expect(1)
         .close(CloseMode::Reset)
@@ -570,17 +588,13 @@ fn rst_sequences_reuse_their_sockets_and_every_server_side_sees_an_rst() {
     assert_eq!((resets_seen, fins_seen), (N - reset_by_server, 0));
     let t = c.stats().total();
     assert_eq!(t.direct_sockets, kernel_has_direct_sockets());
-    if t.direct_sockets {
-        // One socket per slot in flight, reused across sequences, also
-        // after the server reset it.
-        assert!(
-            t.sockets_created <= C as u64,
-            "{} sockets for {N} sequences",
-            t.sockets_created
-        );
-    } else {
-        assert_eq!(t.sockets_created, N);
-    }
+    // One socket per slot in flight, reused across sequences, also after
+    // the server reset it.
+    assert!(
+        t.sockets_created <= C as u64,
+        "{} sockets for {N} sequences",
+        t.sockets_created
+    );
     // The run leaves nothing behind: by the engine's count, and by the
     // kernel's list of the rings' direct tables.
     assert_eq!(t.open_sockets, 0);

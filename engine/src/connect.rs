@@ -37,9 +37,11 @@
 //! sequence in that slot reuses it. On loopback the client's core carries
 //! the handshake of both ends; not creating and freeing a socket, file,
 //! inode and dentry per connection is what makes the tool cheaper than the
-//! kernel work it drives (PERF.md). Kept sockets are closed at the end of
-//! every run. Sequences with explicit source addresses use plain
-//! descriptors (a bind per socket).
+//! kernel work it drives (PERF.md). Sequences with socket attributes use
+//! plain descriptors, ended and kept the same way (the attributes stay on
+//! the kept socket). Sequences with explicit source addresses take a new
+//! socket each (sources go round-robin per connection) and close with
+//! SO_LINGER 0. Kept sockets are closed at the end of every run.
 
 use std::collections::VecDeque;
 use std::io;
@@ -615,8 +617,8 @@ pub struct ConnectShardStats {
     /// of every run).
     pub open_sockets: u64,
     /// Sockets the shard has created. One per connect, except for load
-    /// sequences on direct sockets with RST close, which reuse theirs: a
-    /// run then creates about as many sockets as it has in flight.
+    /// sequences with RST close and no source address, which reuse theirs:
+    /// a run then creates about as many sockets as it has in flight.
     pub sockets_created: u64,
     /// Sequence outcomes so far.
     pub sequences: OutcomeCounts,
@@ -636,7 +638,7 @@ pub struct ConnectShardStats {
     /// is one linked chain, its socket never enters the fd table, and with
     /// RST close it ends with a disconnect (CONNECT to AF_UNSPEC) that
     /// keeps the socket for the run's next sequence. False: plain
-    /// descriptors, one socket per sequence.
+    /// descriptors (kept and reused the same way with RST close).
     pub direct_sockets: bool,
 }
 
@@ -911,6 +913,35 @@ enum Opening {
     },
 }
 
+/// Where a sequence's plain descriptor comes from and how it ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PlainSocket {
+    /// New; closed at the end (FIN, or an RST by SO_LINGER 0).
+    NewClosed,
+    /// New; disconnected at the end (the RST) and kept for the next one.
+    NewKept,
+    /// Kept from the slot's last sequence, and kept again.
+    Reused,
+}
+
+impl PlainSocket {
+    fn new(keep: bool) -> Self {
+        if keep {
+            PlainSocket::NewKept
+        } else {
+            PlainSocket::NewClosed
+        }
+    }
+}
+
+/// A disconnected socket a slot keeps for the run's next sequence.
+enum Parked {
+    /// In the ring's direct table, at the slot's own index.
+    Direct { v4: bool },
+    /// A plain descriptor (sequences with source addresses or attributes).
+    Fd { fd: OwnedFd, v4: bool },
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Cancel {
     No,
@@ -1052,9 +1083,9 @@ struct Dialer {
     /// Size of the ring's direct-descriptor table that load sequences use
     /// (slot `i` for slot `i`); 0 when the kernel cannot (probed at start).
     direct_slots: u32,
-    /// Per direct slot: a disconnected socket kept there by an earlier
-    /// sequence of the run (`Some(is_ipv4)`), ready to connect again.
-    parked: Vec<Option<bool>>,
+    /// Per slot: a disconnected socket kept by an earlier sequence of the
+    /// run, ready to connect again.
+    parked: Vec<Option<Parked>>,
     parked_count: usize,
     /// CLOSEs of kept sockets in flight.
     unparking: usize,
@@ -1204,6 +1235,9 @@ impl Dialer {
                 self.slots.len() - 1
             }
         };
+        if self.parked.len() <= i {
+            self.parked.resize_with(i + 1, || None);
+        }
         self.busy += 1;
         i
     }
@@ -1304,7 +1338,10 @@ impl Dialer {
         }
         match opening {
             Opening::Connect { timeout, .. } => self.post_connect(ring, i, fd, timeout, now),
-            Opening::Sequence { plan, .. } => self.post_sequence(ring, i, fd, &plan, now),
+            Opening::Sequence { plan, source } => {
+                let keep = plan.close == CloseMode::Reset && source.is_none();
+                self.post_sequence(ring, i, fd, &plan, now, PlainSocket::new(keep))
+            }
         }
     }
 
@@ -1383,6 +1420,22 @@ impl Dialer {
         {
             return self.post_direct_sequence(ring, i, &plan, now);
         }
+        // A plain socket kept by this slot (RST close, no source address:
+        // sources go round-robin per connection, so a socket bound to one
+        // is not kept): it keeps its attributes; the connect picks a port.
+        let v4 = plan.target.is_ipv4();
+        let keep = plan.close == CloseMode::Reset && source.is_none();
+        match self.parked[i].take() {
+            Some(Parked::Fd { fd, v4: parked_v4 }) if parked_v4 == v4 && keep => {
+                self.parked_count -= 1;
+                return self.post_sequence(ring, i, fd, &plan, now, PlainSocket::Reused);
+            }
+            Some(other) => {
+                self.parked_count -= 1;
+                self.discard_parked(ring, i, other);
+            }
+            None => {}
+        }
         if self.uring_socket {
             self.slots[i].opening = Some(Opening::Sequence { plan, source });
             self.open_on_ring(ring, i, now);
@@ -1392,7 +1445,7 @@ impl Dialer {
         match open_socket(plan.target, source, plan.close == CloseMode::Reset, &attrs) {
             Ok(socket) => {
                 add(&self.counters().sockets_created, 1);
-                self.post_sequence(ring, i, socket.into(), &plan, now)
+                self.post_sequence(ring, i, socket.into(), &plan, now, PlainSocket::new(keep))
             }
             Err(e) => {
                 self.slots[i].connect_res = Some(-errno_of(&e));
@@ -1401,8 +1454,9 @@ impl Dialer {
         }
     }
 
-    /// Posts a sequence's chain on `fd`: CONNECT (+ LINK_TIMEOUT), SEND,
-    /// RECV and, when one RECV completes it, CLOSE.
+    /// Posts a sequence's chain on plain descriptor `fd`: CONNECT, SEND,
+    /// RECV and, when one RECV completes the expectation, the end: a
+    /// disconnect that keeps the socket, or a CLOSE (see [`PlainSocket`]).
     fn post_sequence(
         &mut self,
         ring: &mut Uring,
@@ -1410,8 +1464,14 @@ impl Dialer {
         fd: OwnedFd,
         plan: &SequencePlan,
         now: Instant,
+        socket: PlainSocket,
     ) {
-        add(&self.counters().open_sockets, 1);
+        if socket != PlainSocket::Reused {
+            add(&self.counters().open_sockets, 1);
+        }
+        // Kept: end with a disconnect (the RST); otherwise CLOSE (SO_LINGER
+        // 0 was set at creation for an RST).
+        let reset = socket != PlainSocket::NewClosed;
         let raw = fd.as_raw_fd();
         let p = i as u64;
         let send = !plan.payload.is_empty();
@@ -1452,20 +1512,28 @@ impl Dialer {
                 ring.recv_linked(raw, len, 0, close_linked, user_data(Tag::ConnectRecv, p))?;
                 ops |= OP_RECV;
             }
+            if close_linked && reset {
+                // The RST, and the socket stays for the next sequence.
+                ring.disconnect(raw, user_data(Tag::ConnectDisconnect, p))?;
+                ops |= OP_DISCONNECT;
+            }
             Ok(())
         })();
         let s = &mut self.slots[i];
         s.raw = raw;
         s.ops = ops;
         s.close_linked = close_linked;
+        s.reset = reset;
         match posted {
-            Ok(()) if close_linked => match ring.close(fd, user_data(Tag::ConnectClose, p)) {
-                Ok(()) => s.ops |= OP_CLOSE,
-                Err(_) => {
-                    // `close` consumed the descriptor either way.
-                    sub(&self.counters().open_sockets, 1);
+            Ok(()) if close_linked && !reset => {
+                match ring.close(fd, user_data(Tag::ConnectClose, p)) {
+                    Ok(()) => s.ops |= OP_CLOSE,
+                    Err(_) => {
+                        // `close` consumed the descriptor either way.
+                        sub(&self.counters().open_sockets, 1);
+                    }
                 }
-            },
+            }
             Ok(()) => s.fd = Some(fd),
             Err(e) => {
                 s.fd = Some(fd);
@@ -1499,7 +1567,7 @@ impl Dialer {
         let v4 = plan.target.is_ipv4();
         let reset = plan.close == CloseMode::Reset;
         let reuse = match self.parked[i].take() {
-            Some(parked_v4) => {
+            Some(Parked::Direct { v4: parked_v4 }) => {
                 self.parked_count -= 1;
                 if parked_v4 == v4 && reset {
                     true
@@ -1508,6 +1576,12 @@ impl Dialer {
                     sub(&self.counters().open_sockets, 1);
                     false
                 }
+            }
+            Some(Parked::Fd { fd, .. }) => {
+                self.parked_count -= 1;
+                drop(fd);
+                sub(&self.counters().open_sockets, 1);
+                false
             }
             None => false,
         };
@@ -1576,30 +1650,46 @@ impl Dialer {
         }
     }
 
-    /// Ends a direct sequence whose chain did not (no end in the chain, or
-    /// the chain broke before it): with RST close a disconnect first (the
-    /// RST, and the socket is kept), else or if that fails a CLOSE.
-    /// Returns whether an operation was posted.
-    fn end_direct(&mut self, ring: &mut Uring, i: usize) -> bool {
-        let stopping = self.stopping;
+    /// Ends a sequence's socket that its chain did not keep (no end in the
+    /// chain, the chain broke before it, or stopping): with RST close a
+    /// disconnect first (the RST; the socket is then kept), else or if that
+    /// fails a CLOSE. Returns whether an operation was posted.
+    fn end_socket(&mut self, ring: &mut Uring, i: usize) -> bool {
+        // Stopping too: the RST is what RST close promises the server.
         let s = &mut self.slots[i];
-        if s.reset && !s.disconnect_tried && !stopping {
+        if s.reset && !s.disconnect_tried && !s.parkable {
             s.disconnect_tried = true;
-            if let Some(slot) = s.direct {
-                if ring
-                    .disconnect(
-                        Desc::Fixed(slot),
-                        user_data(Tag::ConnectDisconnect, i as u64),
-                    )
-                    .is_ok()
-                {
-                    s.ops |= OP_DISCONNECT;
-                    return true;
+            let desc = Self::desc_of(s);
+            if ring
+                .disconnect(desc, user_data(Tag::ConnectDisconnect, i as u64))
+                .is_ok()
+            {
+                s.ops |= OP_DISCONNECT;
+                return true;
+            }
+        }
+        if self.slots[i].direct_open {
+            self.post_close_direct(ring, i);
+        } else {
+            self.post_close(ring, i);
+        }
+        self.slots[i].ops != 0
+    }
+
+    /// Lets go of a kept socket that the slot's next sequence cannot use.
+    fn discard_parked(&mut self, ring: &mut Uring, i: usize, parked: Parked) {
+        match parked {
+            Parked::Fd { fd, .. } => {
+                drop(fd);
+                sub(&self.counters().open_sockets, 1);
+            }
+            Parked::Direct { .. } => {
+                match ring.close_direct(i as u32, user_data(Tag::ConnectUnpark, i as u64)) {
+                    Ok(()) => self.unparking += 1,
+                    Err(_) => sub(&self.counters().open_sockets, 1),
                 }
             }
         }
-        self.post_close_direct(ring, i);
-        self.slots[i].ops != 0
     }
 
     /// Closes the sockets kept in direct slots (at the end of a run, or on
@@ -1608,14 +1698,21 @@ impl Dialer {
         if self.parked_count == 0 {
             return;
         }
-        for (i, parked) in self.parked.iter_mut().enumerate() {
-            if parked.take().is_some() {
-                self.parked_count -= 1;
-                match ring.close_direct(i as u32, user_data(Tag::ConnectUnpark, i as u64)) {
-                    Ok(()) => self.unparking += 1,
-                    // The ring's teardown closes it; count it gone.
-                    Err(_) => sub(&self.shared.counters.open_sockets, 1),
-                }
+        for i in 0..self.parked.len() {
+            let Some(parked) = self.parked[i].take() else {
+                continue;
+            };
+            self.parked_count -= 1;
+            let ud = user_data(Tag::ConnectUnpark, i as u64);
+            let posted = match parked {
+                Parked::Direct { .. } => ring.close_direct(i as u32, ud),
+                Parked::Fd { fd, .. } => ring.close(fd, ud),
+            };
+            match posted {
+                Ok(()) => self.unparking += 1,
+                // Closed anyway (`close` consumed the descriptor; the
+                // ring's teardown closes a direct one): count it gone.
+                Err(_) => sub(&self.shared.counters.open_sockets, 1),
             }
         }
     }
@@ -1767,29 +1864,26 @@ impl Dialer {
     /// Every operation of the slot has completed: account for it, hand its
     /// result over, free it.
     fn finish_slot(&mut self, ring: &mut Uring, i: usize, now: Instant) {
-        if self.slots[i].job.is_none() && self.slots[i].fd.is_some() {
-            // A sequence whose chain had no CLOSE (or lost it): close on the
-            // ring, come back when it completes.
-            self.post_close(ring, i);
-            if self.slots[i].ops != 0 {
-                return;
-            }
-        }
-        if self.slots[i].direct_open {
-            let parkable = self.slots[i].parkable;
-            if parkable && !self.stopping {
-                // Disconnected: keep the socket for the next sequence.
-                self.slots[i].direct_open = false;
-                self.parked[i] = Some(self.slots[i].addr.is_ipv4());
-                self.parked_count += 1;
-            } else if !parkable && self.end_direct(ring, i) {
-                return;
-            } else if parkable {
-                // Stopping: no next sequence.
-                self.post_close_direct(ring, i);
-                if self.slots[i].ops != 0 {
-                    return;
+        let holds_socket = self.slots[i].direct_open
+            || (self.slots[i].job.is_none() && self.slots[i].fd.is_some());
+        if holds_socket {
+            // A sequence's socket: keep it when its disconnect worked, else
+            // end it on the ring (disconnect for an RST, or close) and come
+            // back when that completes.
+            let v4 = self.slots[i].addr.is_ipv4();
+            if self.slots[i].parkable && !self.stopping {
+                let kept = if self.slots[i].direct_open {
+                    self.slots[i].direct_open = false;
+                    Some(Parked::Direct { v4 })
+                } else {
+                    self.slots[i].fd.take().map(|fd| Parked::Fd { fd, v4 })
+                };
+                if kept.is_some() {
+                    self.parked[i] = kept;
+                    self.parked_count += 1;
                 }
+            } else if self.end_socket(ring, i) {
+                return;
             }
         }
         let mut s = std::mem::replace(&mut self.slots[i], Slot::empty(now));
@@ -2162,7 +2256,7 @@ impl Service for Dialer {
         } else {
             0
         };
-        self.parked = vec![None; self.direct_slots as usize];
+        self.parked = (0..self.direct_slots).map(|_| None).collect();
         self.shared
             .counters
             .direct_sockets
@@ -2182,6 +2276,9 @@ impl Service for Dialer {
             return;
         }
         if tag == Tag::ConnectUnpark {
+            // A plain descriptor's CLOSE holds it until here (nothing for a
+            // direct slot's).
+            ring.finish_close(cqe.user_data, cqe.result);
             self.unparking -= 1;
             sub(&self.counters().open_sockets, 1);
             return;
@@ -2320,7 +2417,8 @@ impl ConnectorBuilder {
     /// socket is created, before its connect; the file flags
     /// (`nonblocking`, `close_on_exec`) when a connected socket is handed
     /// over. A [`Dial`] may bring its own. Load sequences with attributes
-    /// use plain descriptors (one socket each). Checked at
+    /// use plain descriptors (kept across sequences with RST close, so
+    /// the attributes are set once per socket). Checked at
     /// [`ConnectorBuilder::build`] on a scratch socket.
     pub fn attrs(mut self, attrs: SocketAttrs) -> Self {
         self.attrs = attrs;

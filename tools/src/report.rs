@@ -201,7 +201,7 @@ impl Report {
             self.sockets_created,
             self.started,
             if self.sockets_created < self.ok {
-                "direct descriptors, each reused after an RST disconnect"
+                "each reused after an RST disconnect"
             } else {
                 "one per connection"
             }
