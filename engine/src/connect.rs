@@ -1210,6 +1210,58 @@ fn direct_table(ring: &mut Uring) -> u32 {
     }
 }
 
+/// Posts the linked body of sequence `p`'s chain on `fd`: CONNECT, SEND
+/// (with a payload), RECV (with an expectation) and, when one RECV
+/// completes the expectation and `keep` is set, the disconnect that sends
+/// the RST and keeps the socket. Each SQE links to the next; the last
+/// links on when the chain goes on (a CLOSE the caller posts after it).
+/// Sets in `ops` the bit of each operation posted, also when one fails.
+/// The caller reserved room for the whole chain.
+fn post_chain(
+    ring: &mut Uring,
+    fd: Desc,
+    plan: &SequencePlan,
+    p: u64,
+    keep: bool,
+    ops: &mut u8,
+) -> io::Result<()> {
+    let send = !plan.payload.is_empty();
+    let recv = plan.expect > 0;
+    // A single RECV completes the expectation when it is one byte; then the
+    // end (disconnect or CLOSE) can ride in the chain too.
+    let end_linked = plan.expect <= 1;
+    ring.connect_chain(
+        fd,
+        SockAddr::from(plan.target),
+        None,
+        send || recv || end_linked,
+        user_data(Tag::Connect, p),
+    )?;
+    *ops |= OP_CONNECT;
+    if send {
+        let flags = libc::MSG_NOSIGNAL | libc::MSG_WAITALL;
+        let bytes: Box<[u8]> = plan.payload.as_slice().into();
+        ring.send(
+            fd,
+            bytes,
+            flags,
+            recv || end_linked,
+            user_data(Tag::ConnectSend, p),
+        )?;
+        *ops |= OP_SEND;
+    }
+    if recv {
+        let len = plan.expect.min(RECV_CHUNK);
+        ring.recv_linked(fd, len, 0, end_linked, user_data(Tag::ConnectRecv, p))?;
+        *ops |= OP_RECV;
+    }
+    if end_linked && keep {
+        ring.disconnect(fd, user_data(Tag::ConnectDisconnect, p))?;
+        *ops |= OP_DISCONNECT;
+    }
+    Ok(())
+}
+
 fn errno_of(e: &io::Error) -> i32 {
     e.raw_os_error().unwrap_or(libc::EIO)
 }
@@ -1484,41 +1536,9 @@ impl Dialer {
         // connection).
         let n = 1 + usize::from(send) + usize::from(recv) + 1;
         let mut ops = 0u8;
-        let posted = (|| -> io::Result<()> {
-            ring.reserve(n)?;
-            let after_connect = send || recv || close_linked;
-            ring.connect_chain(
-                raw,
-                SockAddr::from(plan.target),
-                None,
-                after_connect,
-                user_data(Tag::Connect, p),
-            )?;
-            ops |= OP_CONNECT;
-            if send {
-                let flags = libc::MSG_NOSIGNAL | libc::MSG_WAITALL;
-                let bytes: Box<[u8]> = plan.payload.as_slice().into();
-                ring.send(
-                    raw,
-                    bytes,
-                    flags,
-                    recv || close_linked,
-                    user_data(Tag::ConnectSend, p),
-                )?;
-                ops |= OP_SEND;
-            }
-            if recv {
-                let len = plan.expect.min(RECV_CHUNK);
-                ring.recv_linked(raw, len, 0, close_linked, user_data(Tag::ConnectRecv, p))?;
-                ops |= OP_RECV;
-            }
-            if close_linked && reset {
-                // The RST, and the socket stays for the next sequence.
-                ring.disconnect(raw, user_data(Tag::ConnectDisconnect, p))?;
-                ops |= OP_DISCONNECT;
-            }
-            Ok(())
-        })();
+        let posted = ring
+            .reserve(n)
+            .and_then(|()| post_chain(ring, Desc::Fd(raw), plan, p, reset, &mut ops));
         let s = &mut self.slots[i];
         s.raw = raw;
         s.ops = ops;
@@ -1598,35 +1618,8 @@ impl Dialer {
                 ring.socket_direct(domain, slot, true, user_data(Tag::ConnectSocket, p))?;
                 ops |= OP_SOCKET;
             }
-            ring.connect_chain(
-                fixed,
-                SockAddr::from(plan.target),
-                None,
-                send || recv || close_linked,
-                user_data(Tag::Connect, p),
-            )?;
-            ops |= OP_CONNECT;
-            if send {
-                let flags = libc::MSG_NOSIGNAL | libc::MSG_WAITALL;
-                let bytes: Box<[u8]> = plan.payload.as_slice().into();
-                ring.send(
-                    fixed,
-                    bytes,
-                    flags,
-                    recv || close_linked,
-                    user_data(Tag::ConnectSend, p),
-                )?;
-                ops |= OP_SEND;
-            }
-            if recv {
-                let len = plan.expect.min(RECV_CHUNK);
-                ring.recv_linked(fixed, len, 0, close_linked, user_data(Tag::ConnectRecv, p))?;
-                ops |= OP_RECV;
-            }
-            if close_linked && reset {
-                ring.disconnect(fixed, user_data(Tag::ConnectDisconnect, p))?;
-                ops |= OP_DISCONNECT;
-            } else if close_linked {
+            post_chain(ring, fixed, plan, p, reset, &mut ops)?;
+            if close_linked && !reset {
                 ring.close_direct(slot, user_data(Tag::ConnectClose, p))?;
                 ops |= OP_CLOSE;
             }
