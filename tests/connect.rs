@@ -14,7 +14,7 @@ use std::time::Duration;
 use floodgate::{
     CloseMode, ConnectErrorKind, Connector, Dial, Error, Listener, SequenceOutcome, SequencePlan,
 };
-use floodgate_tests::{open_fds, ring_held_sockets, serial, wait_for};
+use floodgate_tests::{banner_listener, open_fds, ring_held_sockets, serial, wait_for};
 use socket2::{Domain, Protocol, Socket, Type};
 
 /// Bounds only turn a hang into a failure; the tests wait on events.
@@ -281,14 +281,7 @@ fn fd_table_is_back_to_baseline_after_drop() {
     let _g = serial();
     let baseline = open_fds();
     {
-        let listener = Listener::builder("127.0.0.1:0".parse().unwrap())
-            .shards(1)
-            .pin(false)
-            .handler(|conn, ctx| {
-                let _ = ctx.reply_and_close(conn, b"x");
-            })
-            .build()
-            .unwrap();
+        let listener = banner_listener();
         let addr = listener.local_addr();
         let c = connector(2);
         for _ in 0..50 {
@@ -316,14 +309,7 @@ fn fd_table_is_back_to_baseline_after_drop() {
 fn closed_loop_sequences_are_all_accounted_for() {
     let _g = serial();
     const N: u64 = 3_000;
-    let listener = Listener::builder("127.0.0.1:0".parse().unwrap())
-        .shards(1)
-        .pin(false)
-        .handler(|conn, ctx| {
-            let _ = ctx.reply_and_close(conn, b"x");
-        })
-        .build()
-        .unwrap();
+    let listener = banner_listener();
     let addr = listener.local_addr();
     let c = connector(2);
     let records = Arc::new(AtomicU64::new(0));
@@ -634,14 +620,7 @@ fn shutdown_in_the_middle_of_a_run_closes_kept_and_in_flight_sockets() {
     let _g = serial();
     let baseline = open_fds();
     {
-        let listener = Listener::builder("127.0.0.1:0".parse().unwrap())
-            .shards(1)
-            .pin(false)
-            .handler(|conn, ctx| {
-                let _ = ctx.reply_and_close(conn, b"x");
-            })
-            .build()
-            .unwrap();
+        let listener = banner_listener();
         let c = Arc::new(connector(2));
         // Bounded by count and time; shut down long before either.
         let plan = SequencePlan::new(listener.local_addr())

@@ -6,7 +6,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
 
 use floodgate::{Error, Listener, UringUnavailable};
-use floodgate_tests::{connect, serial};
+use floodgate_tests::{banner_listener, connect, serial};
 
 const PROBE: &str = env!("CARGO_BIN_EXE_floodgate-probe");
 
@@ -116,14 +116,7 @@ fn io_uring_disabled_by_sysctl_is_named() {
 #[test]
 fn a_load_out_of_descriptors_counts_them_and_backs_off() {
     let _g = serial();
-    let listener = Listener::builder("127.0.0.1:0".parse().unwrap())
-        .shards(1)
-        .pin(false)
-        .handler(|conn, ctx| {
-            let _ = ctx.reply_and_close(conn, b"x");
-        })
-        .build()
-        .unwrap();
+    let listener = banner_listener();
     let port = listener.local_addr().port().to_string();
     let (line, field) = connect_emfile_probe(&port, 2, 300);
     // Every sequence is accounted for; with room for two sockets, some get
@@ -166,14 +159,7 @@ fn connect_emfile_probe(port: &str, spare: u64, total: u64) -> (String, impl Fn(
 #[test]
 fn a_load_with_no_descriptor_left_pauses_instead_of_spinning() {
     let _g = serial();
-    let listener = Listener::builder("127.0.0.1:0".parse().unwrap())
-        .shards(1)
-        .pin(false)
-        .handler(|conn, ctx| {
-            let _ = ctx.reply_and_close(conn, b"x");
-        })
-        .build()
-        .unwrap();
+    let listener = banner_listener();
     let port = listener.local_addr().port().to_string();
     let (line, field) = connect_emfile_probe(&port, 0, 40);
     assert_eq!((field("total"), field("exhausted")), (40, 40), "{line}");

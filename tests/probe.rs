@@ -42,13 +42,8 @@ fn emfile() -> i32 {
     // arms it. A one-shard listener opens 4 descriptors (ring, wake-up and
     // accept eventfds, listening socket); leave room for about 3 more.
     let limit = open_fds() + 4 + 3;
-    let rl = libc::rlimit {
-        rlim_cur: limit,
-        rlim_max: limit,
-    };
-    // SAFETY: setrlimit reads one live rlimit struct.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &rl) } != 0 {
-        eprintln!("setrlimit: {}", std::io::Error::last_os_error());
+    if let Err(e) = set_nofile(limit) {
+        eprintln!("setrlimit: {e}");
         return 1;
     }
     let listener = match Listener::builder("127.0.0.1:0".parse().unwrap())
@@ -236,13 +231,8 @@ fn connect_emfile() -> i32 {
     // RLIMIT_NOFILE bounds descriptor numbers, not their count: put it at
     // the number below which exactly SPARE numbers are free.
     let limit = nth_free_fd(spare);
-    let rl = libc::rlimit {
-        rlim_cur: limit,
-        rlim_max: limit,
-    };
-    // SAFETY: setrlimit reads one live rlimit struct.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &rl) } != 0 {
-        eprintln!("setrlimit: {}", std::io::Error::last_os_error());
+    if let Err(e) = set_nofile(limit) {
+        eprintln!("setrlimit: {e}");
         return 1;
     }
     let plan = SequencePlan::new(([127, 0, 0, 1], port).into())
@@ -288,4 +278,17 @@ fn nth_free_fd(n: u64) -> u64 {
         }
     }
     u64::MAX
+}
+
+/// Sets RLIMIT_NOFILE (soft and hard) to `limit`.
+fn set_nofile(limit: u64) -> std::io::Result<()> {
+    let rl = libc::rlimit {
+        rlim_cur: limit,
+        rlim_max: limit,
+    };
+    // SAFETY: setrlimit reads one live rlimit struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &rl) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }

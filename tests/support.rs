@@ -57,6 +57,22 @@ pub fn ring_held_sockets() -> usize {
     held
 }
 
+/// A one-shard, unpinned Floodgate listener on a free loopback port whose
+/// inline handler replies `x` and closes each connection: the server most
+/// connect-side tests load.
+pub fn banner_listener() -> floodgate::Listener {
+    floodgate::Listener::builder("127.0.0.1:0".parse().expect("a loopback address"))
+        .shards(1)
+        .pin(false)
+        .handler(|conn, ctx| {
+            // The client may already have reset; the engine closes the
+            // socket either way.
+            let _ = ctx.reply_and_close(conn, b"x");
+        })
+        .build()
+        .expect("start a listener")
+}
+
 /// Waits until `cond` holds, re-checking whenever the engine may have moved.
 /// It waits on a count, not on a clock: the 120 s bound only turns a hang
 /// into a failure that names `what`.
