@@ -2014,7 +2014,7 @@ impl Dialer {
                 ring.release(cqe.user_data);
                 let s = &mut self.slots[i];
                 s.ops &= !OP_CONNECT;
-                // A failed SOCKET or SETSOCKOPT before it said why first
+                // A failed SOCKET before it said why first
                 // (this CONNECT was then cancelled with its chain).
                 if s.connect_res.is_none() {
                     s.connect_res = Some(res);

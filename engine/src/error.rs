@@ -179,7 +179,8 @@ pub enum Error {
 pub enum ConnectErrorKind {
     /// Nobody listens there (ECONNREFUSED: the peer answered with an RST).
     Refused,
-    /// The connect timeout ran out (the engine's LINK_TIMEOUT), or the
+    /// The connect timeout ran out (a single connect's LINK_TIMEOUT, or a
+    /// load sequence's deadline), or the
     /// kernel gave up retransmitting the SYN (ETIMEDOUT).
     TimedOut,
     /// No local address or port could be had: EADDRNOTAVAIL (the ephemeral
