@@ -5,6 +5,8 @@
 //! - [`proc_voluntary_switches`]: voluntary context switches summed over a process's live
 //!   threads (`/proc/PID/task/*/status`).
 //! - [`core_busy`]: one core's busy and total time (`/proc/stat`, softirq included).
+//! - [`CpuSample`]: all of the above at the edges of a measured window, turned into figures
+//!   per connection ([`CpuPerConn`]) the way `flood` and `client_epoll` report them.
 //! - [`CpuQuota`]: a CPU-capped cgroup (v1 `cpu` controller, or v2 `cpu.max`) for saturated
 //!   runs, removed again on drop.
 //!
@@ -182,6 +184,70 @@ pub fn core_busy(core: usize) -> io::Result<CoreTimes> {
         total_ticks,
         hz: clock_ticks_per_second()?,
     })
+}
+
+/// CPU counters sampled at one edge of a measured window: the calling process (getrusage),
+/// optionally a server process (`/proc/PID`) and a core (`/proc/stat`). Counters that cannot
+/// be read are left out of the figures.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuSample {
+    own: Option<Duration>,
+    server: Option<Duration>,
+    switches: Option<u64>,
+    core: Option<(usize, CoreTimes)>,
+}
+
+/// CPU figures per connection over a window (see [`CpuSample::per_conn`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CpuPerConn {
+    /// The calling process's CPU time (all threads, user + system) per connection, µs.
+    pub own_us: Option<f64>,
+    /// The server process's CPU time per connection, µs.
+    pub server_us: Option<f64>,
+    /// The server's voluntary context switches per connection.
+    pub server_voluntary_switches: Option<f64>,
+    /// The core sampled.
+    pub core: Option<usize>,
+    /// That core's busy time (softirq included) per connection, µs.
+    pub core_busy_us: Option<f64>,
+}
+
+impl CpuSample {
+    /// Samples this process, the `server` process and `core`.
+    pub fn take(server: Option<u32>, core: Option<usize>) -> Self {
+        CpuSample {
+            own: own_cpu_time().ok(),
+            server: server.and_then(|p| proc_cpu_time(p).ok()),
+            switches: server.and_then(|p| proc_voluntary_switches(p).ok()),
+            core: core.and_then(|c| core_busy(c).ok().map(|t| (c, t))),
+        }
+    }
+
+    /// Whether the core asked for could be read.
+    pub fn has_core(&self) -> bool {
+        self.core.is_some()
+    }
+
+    /// Figures per connection between `self` (before) and `after`, over `conns` connections.
+    pub fn per_conn(&self, after: &CpuSample, conns: u64) -> CpuPerConn {
+        let n = conns.max(1) as f64;
+        let us = |a: Option<Duration>, b: Option<Duration>| {
+            Some(b?.saturating_sub(a?).as_secs_f64() * 1e6 / n)
+        };
+        CpuPerConn {
+            own_us: us(self.own, after.own),
+            server_us: us(self.server, after.server),
+            server_voluntary_switches: match (self.switches, after.switches) {
+                (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / n),
+                _ => None,
+            },
+            core: self.core.map(|(c, _)| c),
+            core_busy_us: match (&self.core, &after.core) {
+                (Some((_, a)), Some((_, b))) => Some(b.busy_since(a).as_secs_f64() * 1e6 / n),
+                _ => None,
+            },
+        }
+    }
 }
 
 /// Which cgroup hierarchy a [`CpuQuota`] lives in.
@@ -382,6 +448,20 @@ impl Drop for CpuQuota {
 mod tests {
     use super::*;
     use std::process::{Command, Stdio};
+
+    #[test]
+    fn cpu_sample_gives_figures_only_for_what_it_sampled() {
+        let before = CpuSample::take(None, Some(0));
+        assert!(before.has_core());
+        let after = CpuSample::take(None, Some(0));
+        let f = before.per_conn(&after, 10);
+        assert!(f.own_us.is_some_and(|us| us >= 0.0));
+        assert_eq!(f.core, Some(0));
+        assert!(f.core_busy_us.is_some());
+        assert_eq!((f.server_us, f.server_voluntary_switches), (None, None));
+        let none = CpuSample::take(None, None).per_conn(&CpuSample::take(None, None), 10);
+        assert_eq!((none.core, none.core_busy_us), (None, None));
+    }
 
     #[test]
     fn own_cpu_time_advances_with_work_and_agrees_with_proc() {

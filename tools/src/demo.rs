@@ -17,8 +17,10 @@ use floodgate::cidr::{Cidr, CidrList};
 use floodgate::{Connector, SequenceOutcome, SequencePlan};
 
 use crate::args;
-use crate::run::{self, CpuSample};
+use crate::report::Cpu;
+use crate::run;
 use crate::serve;
+use floodgate_bench::measure::CpuSample;
 
 /// The source address the demo's server refuses.
 pub const REFUSED_SOURCE: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 9);
@@ -97,7 +99,7 @@ pub fn main(a: DemoArgs) -> Result<ExitCode, String> {
     listener.shutdown();
     let ok = summary.outcomes.get(SequenceOutcome::Ok);
     // One process runs both sides: its CPU is printed apart, not as flood's.
-    let cpu = before.per_conn(&after, ok, None);
+    let cpu = Cpu::from(before.per_conn(&after, ok));
     let rep = run::report(
         target,
         connector.shards(),

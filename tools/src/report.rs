@@ -1,6 +1,7 @@
 //! What a run measured: latency histograms per shard (merged at the end),
 //! CPU figures, and the report printed as a table or as one JSON object.
 
+use floodgate_bench::measure::CpuPerConn;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -108,6 +109,18 @@ pub struct Cpu {
     pub core: Option<usize>,
     /// That core's busy time (softirq included) per connection, µs.
     pub core_busy_us_per_conn: Option<f64>,
+}
+
+impl From<CpuPerConn> for Cpu {
+    fn from(c: CpuPerConn) -> Self {
+        Cpu {
+            flood_us_per_conn: c.own_us,
+            server_us_per_conn: c.server_us,
+            server_voluntary_switches_per_conn: c.server_voluntary_switches,
+            core: c.core,
+            core_busy_us_per_conn: c.core_busy_us,
+        }
+    }
 }
 
 /// The whole report of `flood run` (and the client half of `flood demo`).

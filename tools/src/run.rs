@@ -196,48 +196,6 @@ impl RunArgs {
     }
 }
 
-/// CPU counters sampled at the edges of the measured window.
-#[derive(Debug, Clone, Copy)]
-pub struct CpuSample {
-    own: Option<Duration>,
-    server: Option<Duration>,
-    switches: Option<u64>,
-    core: Option<measure::CoreTimes>,
-}
-
-impl CpuSample {
-    /// Samples flood itself, the server process and the pinned core.
-    pub fn take(server: Option<u32>, core: Option<usize>) -> Self {
-        CpuSample {
-            own: measure::own_cpu_time().ok(),
-            server: server.and_then(|p| measure::proc_cpu_time(p).ok()),
-            switches: server.and_then(|p| measure::proc_voluntary_switches(p).ok()),
-            core: core.and_then(|c| measure::core_busy(c).ok()),
-        }
-    }
-
-    /// Per-connection figures between `self` (before) and `after`.
-    pub fn per_conn(&self, after: &CpuSample, conns: u64, core: Option<usize>) -> Cpu {
-        let n = conns.max(1) as f64;
-        let us = |a: Option<Duration>, b: Option<Duration>| {
-            Some(b?.saturating_sub(a?).as_secs_f64() * 1e6 / n)
-        };
-        Cpu {
-            flood_us_per_conn: us(self.own, after.own),
-            server_us_per_conn: us(self.server, after.server),
-            server_voluntary_switches_per_conn: match (self.switches, after.switches) {
-                (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / n),
-                _ => None,
-            },
-            core,
-            core_busy_us_per_conn: match (&self.core, &after.core) {
-                (Some(a), Some(b)) => Some(b.busy_since(a).as_secs_f64() * 1e6 / n),
-                _ => None,
-            },
-        }
-    }
-}
-
 /// A progress bar on stderr (hidden when stderr is not a terminal).
 pub fn progress_bar() -> ProgressBar {
     let pb = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr_with_hz(10));
@@ -393,11 +351,11 @@ pub fn main(a: RunArgs) -> Result<ExitCode, String> {
     if !a.warmup.is_zero() {
         execute(&connector, &a.base_plan().duration(a.warmup), "warm-up")?;
     }
-    let before = CpuSample::take(a.server_pid, a.pin);
+    let before = measure::CpuSample::take(a.server_pid, a.pin);
     let run = execute(&connector, &plan, "run")?;
-    let after = CpuSample::take(a.server_pid, a.pin);
+    let after = measure::CpuSample::take(a.server_pid, a.pin);
     let ok = run.summary.outcomes.get(floodgate::SequenceOutcome::Ok);
-    let cpu = before.per_conn(&after, ok, a.pin);
+    let cpu = Cpu::from(before.per_conn(&after, ok));
     let rep = report(a.target, threads, &plan, &run, cpu);
     connector.shutdown();
     if a.json {

@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use floodgate_bench::measure;
+use floodgate_bench::measure::CpuSample;
 use floodgate_bench::peer;
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
@@ -144,13 +144,10 @@ fn main() {
     let mut events = Events::with_capacity(1024);
     let deadline = Duration::from_secs_f64(cli.duration);
 
-    let core_before = cli.pin.map(measure::core_busy).transpose();
-    let core_before = match core_before {
-        Ok(c) => c,
-        Err(e) => peer::fatal(NAME, format_args!("cannot read /proc/stat: {e}")),
-    };
-    let own_before = measure::own_cpu_time().ok();
-    let server_before = cli.server_pid.and_then(|p| measure::proc_cpu_time(p).ok());
+    let before = CpuSample::take(cli.server_pid, cli.pin);
+    if cli.pin.is_some() && !before.has_core() {
+        peer::fatal(NAME, "cannot read the pinned core's times from /proc/stat");
+    }
     let begin = Instant::now();
 
     loop {
@@ -178,7 +175,10 @@ fn main() {
     }
 
     let elapsed = begin.elapsed();
-    let done = (flood.ok + flood.errors).max(1) as f64;
+    let cpu = before.per_conn(
+        &CpuSample::take(cli.server_pid, cli.pin),
+        flood.ok + flood.errors,
+    );
     let mut report = serde_json::json!({
         "client": NAME,
         "ok": flood.ok,
@@ -186,18 +186,13 @@ fn main() {
         "seconds": elapsed.as_secs_f64(),
         "conn_per_s": flood.ok as f64 / elapsed.as_secs_f64(),
     });
-    if let (Some(core), Some(before)) = (cli.pin, core_before) {
-        if let Ok(after) = measure::core_busy(core) {
-            let busy = after.busy_since(&before);
-            report["core_busy_us_per_conn"] = (busy.as_secs_f64() * 1e6 / done).into();
-        }
-    }
-    if let (Some(before), Ok(after)) = (own_before, measure::own_cpu_time()) {
-        report["client_us_per_conn"] = ((after - before).as_secs_f64() * 1e6 / done).into();
-    }
-    if let (Some(pid), Some(before)) = (cli.server_pid, server_before) {
-        if let Ok(after) = measure::proc_cpu_time(pid) {
-            report["server_us_per_conn"] = ((after - before).as_secs_f64() * 1e6 / done).into();
+    for (key, value) in [
+        ("core_busy_us_per_conn", cpu.core_busy_us),
+        ("client_us_per_conn", cpu.own_us),
+        ("server_us_per_conn", cpu.server_us),
+    ] {
+        if let Some(v) = value {
+            report[key] = v.into();
         }
     }
     println!("{report}");
