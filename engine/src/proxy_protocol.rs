@@ -306,6 +306,14 @@ fn parse_v2(buf: &[u8]) -> Result<ProxyHeader, ProxyError> {
         0x31 | 0x32 => Some(216),
         _ => None,
     };
+    // The specification (2.2): values other than UNSPEC and the six
+    // INET/INET6/UNIX x STREAM/DGRAM combinations "must be rejected as
+    // invalid by receivers". LOCAL ignores the family byte altogether.
+    if cmd == V2_CMD_PROXY && fam != 0x00 && addr_len.is_none() {
+        return Err(ProxyError::Invalid(
+            "v2 address family or transport protocol is not one the specification defines",
+        ));
+    }
     if cmd == V2_CMD_PROXY && addr_len.is_some_and(|need| len < need) {
         return Err(ProxyError::Invalid(
             "v2 length is too short for the address family",
@@ -693,6 +701,26 @@ mod tests {
                 "v2 length is too short for the address family"
             ))
         );
+    }
+
+    #[test]
+    fn v2_unknown_family_is_rejected_unless_local() {
+        // 0x51: address family 5 does not exist; nor does transport 3.
+        for fam in [0x51u8, 0x13, 0x01, 0x10, 0xff] {
+            let mut buf = b"\r\n\r\n\x00\r\nQUIT\n\x21".to_vec();
+            buf.push(fam);
+            buf.extend_from_slice(&[0x00, 0x0c]);
+            buf.extend_from_slice(&[0; 12]);
+            assert!(
+                matches!(parse(&buf), Err(ProxyError::Invalid(_))),
+                "family {fam:#04x} must be refused"
+            );
+            // Refused from the fixed header, before the body arrives.
+            assert!(matches!(parse(&buf[..16]), Err(ProxyError::Invalid(_))));
+            // LOCAL ignores the family byte.
+            buf[12] = 0x20;
+            assert_eq!(parse(&buf).map(|h| h.source), Ok(None));
+        }
     }
 
     #[test]
