@@ -17,6 +17,7 @@ fn by_first_byte(req: &ConnectRequest<'_>) -> Verdict {
         Some(b'a') => Verdict::Accept {
             qos: None,
             reply: Some(b"hi".to_vec()),
+            value: None,
         },
         Some(b'c') => Verdict::Reject {
             how: RejectHow::Close,
@@ -264,6 +265,7 @@ fn admitted_sockets_carry_every_declared_attribute_and_the_verdicts_qos() {
                 Verdict::Accept {
                     qos: Some(verdict_qos),
                     reply: None,
+                    value: None,
                 }
             } else {
                 Verdict::accept()
@@ -408,4 +410,120 @@ fn the_condition_sees_both_addresses() {
     let (peer, local) = seen.lock().unwrap().expect("the condition ran");
     assert_eq!(peer, c.local_addr().unwrap());
     assert_eq!(local, l.local_addr());
+}
+
+#[test]
+fn a_verdict_tos_keeps_the_declared_priority() {
+    let _g = serial();
+    // Linux resets SO_PRIORITY when IP_TOS changes: a verdict that sets
+    // only TOS must not take the listener's priority with it.
+    let attrs = SocketAttrs {
+        qos: Qos {
+            priority: Some(5),
+            ..Qos::default()
+        },
+        ..SocketAttrs::default()
+    };
+    let l = Listener::builder("127.0.0.1:0".parse().unwrap())
+        .shards(1)
+        .attrs(attrs)
+        .condition(|_: &ConnectRequest<'_>| {
+            Verdict::accept().with_qos(Qos::default().with_dscp(46))
+        })
+        .build()
+        .unwrap();
+    let _c = connect(l.local_addr()).unwrap();
+    let app = l.accept().unwrap();
+    let want = SocketAttrs {
+        qos: Qos {
+            priority: Some(5),
+            tos: Some(46 << 2),
+            ..Qos::default()
+        },
+        ..SocketAttrs::default()
+    };
+    let bad = want.verify(&app, false).unwrap();
+    assert!(bad.is_empty(), "attributes not as declared: {bad:?}");
+}
+
+#[test]
+fn the_verdict_value_reaches_accept_the_handler_and_registrations() {
+    use floodgate::{Events, Interest, Registered, Value};
+    let _g = serial();
+    let route = |req: &ConnectRequest<'_>| {
+        Verdict::accept_with(Value::new(format!("route-{}", req.peer.port())))
+    };
+    // accept()
+    let l = Listener::builder("127.0.0.1:0".parse().unwrap())
+        .shards(1)
+        .condition(route)
+        .build()
+        .unwrap();
+    let c = connect(l.local_addr()).unwrap();
+    let app = l.accept().unwrap();
+    let want = format!("route-{}", c.local_addr().unwrap().port());
+    assert_eq!(app.value::<String>(), Some(&want));
+    assert_eq!(app.value::<u32>(), None, "typed: a String is not a u32");
+    drop((app, l));
+    // The inline handler.
+    let (tx, rx) = std::sync::mpsc::channel::<Option<String>>();
+    let tx = Mutex::new(tx);
+    let l = Listener::builder("127.0.0.1:0".parse().unwrap())
+        .shards(1)
+        .condition(route)
+        .handler(move |conn, _ctx| {
+            let _ = tx.lock().unwrap().send(conn.value::<String>().cloned());
+        })
+        .build()
+        .unwrap();
+    let c = connect(l.local_addr()).unwrap();
+    let want = format!("route-{}", c.local_addr().unwrap().port());
+    assert_eq!(rx.recv().unwrap(), Some(want));
+    drop(l);
+    // A registration's handler, and after take(), accept().
+    let seen: Arc<Mutex<Vec<Option<String>>>> = Arc::default();
+    let s2 = seen.clone();
+    let l = Listener::builder("127.0.0.1:0".parse().unwrap())
+        .shards(1)
+        .condition(route)
+        .register(
+            Interest::READABLE,
+            move |r: &mut Registered<'_>, _e: Events| {
+                s2.lock().unwrap().push(r.value::<String>().cloned());
+                r.take();
+            },
+        )
+        .build()
+        .unwrap();
+    let mut c = connect(l.local_addr()).unwrap();
+    let want = format!("route-{}", c.local_addr().unwrap().port());
+    c.write_all(b"x").unwrap();
+    let app = l.accept().unwrap();
+    assert_eq!(seen.lock().unwrap().as_slice(), &[Some(want.clone())]);
+    assert_eq!(app.value::<String>(), Some(&want), "kept through take()");
+}
+
+#[test]
+fn a_peek_without_a_condition_waits_for_the_bytes() {
+    let _g = serial();
+    let l = Listener::builder("127.0.0.1:0".parse().unwrap())
+        .shards(1)
+        .peek(4, WAIT)
+        .pending_timeout(WAIT)
+        .build()
+        .unwrap();
+    // The silent one is accepted by the shard first...
+    let _silent = connect(l.local_addr()).unwrap();
+    wait_for("the shard took the silent one", || {
+        l.stats().total().accepted == 1
+    });
+    // ...but the one that sends its 4 bytes is delivered first.
+    let mut talker = connect(l.local_addr()).unwrap();
+    talker.write_all(b"ping").unwrap();
+    let mut app = l.accept().unwrap();
+    assert_eq!(app.peer_addr().unwrap(), talker.local_addr().unwrap());
+    let mut b = [0u8; 4];
+    app.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"ping");
+    assert_eq!(l.stats().total().admitting, 1, "the silent one still waits");
 }

@@ -137,3 +137,50 @@ fn ipv6_loopback_works() {
     let conn = l.accept().unwrap();
     assert!(conn.peer_addr().unwrap().is_ipv6());
 }
+
+#[test]
+fn an_unknown_congestion_control_is_refused_naming_attrs_congestion() {
+    let _g = serial();
+    let attrs = floodgate::SocketAttrs {
+        congestion: Some("no-such-cc".into()),
+        ..Default::default()
+    };
+    match Listener::builder("127.0.0.1:0".parse().unwrap())
+        .attrs(attrs)
+        .build()
+    {
+        Err(Error::Config(e)) => {
+            assert_eq!(e.field, "attrs.congestion");
+            let msg = e.to_string();
+            assert!(msg.contains("no-such-cc"), "names the value: {msg}");
+            assert!(
+                !msg.contains("keepalive"),
+                "no dump of every attribute: {msg}"
+            );
+        }
+        Err(e) => panic!("expected a configuration error, got {e}"),
+        Ok(_) => panic!("the kernel accepted a congestion control that does not exist"),
+    }
+}
+
+#[test]
+fn a_ceiling_above_somaxconn_reports_the_queue_the_kernel_keeps() {
+    let _g = serial();
+    let Some(somaxconn) = kernel_somaxconn() else {
+        return;
+    };
+    let l = Listener::builder("127.0.0.1:0".parse().unwrap())
+        .shards(1)
+        .ceiling(somaxconn * 4)
+        .backlog(somaxconn * 2)
+        .build()
+        .unwrap();
+    let b = l.backlog();
+    assert_eq!(b.effective, somaxconn * 2, "the ring holds what was asked");
+    assert_eq!(b.kernel, somaxconn, "listen(2) caps the kernel's queue");
+    let k = l.stats().shards[0].kernel.expect("the kernel's view");
+    assert_eq!(
+        k.backlog as usize, b.kernel,
+        "what the kernel says it enforces"
+    );
+}

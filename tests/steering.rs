@@ -1,7 +1,7 @@
 //! Steering: with CPU steering every shard accepts, each the connections
 //! received on its own core (on loopback, the client's core).
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::sync::Arc;
 
 use floodgate::{Listener, Steering};
@@ -30,6 +30,9 @@ fn every_shard_accepts_the_connections_of_its_own_core() {
                 for _ in 0..PER_CORE {
                     let mut s = connect(addr).unwrap();
                     s.write_all(&[core as u8]).unwrap();
+                    // Held until the server closes: a connection reset while
+                    // it waits in the ring is withdrawn, not delivered.
+                    let _ = s.read(&mut [0u8; 1]);
                     reset_on_drop(&s);
                 }
             })
@@ -40,7 +43,6 @@ fn every_shard_accepts_the_connections_of_its_own_core() {
     for _ in 0..(PER_CORE * n as u64) {
         let c = listener.accept().unwrap();
         let mut b = [0u8; 1];
-        // The client may already have reset; its first byte is still queued.
         let _ = c.as_std().peek(&mut b);
         per_shard[c.shard()] += 1;
         if cores.get(c.shard()).copied() != Some(b[0] as usize) {
@@ -76,8 +78,8 @@ fn hash_steering_also_reaches_every_shard() {
     let mut per_shard = vec![0u64; n];
     for _ in 0..400 {
         let s = connect(listener.local_addr()).unwrap();
-        reset_on_drop(&s);
         let c = listener.accept().unwrap();
+        reset_on_drop(&s);
         per_shard[c.shard()] += 1;
     }
     assert!(per_shard.iter().all(|&k| k > 0), "{per_shard:?}");

@@ -137,3 +137,42 @@ pub fn cores() -> Vec<usize> {
         .map(|c| c.id)
         .collect()
 }
+
+/// Reads from `s` until the server ends the connection: true on EOF or a
+/// reset, false if nothing ended it within the 120 s bound (which only turns
+/// a hang into a failure; the tests wait on the event).
+pub fn ended_by_server(s: &mut TcpStream) -> bool {
+    let _ = s.set_read_timeout(Some(Duration::from_secs(120)));
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return true,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Whether the kernel still has a TCP socket (IPv4, any state) whose local
+/// port is `local` and remote port `remote`, from `/proc/net/tcp`: the way to
+/// see the server's end of a connection the engine holds but has not
+/// handed out.
+pub fn tcp_socket_exists(local: u16, remote: u16) -> bool {
+    let Ok(text) = std::fs::read_to_string("/proc/net/tcp") else {
+        return false;
+    };
+    let port = |field: &str| {
+        field
+            .rsplit_once(':')
+            .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
+    };
+    text.lines().skip(1).any(|l| {
+        let mut f = l.split_whitespace().skip(1);
+        let (Some(loc), Some(rem)) = (f.next(), f.next()) else {
+            return false;
+        };
+        port(loc) == Some(local) && port(rem) == Some(remote)
+    })
+}

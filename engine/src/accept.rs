@@ -119,6 +119,36 @@ impl ShardShared {
         }
     }
 
+    /// Pops the next connection that can still be delivered, withdrawing
+    /// (closing and counting) the ones that cannot: pending longer than
+    /// `pending_timeout` (its client has most likely given up), or reset by
+    /// the peer while it waited in the ring (`SO_ERROR` set: one
+    /// getsockopt, PERF.md). Counts the one returned as delivered and wakes
+    /// the shard when this pop ends its backpressure pause.
+    pub fn take_deliverable(
+        &self,
+        delivery: &Delivery,
+        pending_timeout: Duration,
+    ) -> Option<crate::backlog::Pending> {
+        while let Some((p, wake)) = self.backlog.pop() {
+            delivery.popped();
+            if wake {
+                self.control.wake();
+            }
+            if p.accepted_at.elapsed() > pending_timeout {
+                Counters::add(&self.counters.withdrawn_timeout, 1);
+                continue; // drop closes it
+            }
+            if !matches!(socket2::SockRef::from(&p.fd).take_error(), Ok(None)) {
+                Counters::add(&self.counters.withdrawn_gone, 1);
+                continue;
+            }
+            Counters::add(&self.counters.delivered, 1);
+            return Some(p);
+        }
+        None
+    }
+
     fn take_error(&self) -> Option<io::Error> {
         if !self.has_error.swap(false, Ordering::AcqRel) {
             return None;
@@ -138,6 +168,11 @@ pub struct BacklogLength {
     /// `min(requested, ceiling)`: each shard's ring capacity and the length
     /// passed to `listen(2)`.
     pub effective: usize,
+    /// The accept queue the kernel keeps per shard: `listen(2)` silently
+    /// caps `effective` at `net.core.somaxconn`, so with an explicit ceiling
+    /// above that this is less than `effective` (the ring still holds
+    /// `effective`; the kernel queue behind it holds this many).
+    pub kernel: usize,
 }
 
 /// A running listener: one shard per core, each accepting on its own
@@ -230,19 +265,7 @@ impl Listener {
                     source: e,
                 });
             }
-            while let Some((p, wake)) = shard.backlog.pop() {
-                self.delivery.popped();
-                if wake {
-                    shard.control.wake();
-                }
-                // Withdrawn at the head: pending longer than the listener
-                // allows (its client has most likely given up).
-                if p.accepted_at.elapsed() > self.pending_timeout {
-                    Counters::add(&shard.counters.withdrawn_timeout, 1);
-                    drop(p);
-                    continue;
-                }
-                Counters::add(&shard.counters.delivered, 1);
+            if let Some(p) = shard.take_deliverable(&self.delivery, self.pending_timeout) {
                 if self.delivery.pending.load(Ordering::SeqCst) == 0 {
                     self.delivery.quiesce();
                 }

@@ -106,6 +106,8 @@ pub(crate) struct Acceptor {
     accepted_this_turn: usize,
     /// Event registrations, when the listener declares them.
     registry: Option<crate::register::Registry>,
+    /// Older connections are withdrawn at the head of the ring.
+    pending_timeout: Duration,
 }
 
 impl std::fmt::Debug for Acceptor {
@@ -151,10 +153,11 @@ impl Acceptor {
             pushed: false,
             replies: Replies::default(),
             relays,
-            admission: (!admission.is_noop()).then(|| Admission::new(admission, index)),
+            admission: (!admission.is_noop()).then(|| Admission::new(admission.clone(), index)),
             coalesce: None,
             accepted_this_turn: 0,
             registry: None,
+            pending_timeout: admission.pending_timeout,
         }
     }
 
@@ -225,10 +228,7 @@ impl Acceptor {
 
     /// Takes ownership of a freshly accepted socket.
     fn accepted(&mut self, ring: &mut Uring, fd: i32, now: Instant) {
-        let pending = Pending {
-            fd: sys::adopt_fd(fd),
-            accepted_at: now,
-        };
+        let pending = Pending::new(sys::adopt_fd(fd), now);
         Counters::add(&self.counters().accepted, 1);
         self.accepted_this_turn += 1;
         self.accepted_any = true;
@@ -287,9 +287,10 @@ impl Acceptor {
         let Some(handler) = self.handler.clone() else {
             return;
         };
-        while let Some((p, _)) = self.shard.backlog.pop() {
-            self.delivery.popped();
-            Counters::add(&self.counters().delivered, 1);
+        while let Some(p) = self
+            .shard
+            .take_deliverable(&self.delivery, self.pending_timeout)
+        {
             let conn = Admitted::new(p, self.index);
             let mut ctx = ShardContext::new(self.index, ring, &mut self.replies, &mut self.relays);
             if catch_unwind(AssertUnwindSafe(|| handler(conn, &mut ctx))).is_err() {

@@ -23,7 +23,8 @@ use socket2::SockRef;
 
 use crate::attrs::SocketAttrs;
 use crate::backlog::Pending;
-use crate::condition::{Condition, ConnectRequest, RejectHow, Verdict};
+use crate::condition::{Condition, ConnectRequest, Marks, RejectHow, Verdict};
+use crate::config::MAX_PEEK;
 use crate::context::Replies;
 use crate::shard::{user_data, Tag};
 use crate::stats::Counters;
@@ -47,7 +48,7 @@ pub(crate) struct AdmissionConfig {
 impl AdmissionConfig {
     /// Whether admission has nothing to do (the fast path skips it).
     pub fn is_noop(&self) -> bool {
-        self.condition.is_none() && self.attrs.is_default()
+        self.condition.is_none() && self.attrs.is_default() && self.peek == 0
     }
 }
 
@@ -71,25 +72,39 @@ const POLL_GONE: u32 = (libc::POLLERR | libc::POLLHUP) as u32;
 #[derive(Debug)]
 struct Waiting {
     pending: Pending,
-    generation: u32,
     peer: SocketAddr,
     local: SocketAddr,
     syn: Option<crate::syn::SynInfo>,
     deferrals: u32,
-    poll_armed: bool,
-    /// When to decide with what has arrived, if the wanted bytes have not.
-    peek_deadline: Instant,
+    /// The token of its poll while one is in flight and current. Every poll
+    /// gets a token of its own, so a cancelled poll's completion can never
+    /// be taken for a newer one's, and a cancel always finds its target.
+    poll: Option<u32>,
+    /// How many first bytes are peeked for the condition: the listener's
+    /// `peek`, grown by [`Verdict::NeedBytes`].
+    limit: usize,
+    /// How many must have arrived before the condition is asked again.
+    need: usize,
+    /// With the listener's `peek(n, wait)`: when to decide with what has
+    /// arrived, if `need` bytes have not.
+    peek_deadline: Option<Instant>,
     /// When to ask again after a defer.
     next_eval: Option<Instant>,
+    /// The caller half-closed: nothing more will arrive, so no poll is
+    /// posted again (it would fire at once, forever); timers alone remain.
+    finished: bool,
     /// The SO_RCVLOWAT currently set (1 = the kernel default).
     lowat: usize,
+    marks: Marks,
 }
 
 impl Waiting {
     fn deadline(&self, cfg: &AdmissionConfig) -> Instant {
         let withdraw = self.pending.accepted_at + cfg.pending_timeout;
-        let decide = self.next_eval.unwrap_or(self.peek_deadline);
-        withdraw.min(decide)
+        match self.next_eval.or(self.peek_deadline) {
+            Some(decide) => withdraw.min(decide),
+            None => withdraw,
+        }
     }
 }
 
@@ -100,21 +115,30 @@ pub(crate) struct Admission {
     shard: usize,
     slots: Vec<Option<Waiting>>,
     free: Vec<usize>,
-    generation: u32,
+    /// The next poll token.
+    token: u32,
+    /// Polls in flight, current or cancelled.
     polls: usize,
     /// Timers in flight: id (user-data payload) and when each fires.
     timers: Vec<(u64, Instant)>,
     next_timer: u64,
+    stopping: bool,
     /// Admitted connections, in order, for the acceptor to push.
     pub ready: Vec<Pending>,
 }
 
-fn payload(slot: usize, generation: u32) -> u64 {
-    ((generation as u64) << 24) | (slot as u64 & 0xff_ffff)
+/// Poll user data: a 32-bit token above a 24-bit slot.
+fn payload(slot: usize, token: u32) -> u64 {
+    ((token as u64) << 24) | (slot as u64 & 0xff_ffff)
 }
 
 fn unpack(payload: u64) -> (usize, u32) {
     ((payload & 0xff_ffff) as usize, (payload >> 24) as u32)
+}
+
+/// Makes the close of `fd` an RST (SO_LINGER 0).
+fn set_reset(p: &Pending) {
+    let _ = SockRef::from(&p.fd).set_linger(Some(Duration::ZERO));
 }
 
 impl Admission {
@@ -124,10 +148,11 @@ impl Admission {
             shard,
             slots: Vec::new(),
             free: Vec::new(),
-            generation: 0,
+            token: 0,
             polls: 0,
             timers: Vec::new(),
             next_timer: 0,
+            stopping: false,
             ready: Vec::new(),
         }
     }
@@ -165,35 +190,146 @@ impl Admission {
         } else {
             None
         };
-        self.generation = self.generation.wrapping_add(1) & 0xff_ffff;
+        let peek = self.cfg.peek;
         let w = Waiting {
             pending: p,
-            generation: self.generation,
             peer,
             local,
             syn,
             deferrals: 0,
-            poll_armed: false,
-            peek_deadline: now + self.cfg.peek_wait,
+            poll: None,
+            limit: peek,
+            need: peek,
+            peek_deadline: (peek > 0).then(|| now + self.cfg.peek_wait),
             next_eval: None,
+            finished: false,
             lowat: 1,
+            marks: Marks::new(),
         };
-        if self.cfg.peek == 0 {
-            self.decide(w, Vec::new(), false, ring, replies, c, now);
-            return;
-        }
-        let bytes = sys::peek_now(w.pending.fd.as_fd(), self.cfg.peek).unwrap_or_default();
-        if bytes.len() >= self.cfg.peek {
-            self.decide(w, bytes, false, ring, replies, c, now);
-        } else {
-            self.wait(w, bytes.len(), ring, c);
+        self.run(w, false, ring, replies, c, now);
+    }
+
+    /// Peeks what the condition may see and either asks it (and carries
+    /// out its verdict) or parks the connection until what it waits for
+    /// arrives. `force` asks even if fewer than `need` bytes are there (a
+    /// deadline passed, a deferred connection got more bytes).
+    fn run(
+        &mut self,
+        mut w: Waiting,
+        mut force: bool,
+        ring: &mut Uring,
+        replies: &mut Replies,
+        c: &Counters,
+        now: Instant,
+    ) {
+        loop {
+            let bytes = if w.limit > 0 {
+                sys::peek_now(w.pending.fd.as_fd(), w.limit).unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            let short = bytes.len() < w.need && !w.finished;
+            if !force && short && w.peek_deadline.map_or(true, |d| now < d) {
+                return self.park(w, bytes.len(), ring, c);
+            }
+            force = false;
+            match self.ask(&w, &bytes, c, now) {
+                Verdict::NeedBytes(n) if n.min(MAX_PEEK) > bytes.len() && !w.finished => {
+                    // Asked for more than it has: wait for exactly that
+                    // (the pending timeout still bounds it).
+                    let n = n.min(MAX_PEEK);
+                    Counters::add(&c.deferred, 1);
+                    w.deferrals += 1;
+                    w.need = n;
+                    w.limit = w.limit.max(n);
+                    w.peek_deadline = None;
+                    w.next_eval = None;
+                }
+                Verdict::NeedBytes(_) | Verdict::Defer => {
+                    Counters::add(&c.deferred, 1);
+                    w.deferrals += 1;
+                    w.next_eval = Some(now + self.cfg.defer_interval);
+                    w.peek_deadline = None;
+                    // Wake on the next byte if the condition looks at
+                    // bytes and more could matter; else only on the peer
+                    // leaving, or the timer.
+                    w.need = if bytes.len() < w.limit {
+                        bytes.len() + 1
+                    } else {
+                        0
+                    };
+                    return self.park(w, bytes.len(), ring, c);
+                }
+                Verdict::Accept { qos, reply, value } => {
+                    if self.finish_accept(&mut w, qos, reply.as_deref()).is_err() {
+                        // The socket refused an attribute: it cannot be
+                        // handed over as declared; reset it.
+                        set_reset(&w.pending);
+                        Counters::add(&c.rejected_reset, 1);
+                        return;
+                    }
+                    w.pending.value = value;
+                    self.ready.push(w.pending);
+                    return;
+                }
+                Verdict::Reject { how, reply } => {
+                    let fd = w.pending.fd;
+                    match how {
+                        RejectHow::Close => {
+                            // Unread bytes would turn the close into an RST.
+                            sys::discard_now(fd.as_fd());
+                            Counters::add(&c.rejected_close, 1);
+                        }
+                        RejectHow::Reset => {
+                            let _ = SockRef::from(&fd).set_linger(Some(Duration::ZERO));
+                            Counters::add(&c.rejected_reset, 1);
+                        }
+                    }
+                    match reply {
+                        // Reply and close in one linked pair on the ring.
+                        Some(r) if !r.is_empty() => {
+                            let _ = replies.post(ring, fd, &r);
+                        }
+                        _ => drop(fd),
+                    }
+                    return;
+                }
+            }
         }
     }
 
-    /// Parks `w` in a slot with a poll that fires once more than `have`
-    /// bytes (up to the wanted count) have arrived, or the peer goes.
-    fn wait(&mut self, mut w: Waiting, have: usize, ring: &mut Uring, c: &Counters) {
-        let lowat = (have + 1).min(self.cfg.peek).max(1);
+    /// Calls the condition (none: accept), catching a panic.
+    fn ask(&self, w: &Waiting, bytes: &[u8], c: &Counters, now: Instant) -> Verdict {
+        let Some(cond) = &self.cfg.condition else {
+            return Verdict::accept();
+        };
+        let req = ConnectRequest {
+            peer: w.peer,
+            local: w.local,
+            shard: self.shard,
+            pending_for: now.saturating_duration_since(w.pending.accepted_at),
+            first_bytes: bytes,
+            peek_full: bytes.len() >= w.limit,
+            peer_finished: w.finished,
+            syn: w.syn,
+            deferrals: w.deferrals,
+            marks: &w.marks,
+        };
+        match catch_unwind(AssertUnwindSafe(|| cond.decide(&req))) {
+            Ok(v) => v,
+            Err(_) => {
+                Counters::add(&c.condition_panics, 1);
+                Verdict::reset()
+            }
+        }
+    }
+
+    /// Parks `w` in a slot with a poll of its own: for POLLIN once `need`
+    /// bytes are there (SO_RCVLOWAT) when it waits for bytes, else only for
+    /// the peer leaving; none once the peer has finished.
+    fn park(&mut self, mut w: Waiting, have: usize, ring: &mut Uring, c: &Counters) {
+        let wants_bytes = w.need > have;
+        let lowat = if wants_bytes { w.need.max(1) } else { 1 };
         if lowat != w.lowat
             && sys::setsockopt::<i32>(
                 w.pending.fd.as_fd(),
@@ -212,17 +348,20 @@ impl Admission {
                 self.slots.len() - 1
             }
         };
-        // Poll only while bytes are still wanted: with all of them there
-        // (or none wanted) the poll would fire at once, again and again; a
-        // deferred connection then waits for its timer alone.
-        if have < self.cfg.peek {
+        if !w.finished && !self.stopping {
             use std::os::fd::AsRawFd;
-            let ud = user_data(Tag::Poll, payload(slot, w.generation));
+            let events = if wants_bytes {
+                POLLIN | POLLRDHUP
+            } else {
+                POLLRDHUP
+            };
+            self.token = self.token.wrapping_add(1);
+            let ud = user_data(Tag::Poll, payload(slot, self.token));
             if ring
-                .poll(w.pending.fd.as_raw_fd(), POLLIN | POLLRDHUP, false, ud)
+                .poll(w.pending.fd.as_raw_fd(), events, false, ud)
                 .is_ok()
             {
-                w.poll_armed = true;
+                w.poll = Some(self.token);
                 self.polls += 1;
             }
         }
@@ -238,6 +377,14 @@ impl Admission {
         Some(w)
     }
 
+    /// Cancels the poll of the connection in `slot`, if one is current.
+    fn cancel_poll(ring: &mut Uring, slot: usize, w: &mut Waiting) {
+        if let Some(token) = w.poll.take() {
+            let ud = user_data(Tag::Poll, payload(slot, token));
+            let _ = ring.cancel(ud, user_data(Tag::Cancel, 0));
+        }
+    }
+
     /// A poll on a waiting connection completed.
     pub fn polled(
         &mut self,
@@ -249,42 +396,41 @@ impl Admission {
         now: Instant,
     ) {
         self.polls = self.polls.saturating_sub(1);
-        let (slot, generation) = unpack(pl);
-        let current = matches!(self.slots.get(slot), Some(Some(w)) if w.generation == generation && w.poll_armed);
+        let (slot, token) = unpack(pl);
+        let current = matches!(self.slots.get(slot), Some(Some(w)) if w.poll == Some(token));
         if !current {
-            return; // a cancelled poll of a connection already decided
+            return; // a cancelled poll of a connection decided or re-parked since
+        }
+        if self.stopping {
+            // Cancelled at shutdown: it stays in its slot to be closed and
+            // counted with the rest.
+            if let Some(Some(w)) = self.slots.get_mut(slot) {
+                w.poll = None;
+            }
+            return;
         }
         let Some(mut w) = self.take(slot, c) else {
             return;
         };
-        w.poll_armed = false;
+        w.poll = None;
         if cqe.result < 0 {
-            // -ECANCELED at shutdown, or a poll error: decide with what is there.
-            let bytes = sys::peek_now(w.pending.fd.as_fd(), self.cfg.peek).unwrap_or_default();
-            return self.decide(w, bytes, false, ring, replies, c, now);
+            // A poll error: decide with what is there.
+            return self.run(w, true, ring, replies, c, now);
         }
         let revents = cqe.result as u32;
         if revents & POLL_GONE != 0 {
             return Counters::add(&c.withdrawn_gone, 1); // RST: drop closes it
         }
-        let bytes = sys::peek_now(w.pending.fd.as_fd(), self.cfg.peek).unwrap_or_default();
-        let finished = revents & POLLRDHUP != 0;
-        if finished && bytes.is_empty() {
-            return Counters::add(&c.withdrawn_gone, 1); // FIN without a byte
+        if revents & POLLRDHUP != 0 {
+            w.finished = true;
+            let any = sys::peek_now(w.pending.fd.as_fd(), 1).unwrap_or_default();
+            if any.is_empty() {
+                return Counters::add(&c.withdrawn_gone, 1); // FIN without a byte
+            }
         }
-        if bytes.len() < self.cfg.peek
-            && !finished
-            && w.next_eval.is_none()
-            && now < w.peek_deadline
-        {
-            // Woken early (a lower watermark from a defer): keep waiting.
-            return self.wait(w, bytes.len(), ring, c);
-        }
-        if w.next_eval.is_some() {
-            // Deferred and more bytes came: ask again now.
-            w.next_eval = None;
-        }
-        self.decide(w, bytes, finished, ring, replies, c, now);
+        // Deferred and more bytes came (or the peer finished): ask again now.
+        let force = w.next_eval.take().is_some() || w.finished;
+        self.run(w, force, ring, replies, c, now);
     }
 
     /// The admission timer fired.
@@ -299,6 +445,9 @@ impl Admission {
         ring.release(cqe.user_data);
         let id = crate::shard::split(cqe.user_data).1;
         self.timers.retain(|(t, _)| *t != id);
+        if self.stopping {
+            return;
+        }
         for slot in 0..self.slots.len() {
             let due = matches!(&self.slots[slot], Some(w) if w.deadline(&self.cfg) <= now);
             if !due {
@@ -307,96 +456,20 @@ impl Admission {
             let Some(mut w) = self.take(slot, c) else {
                 continue;
             };
-            if w.poll_armed {
-                let ud = user_data(Tag::Poll, payload(slot, w.generation));
-                let _ = ring.cancel(ud, user_data(Tag::Cancel, 0));
-                w.poll_armed = false;
-            }
+            Self::cancel_poll(ring, slot, &mut w);
             if now >= w.pending.accepted_at + self.cfg.pending_timeout {
+                // Withdrawn: an RST tells the caller at once and frees the
+                // socket now (the cancelled poll holds it only until the
+                // cancel is submitted, at the end of this turn).
+                set_reset(&w.pending);
                 Counters::add(&c.withdrawn_timeout, 1);
-                continue; // drop closes it
+                continue;
             }
-            let bytes = sys::peek_now(w.pending.fd.as_fd(), self.cfg.peek).unwrap_or_default();
-            if w.next_eval.take().is_none() && bytes.len() < self.cfg.peek {
+            if w.next_eval.take().is_none() {
                 Counters::add(&c.peek_timeouts, 1);
             }
-            self.decide(w, bytes, false, ring, replies, c, now);
-        }
-    }
-
-    /// Calls the condition and carries out the verdict.
-    #[allow(clippy::too_many_arguments)]
-    fn decide(
-        &mut self,
-        mut w: Waiting,
-        bytes: Vec<u8>,
-        finished: bool,
-        ring: &mut Uring,
-        replies: &mut Replies,
-        c: &Counters,
-        now: Instant,
-    ) {
-        let verdict = match &self.cfg.condition {
-            None => Verdict::accept(),
-            Some(cond) => {
-                let req = ConnectRequest {
-                    peer: w.peer,
-                    local: w.local,
-                    shard: self.shard,
-                    pending_for: now.saturating_duration_since(w.pending.accepted_at),
-                    first_bytes: &bytes,
-                    peer_finished: finished,
-                    syn: w.syn,
-                    deferrals: w.deferrals,
-                };
-                match catch_unwind(AssertUnwindSafe(|| cond.decide(&req))) {
-                    Ok(v) => v,
-                    Err(_) => {
-                        Counters::add(&c.condition_panics, 1);
-                        Verdict::reset()
-                    }
-                }
-            }
-        };
-        match verdict {
-            Verdict::Accept { qos, reply } => {
-                if let Err(_e) = self.finish_accept(&mut w, qos, reply.as_deref()) {
-                    // The socket refused an attribute: it cannot be handed
-                    // over as declared; reset it.
-                    let _ = SockRef::from(&w.pending.fd).set_linger(Some(Duration::ZERO));
-                    Counters::add(&c.rejected_reset, 1);
-                    return;
-                }
-                self.ready.push(w.pending);
-            }
-            Verdict::Reject { how, reply } => {
-                let fd = w.pending.fd;
-                match how {
-                    RejectHow::Close => {
-                        // Unread bytes would turn the close into an RST.
-                        sys::discard_now(fd.as_fd());
-                        Counters::add(&c.rejected_close, 1);
-                    }
-                    RejectHow::Reset => {
-                        let _ = SockRef::from(&fd).set_linger(Some(Duration::ZERO));
-                        Counters::add(&c.rejected_reset, 1);
-                    }
-                }
-                match reply {
-                    Some(r) if !r.is_empty() => {
-                        // Reply and close in one linked pair on the ring.
-                        let _ = replies.post(ring, fd, &r);
-                    }
-                    _ => drop(fd),
-                }
-            }
-            Verdict::Defer => {
-                Counters::add(&c.deferred, 1);
-                w.deferrals += 1;
-                w.next_eval = Some(now + self.cfg.defer_interval);
-                let have = bytes.len();
-                self.wait(w, have, ring, c);
-            }
+            w.peek_deadline = None;
+            self.run(w, true, ring, replies, c, now);
         }
     }
 
@@ -416,7 +489,12 @@ impl Admission {
             attrs.apply(fd, self.cfg.ipv6, true)?;
             attrs.apply_file_flags(fd)?;
         }
-        if let Some(q) = qos {
+        if let Some(mut q) = qos {
+            // Linux resets SO_PRIORITY when IP_TOS changes: put the
+            // declared priority back after the verdict's TOS.
+            if q.tos.is_some() && q.priority.is_none() {
+                q.priority = attrs.qos.priority;
+            }
             q.apply(fd, w.local.is_ipv6())?;
         }
         if let Some(r) = reply {
@@ -459,12 +537,10 @@ impl Admission {
 
     /// Shutdown: cancel every poll and timer.
     pub fn stop(&mut self, ring: &mut Uring) {
+        self.stopping = true;
         for (slot, w) in self.slots.iter_mut().enumerate() {
             if let Some(w) = w {
-                if w.poll_armed {
-                    let ud = user_data(Tag::Poll, payload(slot, w.generation));
-                    let _ = ring.cancel(ud, user_data(Tag::Cancel, 0));
-                }
+                Self::cancel_poll(ring, slot, w);
             }
         }
         for (t, _) in &self.timers {

@@ -152,42 +152,112 @@ impl SocketAttrs {
     /// # Errors
     /// The first setsockopt or fcntl that fails.
     pub fn apply(&self, fd: impl AsFd, ipv6: bool, only_not_inherited: bool) -> io::Result<()> {
+        self.apply_named(fd, ipv6, only_not_inherited)
+            .map_err(|(_, e)| e)
+    }
+
+    /// As [`SocketAttrs::apply`], naming the attribute the kernel refused.
+    pub(crate) fn apply_named(
+        &self,
+        fd: impl AsFd,
+        ipv6: bool,
+        only_not_inherited: bool,
+    ) -> Result<(), (Attr, io::Error)> {
         let want = |a: Attr| !(only_not_inherited && inherited(a));
         let s = SockRef::from(&fd);
+        let at = |a: Attr| move |e: io::Error| (a, e);
         if let (Some(v), true) = (self.nodelay, want(Attr::NoDelay)) {
-            s.set_nodelay(v)?;
+            s.set_nodelay(v).map_err(at(Attr::NoDelay))?;
         }
         if let (Some(k), true) = (self.keepalive, want(Attr::Keepalive)) {
-            s.set_keepalive(true)?;
+            s.set_keepalive(true).map_err(at(Attr::Keepalive))?;
             let ka = TcpKeepalive::new()
                 .with_time(k.idle)
                 .with_interval(k.interval)
                 .with_retries(k.count);
-            s.set_tcp_keepalive(&ka)?;
+            s.set_tcp_keepalive(&ka).map_err(at(Attr::Keepalive))?;
         }
         if let (Some(v), true) = (self.recv_buffer, want(Attr::RecvBuffer)) {
-            s.set_recv_buffer_size(v)?;
+            s.set_recv_buffer_size(v).map_err(at(Attr::RecvBuffer))?;
         }
         if let (Some(v), true) = (self.send_buffer, want(Attr::SendBuffer)) {
-            s.set_send_buffer_size(v)?;
+            s.set_send_buffer_size(v).map_err(at(Attr::SendBuffer))?;
         }
         if let (Some(v), true) = (self.linger, want(Attr::Linger)) {
-            s.set_linger(Some(v))?;
+            s.set_linger(Some(v)).map_err(at(Attr::Linger))?;
         }
         if let (Some(v), true) = (self.user_timeout, want(Attr::UserTimeout)) {
-            s.set_tcp_user_timeout(Some(v))?;
+            s.set_tcp_user_timeout(Some(v))
+                .map_err(at(Attr::UserTimeout))?;
         }
         if let (Some(v), true) = (&self.congestion, want(Attr::Congestion)) {
-            s.set_tcp_congestion(v.as_bytes())?;
+            s.set_tcp_congestion(v.as_bytes())
+                .map_err(at(Attr::Congestion))?;
         }
-        let qos = Qos {
-            tos: self.qos.tos.filter(|_| want(Attr::Tos)),
-            priority: self.qos.priority.filter(|_| want(Attr::Priority)),
-            mark: self.qos.mark.filter(|_| want(Attr::Mark)),
-            max_pacing_rate: self.qos.max_pacing_rate.filter(|_| want(Attr::PacingRate)),
-        };
-        qos.apply(fd.as_fd(), ipv6)?;
+        // One field at a time so that a refusal names its field. TOS before
+        // priority: Linux resets SO_PRIORITY when IP_TOS changes.
+        let one = |q: Qos, a: Attr| q.apply(fd.as_fd(), ipv6).map_err(at(a));
+        if let (Some(tos), true) = (self.qos.tos, want(Attr::Tos)) {
+            one(
+                Qos {
+                    tos: Some(tos),
+                    ..Qos::default()
+                },
+                Attr::Tos,
+            )?;
+        }
+        if let (Some(p), true) = (self.qos.priority, want(Attr::Priority)) {
+            one(
+                Qos {
+                    priority: Some(p),
+                    ..Qos::default()
+                },
+                Attr::Priority,
+            )?;
+        }
+        if let (Some(m), true) = (self.qos.mark, want(Attr::Mark)) {
+            one(
+                Qos {
+                    mark: Some(m),
+                    ..Qos::default()
+                },
+                Attr::Mark,
+            )?;
+        }
+        if let (Some(r), true) = (self.qos.max_pacing_rate, want(Attr::PacingRate)) {
+            let q = Qos {
+                max_pacing_rate: Some(r),
+                ..Qos::default()
+            };
+            one(q, Attr::PacingRate)?;
+        }
         Ok(())
+    }
+
+    /// The builder field an attribute is declared in, and its value here,
+    /// for an error that names both.
+    pub(crate) fn field(&self, a: Attr) -> (&'static str, String) {
+        match a {
+            Attr::NoDelay => ("attrs.nodelay", format!("{:?}", self.nodelay)),
+            Attr::Keepalive => ("attrs.keepalive", format!("{:?}", self.keepalive)),
+            Attr::RecvBuffer => ("attrs.recv_buffer", format!("{:?}", self.recv_buffer)),
+            Attr::SendBuffer => ("attrs.send_buffer", format!("{:?}", self.send_buffer)),
+            Attr::Linger => ("attrs.linger", format!("{:?}", self.linger)),
+            Attr::Tos => ("attrs.qos.tos", format!("{:?}", self.qos.tos)),
+            Attr::Priority => ("attrs.qos.priority", format!("{:?}", self.qos.priority)),
+            Attr::Mark => ("attrs.qos.mark", format!("{:?}", self.qos.mark)),
+            Attr::UserTimeout => ("attrs.user_timeout", format!("{:?}", self.user_timeout)),
+            Attr::Congestion => (
+                "attrs.congestion",
+                self.congestion.clone().unwrap_or_default(),
+            ),
+            Attr::PacingRate => (
+                "attrs.qos.max_pacing_rate",
+                format!("{:?}", self.qos.max_pacing_rate),
+            ),
+            Attr::NonBlocking => ("attrs.nonblocking", self.nonblocking.to_string()),
+            Attr::CloseOnExec => ("attrs.close_on_exec", self.close_on_exec.to_string()),
+        }
     }
 
     /// Sets the file flags of an admitted socket (never inherited). The

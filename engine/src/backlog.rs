@@ -24,6 +24,19 @@ pub(crate) struct Pending {
     pub fd: OwnedFd,
     /// When the shard read its completion.
     pub accepted_at: Instant,
+    /// What the condition attached when it accepted it.
+    pub value: Option<crate::condition::Value>,
+}
+
+impl Pending {
+    /// A connection just taken from the kernel.
+    pub fn new(fd: OwnedFd, accepted_at: Instant) -> Self {
+        Pending {
+            fd,
+            accepted_at,
+            value: None,
+        }
+    }
 }
 
 /// One shard's ring and its backpressure state.
@@ -110,10 +123,7 @@ mod tests {
 
     fn pending() -> Pending {
         let fd = crate::sys::eventfd().expect("eventfd");
-        Pending {
-            fd,
-            accepted_at: Instant::now(),
-        }
+        Pending::new(fd, Instant::now())
     }
 
     #[test]

@@ -187,6 +187,10 @@ impl Condition for CidrFilter {
 pub struct RateLimit {
     limiters: Vec<Mutex<RateLimiter>>,
     refusal: Refusal,
+    /// Set on a connection once it has been charged: a deferred connection
+    /// asked again (in a [`Chain`] before a condition that waits for bytes)
+    /// takes no second token.
+    charged: crate::condition::Mark,
 }
 
 impl RateLimit {
@@ -208,6 +212,7 @@ impl RateLimit {
         Ok(RateLimit {
             limiters,
             refusal: Refusal::new(RejectHow::Reset),
+            charged: crate::condition::Mark::new(),
         })
     }
 
@@ -234,7 +239,13 @@ impl RateLimit {
 }
 
 impl Condition for RateLimit {
+    /// Takes one token per connection: asked again about a connection it
+    /// already let through (a deferral elsewhere in a chain), it accepts
+    /// without charging.
     fn decide(&self, req: &ConnectRequest<'_>) -> Verdict {
+        if !req.first_time(self.charged) {
+            return Verdict::accept();
+        }
         if self.check(req.shard, req.peer.ip()) {
             Verdict::accept()
         } else {
@@ -276,15 +287,15 @@ type ProxiedFn = dyn Fn(&Proxied<'_>) -> Verdict + Send + Sync;
 /// Parses a PROXY protocol v1 or v2 header from the first bytes and decides
 /// on the original client.
 ///
-/// The listener must peek enough bytes: `.peek(N, wait)` with N ≥ 108 for
-/// v1 (its longest line is 107 bytes), and N ≥ 232 for v2 as usually sent
-/// (16-byte preamble, addresses, a few TLVs); a v2 header longer than N
-/// never completes and is withdrawn at the pending timeout. Admission calls
-/// the condition once N bytes have arrived or `wait` ran out: keep `wait`
-/// short (a few ms) so that a header shorter than N is decided promptly.
+/// No `peek` setting is needed: asked on the address alone, it asks for the
+/// signature's bytes, then for what the header declares (the v2 length
+/// field; a v1 line up to its CRLF) with [`Verdict::NeedBytes`], so it is
+/// decided as soon as the header is there, however long it is (up to
+/// [`MAX_PEEK`](crate::MAX_PEEK)). With a listener `peek(n, wait)` it works
+/// the same way, starting from `n` bytes.
 ///
-/// - A header not complete yet: [`Verdict::Defer`] (asked again when more
-///   bytes arrive); refused if the peer already half-closed.
+/// - A header not complete yet: [`Verdict::NeedBytes`] for what it lacks;
+///   refused if the peer already half-closed.
 /// - No PROXY signature, or a malformed header: refused (closed, by
 ///   default; see [`ProxyProtocol::refuse`]); with
 ///   [`ProxyProtocol::optional`], a connection without a signature is
@@ -300,14 +311,12 @@ type ProxiedFn = dyn Fn(&Proxied<'_>) -> Verdict + Send + Sync;
 /// ```
 /// use std::io::{Read, Write};
 /// use std::net::TcpStream;
-/// use std::time::Duration;
 /// use floodgate::conditions::{CidrFilter, ProxyProtocol};
 /// use floodgate::{proxy_protocol, Listener};
 ///
 /// let deny = CidrFilter::new().deny("203.0.113.0/24".parse()?);
 /// let listener = Listener::builder("127.0.0.1:0".parse()?)
 ///     .shards(1)
-///     .peek(232, Duration::from_millis(5))
 ///     .condition(ProxyProtocol::new(move |p| deny.verdict_for(p.request.peer.ip())))
 ///     .build()?;
 /// let mut client = TcpStream::connect(listener.local_addr())?;
@@ -383,7 +392,13 @@ impl Condition for ProxyProtocol {
                     header: Some(header),
                 })
             }
-            Err(ProxyError::Incomplete { .. }) if !req.peer_finished => Verdict::Defer,
+            Err(ProxyError::Incomplete { needed_at_least }) if !req.peer_finished => {
+                if needed_at_least > crate::MAX_PEEK {
+                    self.refusal.verdict()
+                } else {
+                    Verdict::NeedBytes(needed_at_least)
+                }
+            }
             Err(ProxyError::NotProxy) if self.optional => (self.inner)(&Proxied {
                 request: *req,
                 proxy: req.peer,
@@ -400,10 +415,13 @@ type SniFn = dyn Fn(&ConnectRequest<'_>, Option<&str>) -> Verdict + Send + Sync;
 /// and calls the inner decision with its SNI host name (`None` when the
 /// ClientHello has no server_name extension).
 ///
-/// The listener must peek enough bytes for the ClientHello (`.peek(N,
-/// wait)`; 512 covers typical clients, up to 16 KiB with large key shares).
-/// A ClientHello not complete yet: [`Verdict::Defer`]. Bytes that are not
-/// TLS, or a malformed ClientHello: refused (reset, by default; see
+/// No `peek` setting is needed: asked on the address alone, it asks for the
+/// TLS record header, then for the length the ClientHello declares
+/// ([`sni::needed_len`], with [`Verdict::NeedBytes`]), so it decides as soon
+/// as the whole ClientHello is there, whatever its size (OpenSSL pads to
+/// 517 bytes; post-quantum key shares make 1.2 KiB and more), up to
+/// [`MAX_PEEK`](crate::MAX_PEEK). Bytes that are not TLS, a malformed
+/// ClientHello, or one that cannot fit: refused (reset, by default; see
 /// [`Sni::refuse`]), or passed to the inner decision with `None` with
 /// [`Sni::pass_non_tls`].
 ///
@@ -412,10 +430,9 @@ type SniFn = dyn Fn(&ConnectRequest<'_>, Option<&str>) -> Verdict + Send + Sync;
 /// use floodgate::{Qos, Verdict};
 ///
 /// let route = Sni::new(|_req, name| match name {
-///     Some("api.example.test") => Verdict::Accept {
-///         qos: Some(Qos { mark: Some(1), ..Default::default() }),
-///         reply: None,
-///     },
+///     Some("api.example.test") => {
+///         Verdict::accept().with_qos(Qos { mark: Some(1), ..Default::default() })
+///     }
 ///     Some(_) => Verdict::accept(),
 ///     None => Verdict::close(),
 /// });
@@ -471,7 +488,17 @@ impl Condition for Sni {
     fn decide(&self, req: &ConnectRequest<'_>) -> Verdict {
         match sni::parse_sni(req.first_bytes) {
             Ok(name) => (self.inner)(req, name.as_deref()),
-            Err(SniError::Incomplete) if !req.peer_finished => Verdict::Defer,
+            Err(SniError::Incomplete) if !req.peer_finished => {
+                let need = sni::needed_len(req.first_bytes);
+                if need <= crate::MAX_PEEK {
+                    return Verdict::NeedBytes(need);
+                }
+                if self.pass_non_tls {
+                    (self.inner)(req, None)
+                } else {
+                    self.refusal.verdict()
+                }
+            }
             Err(_) if self.pass_non_tls => (self.inner)(req, None),
             Err(_) => self.refusal.verdict(),
         }
@@ -481,10 +508,13 @@ impl Condition for Sni {
 /// Conditions asked in order; the first verdict that is not an accept
 /// (a reject or a defer) is the answer, and the rest are not asked.
 ///
-/// When every condition accepts, the accept carries the QoS of the last
-/// condition that gave one (a later `qos: Some` overrides an earlier one;
-/// `None` leaves it), and the replies of all of them, concatenated in
-/// order.
+/// When every condition accepts, the accept carries the QoS and the value
+/// of the last condition that gave one (a later `Some` overrides an earlier
+/// one; `None` leaves it), and the replies of all of them, concatenated in
+/// order. A member that decides on the address alone (a [`CidrFilter`])
+/// decides before any byte arrives when it comes first; a member asked
+/// again after a later one waited for bytes gives the same answer, and a
+/// [`RateLimit`] takes no second token.
 ///
 /// ```
 /// use floodgate::conditions::{Chain, CidrFilter};
@@ -543,12 +573,20 @@ pub fn all_of(conditions: Vec<Box<dyn Condition>>) -> Chain {
 impl Condition for Chain {
     fn decide(&self, req: &ConnectRequest<'_>) -> Verdict {
         let mut qos = None;
+        let mut value = None;
         let mut reply: Option<Vec<u8>> = None;
         for c in &self.conditions {
             match c.decide(req) {
-                Verdict::Accept { qos: q, reply: r } => {
+                Verdict::Accept {
+                    qos: q,
+                    reply: r,
+                    value: v,
+                } => {
                     if q.is_some() {
                         qos = q;
+                    }
+                    if v.is_some() {
+                        value = v;
                     }
                     if let Some(r) = r {
                         reply.get_or_insert_with(Vec::new).extend_from_slice(&r);
@@ -557,7 +595,7 @@ impl Condition for Chain {
                 other => return other,
             }
         }
-        Verdict::Accept { qos, reply }
+        Verdict::Accept { qos, reply, value }
     }
 }
 
@@ -574,9 +612,12 @@ mod tests {
             shard: 0,
             pending_for: Duration::ZERO,
             first_bytes: bytes,
+            peek_full: false,
             peer_finished: false,
             syn: None,
             deferrals: 0,
+            // A test's requests each get marks of their own, for the test's life.
+            marks: Box::leak(Box::new(crate::condition::Marks::new())),
         }
     }
 
@@ -609,20 +650,61 @@ mod tests {
     #[test]
     fn rate_limit_rejects_past_burst_per_source_and_shard() {
         let l = RateLimit::new(2, 0.000_001, 3, 100).unwrap();
-        let r = req("192.0.2.1:1", b"");
+        // Each call is a new connection (marks of its own).
         for _ in 0..3 {
-            assert_eq!(l.decide(&r), Verdict::accept());
+            assert_eq!(l.decide(&req("192.0.2.1:1", b"")), Verdict::accept());
         }
-        assert_eq!(l.decide(&r), Verdict::reset());
+        assert_eq!(l.decide(&req("192.0.2.1:1", b"")), Verdict::reset());
         // Another source, and the same source on another shard, are fresh.
         assert_eq!(l.decide(&req("192.0.2.2:1", b"")), Verdict::accept());
-        let mut r1 = r;
+        let mut r1 = req("192.0.2.1:1", b"");
         r1.shard = 1;
         assert_eq!(l.decide(&r1), Verdict::accept());
         // Refills with time.
         let t = Instant::now() + Duration::from_secs(10_000_000);
         assert!(l.check_at(0, "192.0.2.1".parse().unwrap(), t));
         assert!(RateLimit::new(1, 0.0, 1, 1).is_err());
+    }
+
+    #[test]
+    fn rate_limit_charges_a_connection_once_however_often_asked() {
+        let l = RateLimit::new(1, 0.000_001, 2, 100).unwrap();
+        // Three connections from one source, each asked three times (as a
+        // chain before a byte-waiting condition asks them): two tokens
+        // cover the first two connections; the third is refused.
+        let conns: Vec<_> = (0..3)
+            .map(|i| req(&format!("192.0.2.1:{}", 100 + i), b""))
+            .collect();
+        for c in &conns[..2] {
+            for _ in 0..3 {
+                assert_eq!(l.decide(c), Verdict::accept());
+            }
+        }
+        assert_eq!(l.decide(&conns[2]), Verdict::reset());
+    }
+
+    #[test]
+    fn chain_carries_the_last_value() {
+        let v1 = crate::condition::Value::new(1u8);
+        let v2 = crate::condition::Value::new(2u8);
+        let (a, b) = (v1.clone(), v2.clone());
+        let c = Chain::new(move |_: &ConnectRequest<'_>| Verdict::accept_with(a.clone()))
+            .then(move |_: &ConnectRequest<'_>| Verdict::accept_with(b.clone()))
+            .then(|_: &ConnectRequest<'_>| Verdict::accept());
+        match c.decide(&req("127.0.0.1:1", b"")) {
+            Verdict::Accept { value: Some(v), .. } => assert_eq!(v.get::<u8>(), Some(&2)),
+            other => panic!("{other:?}"),
+        }
+        assert_ne!(v1, v2);
+    }
+
+    #[test]
+    fn sni_refuses_a_hello_that_cannot_fit_the_peek() {
+        let s = Sni::new(|_r: &ConnectRequest<'_>, _n: Option<&str>| Verdict::accept());
+        // A record header declaring a 16 KiB record holding a 16 KiB hello.
+        let mut big = vec![0x16, 0x03, 0x01, 0x40, 0x00, 0x01, 0x00, 0x3f, 0xfc];
+        big.resize(100, 0);
+        assert_eq!(s.decide(&req("127.0.0.1:9", &big)), Verdict::reset());
     }
 
     #[test]
@@ -638,7 +720,14 @@ mod tests {
         let mut bytes = proxy_protocol::encode_v2(src, "198.51.100.1:443".parse().unwrap());
         let hlen = bytes.len();
         bytes.extend_from_slice(b"GET");
-        assert_eq!(p.decide(&req("127.0.0.1:9", &bytes[..10])), Verdict::Defer);
+        assert_eq!(
+            p.decide(&req("127.0.0.1:9", &bytes[..10])),
+            Verdict::NeedBytes(16)
+        );
+        assert_eq!(
+            p.decide(&req("127.0.0.1:9", &bytes[..20])),
+            Verdict::NeedBytes(hlen)
+        );
         assert!(seen.lock().unwrap().is_none());
         assert_eq!(p.decide(&req("127.0.0.1:9", &bytes)), Verdict::accept());
         let got = seen.lock().unwrap().unwrap();
@@ -694,7 +783,11 @@ mod tests {
         });
         let hello = sni::client_hello("a.test");
         assert_eq!(s.decide(&req("127.0.0.1:9", &hello)), Verdict::accept());
-        assert_eq!(s.decide(&req("127.0.0.1:9", &hello[..20])), Verdict::Defer);
+        assert_eq!(
+            s.decide(&req("127.0.0.1:9", &hello[..20])),
+            Verdict::NeedBytes(hello.len())
+        );
+        assert_eq!(s.decide(&req("127.0.0.1:9", b"")), Verdict::NeedBytes(5));
         let other = sni::client_hello("b.test");
         assert_eq!(s.decide(&req("127.0.0.1:9", &other)), Verdict::close());
         assert_eq!(s.decide(&req("127.0.0.1:9", b"GET /")), Verdict::reset());
@@ -719,21 +812,16 @@ mod tests {
             mark: Some(2),
             ..Default::default()
         };
-        let a = move |_: &ConnectRequest<'_>| Verdict::Accept {
-            qos: Some(q1),
-            reply: Some(b"a".to_vec()),
-        };
-        let b = move |_: &ConnectRequest<'_>| Verdict::Accept {
-            qos: Some(q2),
-            reply: Some(b"b".to_vec()),
-        };
+        let a = move |_: &ConnectRequest<'_>| Verdict::accept().with_qos(q1).with_reply("a");
+        let b = move |_: &ConnectRequest<'_>| Verdict::accept().with_qos(q2).with_reply("b");
         let none = |_: &ConnectRequest<'_>| Verdict::accept();
         let c = Chain::new(a).then(b).then(none);
         assert_eq!(
             c.decide(&req("127.0.0.1:1", b"")),
             Verdict::Accept {
                 qos: Some(q2),
-                reply: Some(b"ab".to_vec())
+                reply: Some(b"ab".to_vec()),
+                value: None,
             }
         );
         let asked = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -391,10 +391,12 @@ impl ListenerBuilder {
                 "a multicast address cannot accept TCP",
             ));
         }
+        let effective = self.backlog.min(ceiling);
         let backlog = BacklogLength {
             requested: self.backlog,
             ceiling,
-            effective: self.backlog.min(ceiling),
+            effective,
+            kernel: kernel_somaxconn().map_or(effective, |k| effective.min(k)),
         };
         let placements = (0..shards)
             .map(|k| {
@@ -546,13 +548,16 @@ fn bind_group(
             .map_err(|e| Error::setup("setsockopt(SO_REUSEPORT)", e))?;
         // Declared attributes go on the listener: Linux copies most of them
         // into every accepted socket (see `attrs::INHERITED`).
-        attrs.apply(&socket, addr.is_ipv6(), false).map_err(|e| {
-            Error::Config(ConfigError::new(
-                "attrs",
-                format!("{attrs:?}"),
-                format!("the kernel refused it: {e}"),
-            ))
-        })?;
+        attrs
+            .apply_named(&socket, addr.is_ipv6(), false)
+            .map_err(|(a, e)| {
+                let (field, value) = attrs.field(a);
+                Error::Config(ConfigError::new(
+                    field,
+                    value,
+                    format!("the kernel refused it: {e}"),
+                ))
+            })?;
         if save_syn {
             sys::setsockopt::<i32>(socket.as_fd(), libc::IPPROTO_TCP, libc::TCP_SAVE_SYN, 1)
                 .map_err(|e| Error::setup("setsockopt(TCP_SAVE_SYN)", e))?;

@@ -5,6 +5,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Instant;
 
 use crate::backlog::Pending;
+use crate::condition::Value;
 
 /// A connection accepted by a shard and delivered to the application.
 ///
@@ -16,6 +17,7 @@ pub struct Admitted {
     stream: TcpStream,
     shard: usize,
     accepted_at: Instant,
+    value: Option<Value>,
 }
 
 impl Admitted {
@@ -24,7 +26,41 @@ impl Admitted {
             stream: TcpStream::from(p.fd),
             shard,
             accepted_at: p.accepted_at,
+            value: p.value,
         }
+    }
+
+    /// Back into the engine's form (a registration hands it back), value kept.
+    pub(crate) fn into_pending(self) -> Pending {
+        Pending {
+            fd: self.stream.into(),
+            accepted_at: self.accepted_at,
+            value: self.value,
+        }
+    }
+
+    /// What the condition attached when it accepted the connection
+    /// ([`Verdict::Accept`](crate::Verdict::Accept)'s `value`), if it is a `T`.
+    ///
+    /// ```
+    /// use floodgate::{Listener, Value, Verdict};
+    ///
+    /// let listener = Listener::builder("127.0.0.1:0".parse()?)
+    ///     .shards(1)
+    ///     .condition(|_: &floodgate::ConnectRequest<'_>| Verdict::accept_with(Value::new(7u32)))
+    ///     .build()?;
+    /// let _client = std::net::TcpStream::connect(listener.local_addr())?;
+    /// let conn = listener.accept()?;
+    /// assert_eq!(conn.value::<u32>(), Some(&7));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn value<T: std::any::Any>(&self) -> Option<&T> {
+        self.value.as_ref()?.get::<T>()
+    }
+
+    /// The condition's value as it was given, whatever its type.
+    pub fn raw_value(&self) -> Option<&Value> {
+        self.value.as_ref()
     }
 
     /// The shard that accepted it.

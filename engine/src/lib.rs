@@ -91,7 +91,7 @@ pub mod syn;
 pub use accept::{BacklogLength, Listener};
 pub use acceptor::Handler;
 pub use attrs::{Attr, Keepalive, SocketAttrs, INHERITED};
-pub use condition::{Condition, ConnectRequest, RejectHow, Verdict};
+pub use condition::{Condition, ConnectRequest, Mark, Marks, RejectHow, Value, Verdict};
 pub use config::{
     kernel_somaxconn, ListenerBuilder, Steering, DEFAULT_BACKLOG, DEFAULT_CEILING,
     DEFAULT_PENDING_TIMEOUT, MAX_CEILING, MAX_PEEK,

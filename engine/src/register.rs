@@ -211,6 +211,12 @@ impl Registered<'_> {
         self.conn.as_ref().map(Admitted::accepted_at)
     }
 
+    /// What the condition attached when it accepted the connection, if it
+    /// is a `T` (see [`Admitted::value`]); `None` after `release`.
+    pub fn value<T: std::any::Any>(&self) -> Option<&T> {
+        self.conn.as_ref()?.value::<T>()
+    }
+
     /// Deregisters and closes it when the handler returns.
     pub fn close(&mut self) {
         self.action = Action::Close;
@@ -351,7 +357,7 @@ impl Registry {
             let conn = Admitted::new(
                 Pending {
                     fd: OwnedFd::from(stream),
-                    accepted_at: p.accepted_at,
+                    ..p
                 },
                 self.shard,
             );
@@ -372,11 +378,7 @@ impl Registry {
             if self.post(ring, slot, &mut s).is_err() {
                 // The ring refused the SQE: put it back and retry next turn.
                 self.free.push(slot);
-                let fd = OwnedFd::from(s.conn);
-                self.incoming.push(Pending {
-                    fd,
-                    accepted_at: p.accepted_at,
-                });
+                self.incoming.push(s.conn.into_pending());
                 return;
             }
             self.slots[slot] = Some(s);
@@ -493,11 +495,7 @@ impl Registry {
             Some(Action::Take) => {
                 let _ = conn.as_std().set_nonblocking(was_nonblocking);
                 c.registered.fetch_sub(1, Ordering::Relaxed);
-                let accepted_at = conn.accepted_at();
-                self.taken.push(Pending {
-                    fd: OwnedFd::from(conn),
-                    accepted_at,
-                });
+                self.taken.push(conn.into_pending());
             }
         }
     }

@@ -36,6 +36,8 @@ const EXT_SERVER_NAME: u16 = 0;
 const EXT_SUPPORTED_GROUPS: u16 = 10;
 /// Extension number of signature_algorithms (RFC 8446).
 const EXT_SIGNATURE_ALGORITHMS: u16 = 13;
+/// Extension number of padding (RFC 7685).
+const EXT_PADDING: u16 = 21;
 /// Extension number of supported_versions (RFC 8446).
 const EXT_SUPPORTED_VERSIONS: u16 = 43;
 /// ServerName name_type of a DNS host name.
@@ -118,6 +120,37 @@ impl<'a> Reader<'a> {
     fn vec16(&mut self, what: &'static str) -> Result<&'a [u8], SniError> {
         let n = self.u16(what)?;
         self.take(usize::from(n), what)
+    }
+}
+
+/// How many bytes from the start of the stream a ClientHello needs, as far
+/// as `buf` tells: the record header (5 bytes) until it is there, then the
+/// record's declared length, then the ClientHello's own length once its
+/// handshake header is there. A condition that got
+/// [`SniError::Incomplete`] asks for this many bytes instead of guessing a
+/// fixed prefix (see [`crate::Verdict::NeedBytes`]). Never less than
+/// `buf.len() + 1` for an incomplete hello; meaningless for other input.
+///
+/// ```
+/// use floodgate::sni::{client_hello, needed_len};
+///
+/// let hello = client_hello("example.com");
+/// assert_eq!(needed_len(&hello[..2]), 5);
+/// assert_eq!(needed_len(&hello[..7]), hello.len());
+/// assert_eq!(needed_len(&hello[..40]), hello.len());
+/// ```
+pub fn needed_len(buf: &[u8]) -> usize {
+    let at_least = buf.len() + 1;
+    let Some(&[_, _, _, hi, lo]) = buf.get(..RECORD_HEADER_LEN) else {
+        return RECORD_HEADER_LEN.max(at_least);
+    };
+    let record = RECORD_HEADER_LEN + usize::from(u16::from_be_bytes([hi, lo]));
+    match buf.get(RECORD_HEADER_LEN..RECORD_HEADER_LEN + HANDSHAKE_HEADER_LEN) {
+        Some(&[_, a, b, c]) => {
+            let hello = usize::from(a) << 16 | usize::from(b) << 8 | usize::from(c);
+            (RECORD_HEADER_LEN + HANDSHAKE_HEADER_LEN + hello).max(at_least)
+        }
+        _ => record.max(at_least),
     }
 }
 
@@ -309,6 +342,24 @@ fn parse_server_name(data: &[u8]) -> Result<String, SniError> {
 /// assert_eq!(parse_sni(&client_hello("")), Ok(None));
 /// ```
 pub fn client_hello(sni: &str) -> Vec<u8> {
+    client_hello_padded(sni, 0)
+}
+
+/// As [`client_hello`], padded with the padding extension (RFC 7685) to
+/// `total` bytes on the wire when that is longer, as OpenSSL pads its
+/// hellos to 517 bytes: the shape of what real clients send.
+///
+/// ```
+/// use floodgate::sni::{client_hello_padded, parse_sni};
+///
+/// let hello = client_hello_padded("example.com", 517);
+/// assert_eq!(hello.len(), 517);
+/// assert_eq!(parse_sni(&hello), Ok(Some("example.com".to_string())));
+/// ```
+///
+/// # Panics
+/// As [`client_hello`].
+pub fn client_hello_padded(sni: &str, total: usize) -> Vec<u8> {
     assert!(
         sni.len() <= MAX_HOST_NAME_LEN,
         "SNI host name is {} bytes, longer than {MAX_HOST_NAME_LEN}",
@@ -340,6 +391,14 @@ pub fn client_hello(sni: &str) -> Vec<u8> {
         EXT_SIGNATURE_ALGORITHMS,
         &[0x00, 0x06, 0x04, 0x03, 0x08, 0x04, 0x04, 0x01],
     );
+    // Everything but the extensions: record and handshake headers, version,
+    // random, session id, 5 cipher suites, compression, extensions length.
+    let fixed = RECORD_HEADER_LEN + HANDSHAKE_HEADER_LEN + 2 + 32 + 1 + 12 + 2 + 2;
+    let unpadded = fixed + exts.len();
+    if total >= unpadded + 4 {
+        let pad = (total - unpadded - 4).min(MAX_RECORD_LEN / 2);
+        push_extension(&mut exts, EXT_PADDING, &vec![0u8; pad]);
+    }
 
     let mut hello = vec![0x03, 0x03];
     hello.extend((0u8..32).map(|i| i.wrapping_mul(37) ^ 0x5a));

@@ -163,7 +163,8 @@ pub struct ShardStats {
     pub rejected: Rejected,
     /// Connections withdrawn while pending, by cause.
     pub withdrawn: Withdrawn,
-    /// Defer verdicts (one connection may be deferred several times).
+    /// Defer and NeedBytes verdicts (one connection may be deferred several
+    /// times).
     pub deferred: u64,
     /// Condition calls that panicked (the connection was reset).
     pub condition_panics: u64,
