@@ -51,8 +51,9 @@ pub struct RunArgs {
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub max_in_flight: u64,
 
-    /// Stop starting connections after this long (default 10s if
-    /// --connections is not given either).
+    /// Stop starting connections after this long: 30s, 1m30s, 500ms, 1h,
+    /// or plain seconds; at most 24h (default 10s if --connections is not
+    /// given either).
     #[arg(long, short = 'd', value_name = "D", value_parser = args::duration)]
     pub duration: Option<std::time::Duration>,
 

@@ -25,18 +25,21 @@ struct Server {
 
 impl Server {
     fn start(extra: &[&str]) -> Server {
+        let mut args = vec!["--stats-interval", "0", "--max-seconds", "120"];
+        args.extend_from_slice(extra);
+        Server::spawn(&args, Stdio::inherit())
+    }
+
+    /// `flood serve --listen 127.0.0.1:0 --shards 1 --exit-on-eof` and
+    /// `args`, with `stderr` as its standard error.
+    fn spawn(args: &[&str], stderr: Stdio) -> Server {
         let mut child = Command::new(FLOOD)
             .args(["serve", "--listen", "127.0.0.1:0", "--shards", "1"])
-            .args([
-                "--exit-on-eof",
-                "--stats-interval",
-                "0",
-                "--max-seconds",
-                "120",
-            ])
-            .args(extra)
+            .arg("--exit-on-eof")
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
+            .stderr(stderr)
             .spawn()
             .expect("spawn flood serve");
         let mut out = BufReader::new(child.stdout.take().expect("stdout"));
@@ -68,13 +71,20 @@ impl Server {
 }
 
 fn flood(args: &[&str]) -> (bool, String, String) {
+    let (code, stdout, stderr) = flood_code(args);
+    (code == Some(0), stdout, stderr)
+}
+
+/// Runs flood; returns its exit code (None if a signal ended it), stdout
+/// and stderr.
+fn flood_code(args: &[&str]) -> (Option<i32>, String, String) {
     let out = Command::new(FLOOD)
         .args(args)
         .stdin(Stdio::null())
         .output()
         .expect("run flood");
     (
-        out.status.success(),
+        out.status.code(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
@@ -256,4 +266,45 @@ fn a_reader_that_goes_away_is_not_a_crash() {
     let status = child.wait().expect("wait flood serve");
     // A panic on the broken pipe would exit with 101.
     assert!(status.success(), "flood serve exited with {status}");
+}
+
+#[test]
+fn compound_durations_are_accepted() {
+    let _g = serial();
+    let server = Server::spawn(
+        &["--stats-interval", "1m30s", "--max-seconds", "120"],
+        Stdio::inherit(),
+    );
+    // The run is bounded by its count; the durations are only parsed.
+    let (ok, stdout, stderr) = flood(&[
+        "run",
+        "--target",
+        &server.addr,
+        "--connections",
+        "50",
+        "--concurrency",
+        "4",
+        "--threads",
+        "1",
+        "-d",
+        "1m30s",
+        "--connect-timeout",
+        "1s500ms",
+        "--io-timeout",
+        "2.5s",
+        "--warmup",
+        "0s",
+    ]);
+    let stats = server.stop();
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(stdout.contains("ok 50"), "{stdout}");
+    assert_eq!(u(&stats, "served"), 50, "{stats}");
+    for bad in ["1m30x", "1m30", "m", "1.2.3s", "25h", "24h1s", ""] {
+        let (ok, _, stderr) = flood(&["run", "--target", "127.0.0.1:1", "-d", bad]);
+        assert!(!ok, "-d {bad:?} was accepted");
+        assert!(
+            stderr.contains("--duration") && stderr.contains(&format!("'{bad}'")),
+            "-d {bad:?}: the message names neither the flag nor the value: {stderr}"
+        );
+    }
 }
