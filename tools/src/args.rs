@@ -128,6 +128,26 @@ pub fn loopback_addr(s: &str) -> Result<SocketAddr, String> {
     Ok(a)
 }
 
+/// The address `flood run` connects to: a loopback address and a port
+/// other than 0 (port 0 and the unspecified addresses 0.0.0.0 and `[::]`
+/// name no server: every connect would be refused).
+pub fn target_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        if a.ip().is_unspecified() {
+            return Err(format!(
+                "{} is the unspecified address, which names no server: give the \
+                 server's address (127.0.0.1 or [::1])",
+                a.ip()
+            ));
+        }
+    }
+    let a = loopback_addr(s)?;
+    if a.port() == 0 {
+        return Err("port 0 names no server: give the port the server listens on".into());
+    }
+    Ok(a)
+}
+
 /// A positive rate (connections per second).
 pub fn rate(s: &str) -> Result<f64, String> {
     let r: f64 = s
@@ -330,6 +350,16 @@ mod tests {
         assert!(loopback_addr("[::1]:80").is_ok());
         assert!(loopback_addr("192.168.1.1:80").is_err());
         assert!(loopback_addr("localhost").is_err());
+        assert!(loopback_addr("127.0.0.1:0").is_ok());
+        assert!(target_addr("127.0.0.1:9000").is_ok());
+        assert!(target_addr("[::1]:9000").is_ok());
+        assert!(target_addr("127.0.0.1:0").unwrap_err().contains("port 0"));
+        assert!(target_addr("[::1]:0").unwrap_err().contains("port 0"));
+        assert!(target_addr("0.0.0.0:80")
+            .unwrap_err()
+            .contains("unspecified"));
+        assert!(target_addr("[::]:80").unwrap_err().contains("unspecified"));
+        assert!(target_addr("10.0.0.1:80").unwrap_err().contains("loopback"));
         assert!(sni(&"a".repeat(256)).is_err());
         assert!(sni(&"a".repeat(255)).is_ok());
     }

@@ -32,8 +32,8 @@ pub enum Close {
 #[derive(Args, Debug, Clone)]
 #[command(group(ArgGroup::new("payload").args(["send", "proxy_v1", "proxy_v2", "tls_hello"])))]
 pub struct RunArgs {
-    /// The server to flood (loopback only).
-    #[arg(long, value_name = "ADDR", value_parser = args::loopback_addr)]
+    /// The server to flood: a loopback address and its port (not 0).
+    #[arg(long, value_name = "ADDR", value_parser = args::target_addr)]
     pub target: SocketAddr,
 
     /// Closed loop: connections in flight over all threads.

@@ -308,3 +308,17 @@ fn compound_durations_are_accepted() {
         );
     }
 }
+
+#[test]
+fn a_target_with_port_zero_or_no_address_is_refused_up_front() {
+    let _g = serial();
+    for target in ["127.0.0.1:0", "[::1]:0", "0.0.0.0:80", "[::]:80"] {
+        // Bounded by a count should it be accepted.
+        let (ok, stdout, stderr) = flood(&["run", "--target", target, "-n", "5", "-t", "1"]);
+        assert!(!ok, "--target {target} was accepted: {stdout}");
+        assert!(
+            stderr.contains("--target") && stdout.is_empty(),
+            "--target {target}: {stderr}"
+        );
+    }
+}
