@@ -19,6 +19,20 @@ use crate::report::{Cpu, Latencies, Percentiles, Report};
 /// The bound used when neither `--duration` nor `--connections` is given.
 pub const DEFAULT_DURATION: Duration = Duration::from_secs(10);
 
+/// `flood run`'s exit status when the run ended without one successful
+/// connection (all refused, timed out, reset, or short of `--expect`): the
+/// report is printed all the same. 0 means at least one succeeded; 1 that
+/// flood could not run; 2 a bad command line.
+pub const EXIT_NO_SUCCESS: u8 = 3;
+
+/// The exit statuses, for `flood run --help`.
+const EXIT_HELP: &str = "Exit status:
+  0  at least one connection succeeded
+  1  flood could not run (the connector could not start, --pin failed, ...)
+  2  bad command line
+  3  no connection succeeded (all refused, timed out, reset or short of
+     --expect); the report is printed all the same";
+
 /// How to close each connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Close {
@@ -31,6 +45,7 @@ pub enum Close {
 /// `flood run` options.
 #[derive(Args, Debug, Clone)]
 #[command(group(ArgGroup::new("payload").args(["send", "proxy_v1", "proxy_v2", "tls_hello"])))]
+#[command(after_help = EXIT_HELP)]
 pub struct RunArgs {
     /// The server to flood: a loopback address and its port (not 0).
     #[arg(long, value_name = "ADDR", value_parser = args::target_addr)]
@@ -366,6 +381,13 @@ pub fn main(a: RunArgs) -> Result<ExitCode, String> {
         for line in rep.table() {
             crate::emit(&line);
         }
+    }
+    if ok == 0 {
+        crate::emit_err(&format!(
+            "flood: no connection succeeded ({} started, {} errors): exit status {EXIT_NO_SUCCESS}",
+            rep.started, rep.errors
+        ));
+        return Ok(ExitCode::from(EXIT_NO_SUCCESS));
     }
     Ok(ExitCode::SUCCESS)
 }

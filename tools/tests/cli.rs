@@ -268,6 +268,22 @@ fn a_reader_that_goes_away_is_not_a_crash() {
     assert!(status.success(), "flood serve exited with {status}");
 }
 
+/// A loopback port that refuses connections: a socket bound to it but not
+/// listening (kept for as long as the returned socket lives, so no other
+/// process can take the port meanwhile).
+fn closed_port() -> (socket2::Socket, String) {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+    let any: std::net::SocketAddr = "127.0.0.1:0".parse().expect("address");
+    s.bind(&any.into()).expect("bind");
+    let addr = s
+        .local_addr()
+        .expect("local_addr")
+        .as_socket()
+        .expect("an inet address");
+    (s, addr.to_string())
+}
+
 #[test]
 fn compound_durations_are_accepted() {
     let _g = serial();
@@ -321,4 +337,24 @@ fn a_target_with_port_zero_or_no_address_is_refused_up_front() {
             "--target {target}: {stderr}"
         );
     }
+}
+
+#[test]
+fn a_run_in_which_no_connection_succeeded_exits_3() {
+    let _g = serial();
+    let (_hold, closed) = closed_port();
+    let (code, stdout, stderr) = flood_code(&["run", "--target", &closed, "-n", "20", "-t", "1"]);
+    assert_eq!(code, Some(3), "{stdout}\n{stderr}");
+    assert!(stdout.contains("connect_refused 20"), "{stdout}");
+    assert!(stderr.contains("no connection succeeded"), "{stderr}");
+    // The server closes every connection before its banner: all short reads.
+    let server = Server::start(&["--reject-cidr", "127.0.0.0/8"]);
+    let (code, stdout, stderr) =
+        flood_code(&["run", "--target", &server.addr, "-n", "20", "-t", "1"]);
+    let stats = server.stop();
+    assert_eq!(code, Some(3), "{stdout}\n{stderr}");
+    assert!(stdout.contains("short_read 20"), "{stdout}");
+    assert_eq!(u(&stats, "rejected"), 20, "{stats}");
+    let (_, help, _) = flood(&["run", "--help"]);
+    assert!(help.contains("Exit status"), "{help}");
 }
