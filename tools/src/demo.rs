@@ -99,7 +99,7 @@ pub fn main(a: DemoArgs) -> Result<ExitCode, String> {
     listener.shutdown();
     let ok = summary.outcomes.get(SequenceOutcome::Ok);
     // One process runs both sides: its CPU is printed apart, not as flood's.
-    let cpu = Cpu::from(before.per_conn(&after, ok));
+    let cpu = Cpu::per_conn(&before, &after, ok);
     let rep = run::report(
         target,
         connector.shards(),

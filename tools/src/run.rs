@@ -371,7 +371,7 @@ pub fn main(a: RunArgs) -> Result<ExitCode, String> {
     let run = execute(&connector, &plan, "run")?;
     let after = measure::CpuSample::take(a.server_pid, a.pin);
     let ok = run.summary.outcomes.get(floodgate::SequenceOutcome::Ok);
-    let cpu = Cpu::from(before.per_conn(&after, ok));
+    let cpu = Cpu::per_conn(&before, &after, ok);
     let rep = report(a.target, threads, &plan, &run, cpu);
     connector.shutdown();
     if a.json {

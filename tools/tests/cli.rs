@@ -358,3 +358,49 @@ fn a_run_in_which_no_connection_succeeded_exits_3() {
     let (_, help, _) = flood(&["run", "--help"]);
     assert!(help.contains("Exit status"), "{help}");
 }
+
+#[test]
+fn without_successes_there_are_no_latency_or_per_connection_cpu_figures() {
+    let _g = serial();
+    let (_hold, closed) = closed_port();
+    let run = ["run", "--target", &closed, "-n", "20", "-t", "1"];
+    let (_, table, _) = flood_code(&run);
+    let latency_rows: Vec<&str> = table
+        .lines()
+        .filter(|l| l.starts_with("connect ") || l.starts_with("first byte "))
+        .collect();
+    assert_eq!(latency_rows.len(), 2, "{table}");
+    for row in latency_rows {
+        assert!(
+            !row.contains('0'),
+            "a latency figure without samples: {table}"
+        );
+    }
+    assert!(!table.contains("cpu µs/conn"), "{table}");
+    let (_, json, _) = flood_code(&[&run[..], &["--json"]].concat());
+    let report: Value = serde_json::from_str(json.trim()).expect("--json parses");
+    assert_eq!(u(&report, "ok"), 0, "{report}");
+    assert_eq!(report["connect_us"], Value::Null, "{report}");
+    assert_eq!(report["first_byte_us"], Value::Null, "{report}");
+    assert_eq!(report["cpu"]["flood_us_per_conn"], Value::Null, "{report}");
+    // With successes but nothing expected back, only the first byte is absent.
+    let server = Server::start(&[]);
+    let (ok, json, stderr) = flood(&[
+        "run",
+        "--target",
+        &server.addr,
+        "-n",
+        "20",
+        "-t",
+        "1",
+        "--expect",
+        "0",
+        "--json",
+    ]);
+    server.stop();
+    assert!(ok, "{stderr}");
+    let report: Value = serde_json::from_str(json.trim()).expect("--json parses");
+    assert_eq!(u(&report["connect_us"], "count"), 20, "{report}");
+    assert_eq!(report["first_byte_us"], Value::Null, "{report}");
+    assert!(report["cpu"]["flood_us_per_conn"].is_f64(), "{report}");
+}
