@@ -97,7 +97,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "SNI", value_parser = args::sni)]
     pub tls_hello: Option<String>,
 
-    /// Wait for this many response bytes (or EOF) before closing; 0: don't.
+    /// Wait for this many response bytes before closing; 0: don't. A reply
+    /// cut short by the server's close (EOF first) fails as short_read.
     #[arg(long, value_name = "N", default_value_t = 1,
           value_parser = clap::value_parser!(u64).range(0..=(1 << 30)))]
     pub expect: u64,

@@ -404,3 +404,32 @@ fn without_successes_there_are_no_latency_or_per_connection_cpu_figures() {
     assert_eq!(report["first_byte_us"], Value::Null, "{report}");
     assert!(report["cpu"]["flood_us_per_conn"].is_f64(), "{report}");
 }
+
+#[test]
+fn an_early_eof_under_expect_is_a_short_read_as_the_help_says() {
+    let _g = serial();
+    let (_, help, _) = flood(&["run", "--help"]);
+    assert!(!help.contains("(or EOF)"), "{help}");
+    let expect_help = help
+        .split("--expect")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no --expect in {help}"));
+    assert!(expect_help.contains("short_read"), "{help}");
+    // A 1-byte banner and then the close, where 4 bytes are expected.
+    let server = Server::start(&["--banner", "x"]);
+    let (code, stdout, stderr) = flood_code(&[
+        "run",
+        "--target",
+        &server.addr,
+        "-n",
+        "10",
+        "-t",
+        "1",
+        "--expect",
+        "4",
+    ]);
+    let stats = server.stop();
+    assert!(stdout.contains("short_read 10"), "{stdout}\n{stderr}");
+    assert_eq!(code, Some(3), "{stdout}\n{stderr}");
+    assert_eq!(u(&stats, "served"), 10, "{stats}");
+}
