@@ -7,6 +7,49 @@ use std::time::Duration;
 /// The most source addresses `--sources` may name.
 pub const MAX_SOURCES: usize = 4096;
 
+/// A whole number from `min` to `max` (a value parser for clap, which
+/// names the flag): anything else, a negative number included, is refused
+/// with the range and the value given. Numeric flags take
+/// `allow_hyphen_values` so that `-5` reaches this parser instead of being
+/// read as an unknown flag.
+pub fn int_in<T>(min: T, max: T) -> impl Fn(&str) -> Result<T, String> + Clone + Send + Sync
+where
+    T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy + Send + Sync,
+{
+    move |s: &str| int(s, min, Some(max))
+}
+
+/// As [`int_in`], with no upper bound but the type's.
+pub fn int_from<T>(min: T) -> impl Fn(&str) -> Result<T, String> + Clone + Send + Sync
+where
+    T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy + Send + Sync,
+{
+    move |s: &str| int(s, min, None)
+}
+
+fn int<T>(s: &str, min: T, max: Option<T>) -> Result<T, String>
+where
+    T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy,
+{
+    let t = s.trim();
+    match t.parse::<T>() {
+        Ok(v) if v >= min && max.map_or(true, |m| v <= m) => Ok(v),
+        _ => {
+            let zero = "0".parse::<T>().ok();
+            let what = if zero.is_some_and(|z| min > z) {
+                "a positive integer"
+            } else {
+                "a whole number"
+            };
+            let range = match max {
+                Some(m) => format!("{min} to {m}"),
+                None => format!("{min} or more"),
+            };
+            Err(format!("must be {what} ({range}), got `{t}`"))
+        }
+    }
+}
+
 /// The longest duration any flag takes: 24 hours. It keeps every deadline
 /// flood computes (now + a duration) far from the clock's limits.
 pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
@@ -323,6 +366,29 @@ mod tests {
             );
         }
         assert!(err("99999999999999999999999999999999999999999h").contains("longer than"));
+    }
+
+    #[test]
+    fn integers_say_their_range() {
+        let c = int_in(1u64, 1_000_000);
+        assert_eq!(c("64"), Ok(64));
+        assert_eq!(c(" 7 "), Ok(7));
+        assert_eq!(c("1000000"), Ok(1_000_000));
+        for bad in ["-5", "0", "1000001", "1.5", "x", "", "+-1"] {
+            let e = c(bad).expect_err(bad);
+            assert!(
+                e.starts_with("must be a positive integer (1 to 1000000)"),
+                "{e}"
+            );
+        }
+        assert!(c("-5").expect_err("-5").ends_with("got `-5`"));
+        let e = int_in(0u64, 10)("-1").expect_err("-1");
+        assert!(e.starts_with("must be a whole number (0 to 10)"), "{e}");
+        let e = int_from(0usize)("-1").expect_err("-1");
+        assert_eq!(e, "must be a whole number (0 or more), got `-1`");
+        assert_eq!(int_from(1u32)("4294967295"), Ok(u32::MAX));
+        assert!(int_from(1u32)("4294967296").is_err());
+        assert!(int_from(1u64)("18446744073709551616").is_err());
     }
 
     #[test]

@@ -29,12 +29,13 @@ pub const REFUSED_SOURCE: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 9);
 #[derive(Args, Debug, Clone)]
 pub struct DemoArgs {
     /// How long to flood.
-    #[arg(long, short = 'd', value_name = "D", default_value = "3s", value_parser = args::duration)]
+    #[arg(long, short = 'd', value_name = "D", default_value = "3s", allow_hyphen_values = true,
+          value_parser = args::duration)]
     pub duration: Duration,
 
     /// Connections in flight.
-    #[arg(long, short = 'c', value_name = "C", default_value_t = 64,
-          value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    #[arg(long, short = 'c', value_name = "C", default_value_t = 64, allow_hyphen_values = true,
+          value_parser = args::int_in(1u64, 100_000))]
     pub concurrency: u64,
 
     /// Print the client report as JSON (the engine's stats stay a table).

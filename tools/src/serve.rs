@@ -29,13 +29,13 @@ pub struct ServeArgs {
     pub listen: SocketAddr,
 
     /// Shards (threads, each pinned to its core: shard k on core k).
-    #[arg(long, value_name = "N",
-          value_parser = clap::value_parser!(u64).range(1..=1024))]
+    #[arg(long, value_name = "N", allow_hyphen_values = true,
+          value_parser = args::int_in(1u64, 1024))]
     pub shards: Option<u64>,
 
     /// Requested backlog (clamped to the provider ceiling, somaxconn).
-    #[arg(long, value_name = "N", default_value_t = 4096,
-          value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_name = "N", default_value_t = 4096, allow_hyphen_values = true,
+          value_parser = args::int_from(1u64))]
     pub backlog: u64,
 
     /// Reject connections from this block (repeatable): the engine's
@@ -47,7 +47,8 @@ pub struct ServeArgs {
     /// Have the engine peek this many first bytes (waiting up to 1 s) before
     /// admitting a connection; the handler then reads and discards what the
     /// client sent before the banner, so the close is a FIN, not an RST.
-    #[arg(long, value_name = "N", default_value_t = 0)]
+    #[arg(long, value_name = "N", default_value_t = 0, allow_hyphen_values = true,
+          value_parser = args::int_in(0usize, floodgate::MAX_PEEK))]
     pub peek: usize,
 
     /// The banner (escapes: \r \n \t \\ \0 \xHH).
@@ -61,12 +62,13 @@ pub struct ServeArgs {
     pub coalesce: bool,
 
     /// Print stats on stderr this often; 0 turns it off.
-    #[arg(long, value_name = "D", default_value = "1s", value_parser = args::duration_or_zero)]
+    #[arg(long, value_name = "D", default_value = "1s", allow_hyphen_values = true,
+          value_parser = args::duration_or_zero)]
     pub stats_interval: Duration,
 
     /// Stop by itself after this many seconds.
-    #[arg(long, value_name = "S",
-          value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_name = "S", allow_hyphen_values = true,
+          value_parser = args::int_from(1u64))]
     pub max_seconds: Option<u64>,
 
     /// Stop when standard input reaches EOF (for a parent process).

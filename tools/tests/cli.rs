@@ -433,3 +433,56 @@ fn an_early_eof_under_expect_is_a_short_read_as_the_help_says() {
     assert_eq!(code, Some(3), "{stdout}\n{stderr}");
     assert_eq!(u(&stats, "served"), 10, "{stats}");
 }
+
+#[test]
+fn negative_numbers_are_refused_naming_the_flag() {
+    let run = ["run", "--target", "127.0.0.1:1"];
+    let serve = ["serve", "--listen", "127.0.0.1:0"];
+    let demo = ["demo"];
+    let cases: &[(&[&str], &str, &str)] = &[
+        (&run, "--concurrency", "-5"),
+        (&run, "-c", "-5"),
+        (&run, "--rate", "-5"),
+        (&run, "--max-in-flight", "-5"),
+        (&run, "--duration", "-5s"),
+        (&run, "-d", "-5"),
+        (&run, "--connections", "-5"),
+        (&run, "-n", "-5"),
+        (&run, "--warmup", "-1s"),
+        (&run, "--expect", "-1"),
+        (&run, "--threads", "-2"),
+        (&run, "-t", "-2"),
+        (&run, "--pin", "-1"),
+        (&run, "--server-pid", "-1"),
+        (&run, "--connect-timeout", "-1s"),
+        (&run, "--io-timeout", "-1s"),
+        (&serve, "--shards", "-1"),
+        (&serve, "--backlog", "-1"),
+        (&serve, "--peek", "-1"),
+        (&serve, "--stats-interval", "-1s"),
+        (&serve, "--max-seconds", "-1"),
+        (&demo, "--duration", "-1"),
+        (&demo, "--concurrency", "-5"),
+    ];
+    for (cmd, flag, value) in cases {
+        let args = [*cmd, &[*flag, *value]].concat();
+        let (code, _, stderr) = flood_code(&args);
+        assert_eq!(code, Some(2), "{args:?} was not refused: {stderr}");
+        let long = match *flag {
+            "-c" => "--concurrency",
+            "-d" => "--duration",
+            "-n" => "--connections",
+            "-t" => "--threads",
+            f => f,
+        };
+        assert!(
+            stderr.contains(long) && stderr.contains(value) && !stderr.contains("unexpected"),
+            "{args:?}: the message does not name {long} and {value}: {stderr}"
+        );
+    }
+    let (_, _, stderr) = flood_code(&[&run[..], &["--concurrency", "-5"]].concat());
+    assert!(
+        stderr.contains("must be a positive integer"),
+        "--concurrency -5: {stderr}"
+    );
+}
