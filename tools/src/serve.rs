@@ -66,7 +66,8 @@ pub struct ServeArgs {
           value_parser = args::duration_or_zero)]
     pub stats_interval: Duration,
 
-    /// Stop by itself after this many seconds.
+    /// Stop by itself after this many seconds (a number too large for the
+    /// clock means never).
     #[arg(long, value_name = "S", allow_hyphen_values = true,
           value_parser = args::int_from(1u64))]
     pub max_seconds: Option<u64>,
@@ -211,15 +212,19 @@ pub fn main(a: ServeArgs) -> Result<ExitCode, String> {
             stop.store(true, Ordering::SeqCst);
         });
     }
-    let deadline = a.max_seconds.map(|s| started + Duration::from_secs(s));
-    let mut next_stats = started + a.stats_interval;
+    // A deadline the clock cannot hold (u64::MAX seconds) is no deadline:
+    // the server then runs until a signal or, with --exit-on-eof, EOF.
+    let deadline = a
+        .max_seconds
+        .and_then(|s| started.checked_add(Duration::from_secs(s)));
+    let mut next_stats = started.checked_add(a.stats_interval);
     let mut last = (started, 0u64);
     while !stop.load(Ordering::SeqCst) {
         let now = Instant::now();
         if deadline.is_some_and(|d| now >= d) {
             break;
         }
-        if !a.stats_interval.is_zero() && now >= next_stats {
+        if !a.stats_interval.is_zero() && next_stats.is_some_and(|t| now >= t) {
             let t = listener.stats().total();
             let secs = now.duration_since(last.0).as_secs_f64().max(1e-3);
             eprintln!(
@@ -233,7 +238,7 @@ pub fn main(a: ServeArgs) -> Result<ExitCode, String> {
                 t.kernel.map_or(0, |k| k.accept_queue),
             );
             last = (now, t.accepted);
-            next_stats = now + a.stats_interval;
+            next_stats = now.checked_add(a.stats_interval);
         }
         std::thread::park_timeout(Duration::from_millis(20));
     }

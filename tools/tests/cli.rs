@@ -486,3 +486,40 @@ fn negative_numbers_are_refused_naming_the_flag() {
         "--concurrency -5: {stderr}"
     );
 }
+
+#[test]
+fn huge_durations_do_not_overflow_the_clock() {
+    let _g = serial();
+    // u64::MAX seconds cannot be added to the clock: it runs until told.
+    let server = Server::spawn(
+        &[
+            "--max-seconds",
+            "18446744073709551615",
+            "--stats-interval",
+            "24h",
+        ],
+        Stdio::inherit(),
+    );
+    let (ok, stdout, stderr) = flood(&[
+        "run",
+        "--target",
+        &server.addr,
+        "-n",
+        "20",
+        "-t",
+        "1",
+        "-d",
+        "24h",
+        "--connect-timeout",
+        "24h",
+        "--io-timeout",
+        "24h",
+    ]);
+    // stop() asserts the exit status: a panic would be 101.
+    let stats = server.stop();
+    assert!(ok, "{stdout}\n{stderr}");
+    assert_eq!(u(&stats, "served"), 20, "{stats}");
+    let (code, _, stderr) = flood_code(&["run", "--target", "127.0.0.1:1", "-d", "25h"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("--duration"), "{stderr}");
+}
