@@ -158,14 +158,16 @@ pub fn main(a: DemoArgs) -> Result<ExitCode, String> {
         if conserved { "holds" } else { "BROKEN" }
     ));
     let short = summary.outcomes.get(SequenceOutcome::ShortRead);
+    // Closed without the banner: rejected by the condition, or withdrawn.
+    let refused = serve_stats.rejected + serve_stats.withdrawn;
     crate::emit(&format!(
         "cross-check: client ok {} == banners sent {} -> {}; client short reads {} == refused {} -> {}",
         ok,
         serve_stats.served,
         if ok == serve_stats.served { "yes" } else { "no" },
         short,
-        serve_stats.rejected,
-        if short == serve_stats.rejected { "yes" } else { "no" },
+        refused,
+        if short == refused { "yes" } else { "no" },
     ));
     let client = connector.stats();
     if !client.conserved() || client.total().open_sockets != 0 {

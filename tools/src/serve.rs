@@ -92,6 +92,9 @@ pub struct ServeStats {
     pub served: u64,
     /// Connections rejected by the engine's condition (`--reject-cidr`).
     pub rejected: u64,
+    /// Connections withdrawn while pending: the client went away, or the
+    /// pending timeout passed, before the condition decided (`--peek`).
+    pub withdrawn: u64,
     /// Connections closed by shutdown before delivery.
     pub closed_at_shutdown: u64,
     /// Connections still pending.
@@ -170,7 +173,8 @@ pub fn final_stats(
             accepted: t.accepted,
             delivered: t.delivered,
             served: counts.served.load(Ordering::Relaxed),
-            rejected: t.rejected.total() + t.withdrawn.total(),
+            rejected: t.rejected.total(),
+            withdrawn: t.withdrawn.total(),
             closed_at_shutdown: t.closed_at_shutdown,
             pending: t.pending,
             conserved: stats.conserved(),
@@ -228,11 +232,12 @@ pub fn main(a: ServeArgs) -> Result<ExitCode, String> {
             let t = listener.stats().total();
             let secs = now.duration_since(last.0).as_secs_f64().max(1e-3);
             eprintln!(
-                "serve {:>6.1}s  accepted {}  delivered {}  rejected {}  {:.0} conn/s  ring {}  kernel queue {}",
+                "serve {:>6.1}s  accepted {}  delivered {}  rejected {}  withdrawn {}  {:.0} conn/s  ring {}  kernel queue {}",
                 now.duration_since(started).as_secs_f64(),
                 t.accepted,
                 t.delivered,
                 t.rejected.total(),
+                t.withdrawn.total(),
                 t.accepted.saturating_sub(last.1) as f64 / secs,
                 t.ring_depth,
                 t.kernel.map_or(0, |k| k.accept_queue),

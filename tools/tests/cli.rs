@@ -523,3 +523,82 @@ fn huge_durations_do_not_overflow_the_clock() {
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("--duration"), "{stderr}");
 }
+
+/// Reads `flood serve`'s stats lines (stderr) until one satisfies `done`,
+/// and returns it; then keeps reading them in a thread until serve exits
+/// (so that no stats line meets a closed pipe).
+fn wait_for_stats_line(server: &mut Server, done: impl Fn(&str) -> bool) -> String {
+    let mut err = BufReader::new(server.child.stderr.take().expect("stderr piped"));
+    let mut last = String::new();
+    loop {
+        let mut line = String::new();
+        let n = err.read_line(&mut line).expect("read serve's stderr");
+        assert!(n > 0, "serve ended first; its last stats line: {last}");
+        if done(&line) {
+            std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+            return line;
+        }
+        last = line;
+    }
+}
+
+/// Connections that close without sending a byte, to a server that waits
+/// for one: each is withdrawn (the peer went away while pending).
+fn silent_clients(addr: &str, n: &str) {
+    let (ok, stdout, stderr) = flood(&[
+        "run", "--target", addr, "-n", n, "-c", "4", "-t", "1", "--expect", "0", "--close", "fin",
+    ]);
+    assert!(ok, "{stdout}\n{stderr}");
+}
+
+#[test]
+fn withdrawn_connections_are_reported_apart_from_rejected() {
+    let _g = serial();
+    let mut server = Server::spawn(
+        &[
+            "--reject-cidr",
+            "127.0.0.3/32",
+            "--peek",
+            "1",
+            "--stats-interval",
+            "10ms",
+            "--max-seconds",
+            "30",
+        ],
+        Stdio::piped(),
+    );
+    // Clients that send a byte and wait for the answer: half rejected.
+    let (code, stdout, stderr) = flood_code(&[
+        "run",
+        "--target",
+        &server.addr,
+        "-n",
+        "20",
+        "-c",
+        "4",
+        "-t",
+        "1",
+        "--send",
+        "p",
+        "--close",
+        "fin",
+        "--sources",
+        "127.0.0.2-127.0.0.3",
+    ]);
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("ok 10") && stdout.contains("short_read 10"),
+        "{stdout}"
+    );
+    silent_clients(&server.addr, "20");
+    let line = wait_for_stats_line(&mut server, |l| {
+        l.contains("accepted 40") && l.contains("withdrawn 20")
+    });
+    assert!(line.contains("rejected 10"), "{line}");
+    let stats = server.stop();
+    assert_eq!(u(&stats, "accepted"), 40, "{stats}");
+    assert_eq!(u(&stats, "delivered"), 10, "{stats}");
+    assert_eq!(u(&stats, "rejected"), 10, "{stats}");
+    assert_eq!(u(&stats, "withdrawn"), 20, "{stats}");
+    assert_eq!(stats["conserved"], Value::Bool(true), "{stats}");
+}
