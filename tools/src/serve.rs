@@ -46,7 +46,8 @@ pub struct ServeArgs {
 
     /// Have the engine peek this many first bytes (waiting up to 1 s) before
     /// admitting a connection; the handler then reads and discards what the
-    /// client sent before the banner, so the close is a FIN, not an RST.
+    /// client sent before the banner, so the close is a FIN, not an RST. A
+    /// client that goes away before is counted as withdrawn.
     #[arg(long, value_name = "N", default_value_t = 0, allow_hyphen_values = true,
           value_parser = args::int_in(0usize, floodgate::MAX_PEEK))]
     pub peek: usize,
@@ -132,7 +133,9 @@ pub fn start(
     if let Some(n) = shards {
         b = b.shards(n);
     }
-    if !reject.is_empty() {
+    // The engine peeks for its condition only, and skips admission without
+    // one: with --peek alone, the condition admits everyone.
+    if !reject.is_empty() || peek > 0 {
         b = b.condition(move |req: &ConnectRequest<'_>| {
             if reject.contains(req.peer.ip()) {
                 Verdict::close()

@@ -602,3 +602,29 @@ fn withdrawn_connections_are_reported_apart_from_rejected() {
     assert_eq!(u(&stats, "withdrawn"), 20, "{stats}");
     assert_eq!(stats["conserved"], Value::Bool(true), "{stats}");
 }
+
+#[test]
+fn peek_without_reject_cidr_waits_for_the_first_bytes() {
+    let _g = serial();
+    let mut server = Server::spawn(
+        &[
+            "--peek",
+            "1",
+            "--stats-interval",
+            "10ms",
+            "--max-seconds",
+            "30",
+        ],
+        Stdio::piped(),
+    );
+    silent_clients(&server.addr, "20");
+    // Either they are withdrawn (the server waited for a byte) or they were
+    // delivered at once (it did not).
+    let line = wait_for_stats_line(&mut server, |l| {
+        l.contains("accepted 20") && (l.contains("withdrawn 20") || l.contains("delivered 20"))
+    });
+    assert!(line.contains("delivered 0"), "{line}");
+    let stats = server.stop();
+    assert_eq!(u(&stats, "withdrawn"), 20, "{stats}");
+    assert_eq!(u(&stats, "served"), 0, "{stats}");
+}
