@@ -55,7 +55,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(msg) => {
-            eprintln!("flood: {msg}");
+            emit_err(&format!("flood: {msg}"));
             ExitCode::FAILURE
         }
     }

@@ -234,7 +234,7 @@ pub fn main(a: ServeArgs) -> Result<ExitCode, String> {
         if !a.stats_interval.is_zero() && next_stats.is_some_and(|t| now >= t) {
             let t = listener.stats().total();
             let secs = now.duration_since(last.0).as_secs_f64().max(1e-3);
-            eprintln!(
+            crate::emit_err(&format!(
                 "serve {:>6.1}s  accepted {}  delivered {}  rejected {}  withdrawn {}  {:.0} conn/s  ring {}  kernel queue {}",
                 now.duration_since(started).as_secs_f64(),
                 t.accepted,
@@ -244,7 +244,7 @@ pub fn main(a: ServeArgs) -> Result<ExitCode, String> {
                 t.accepted.saturating_sub(last.1) as f64 / secs,
                 t.ring_depth,
                 t.kernel.map_or(0, |k| k.accept_queue),
-            );
+            ));
             last = (now, t.accepted);
             next_stats = now.checked_add(a.stats_interval);
         }

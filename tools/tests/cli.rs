@@ -628,3 +628,20 @@ fn peek_without_reject_cidr_waits_for_the_first_bytes() {
     assert_eq!(u(&stats, "withdrawn"), 20, "{stats}");
     assert_eq!(u(&stats, "served"), 0, "{stats}");
 }
+
+#[test]
+fn a_closed_stderr_is_not_a_crash() {
+    let _g = serial();
+    let mut child = Command::new(FLOOD)
+        .args(["serve", "--listen", "127.0.0.1:0", "--shards", "1"])
+        .args(["--stats-interval", "1ms", "--max-seconds", "1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn flood serve");
+    // The stats lines then meet a pipe nobody reads.
+    drop(child.stderr.take());
+    let status = child.wait().expect("wait flood serve");
+    assert!(status.success(), "flood serve exited with {status}");
+}
