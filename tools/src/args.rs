@@ -7,8 +7,59 @@ use std::time::Duration;
 /// The most source addresses `--sources` may name.
 pub const MAX_SOURCES: usize = 4096;
 
-/// A duration: `3s`, `500ms`, `250us`, `2m`, or plain seconds (`1.5`).
-/// Zero is refused.
+/// A whole number from `min` to `max` (a value parser for clap, which
+/// names the flag): anything else, a negative number included, is refused
+/// with the range and the value given. Numeric flags take
+/// `allow_hyphen_values` so that `-5` reaches this parser instead of being
+/// read as an unknown flag.
+pub fn int_in<T>(min: T, max: T) -> impl Fn(&str) -> Result<T, String> + Clone + Send + Sync
+where
+    T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy + Send + Sync,
+{
+    move |s: &str| int(s, min, Some(max))
+}
+
+/// As [`int_in`], with no upper bound but the type's.
+pub fn int_from<T>(min: T) -> impl Fn(&str) -> Result<T, String> + Clone + Send + Sync
+where
+    T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy + Send + Sync,
+{
+    move |s: &str| int(s, min, None)
+}
+
+fn int<T>(s: &str, min: T, max: Option<T>) -> Result<T, String>
+where
+    T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy,
+{
+    let t = s.trim();
+    match t.parse::<T>() {
+        Ok(v) if v >= min && max.map_or(true, |m| v <= m) => Ok(v),
+        _ => {
+            let zero = "0".parse::<T>().ok();
+            let what = if zero.is_some_and(|z| min > z) {
+                "a positive integer"
+            } else {
+                "a whole number"
+            };
+            let range = match max {
+                Some(m) => format!("{min} to {m}"),
+                None => format!("{min} or more"),
+            };
+            Err(format!("must be {what} ({range}), got `{t}`"))
+        }
+    }
+}
+
+/// The longest duration any flag takes: 24 hours. It keeps every deadline
+/// flood computes (now + a duration) far from the clock's limits.
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+
+const DURATION_HINT: &str = "try 90, 2.5s, 500ms, 1m30s or 1h";
+
+/// A duration: a plain number of seconds (`90`, `2.5`), or one or more
+/// parts `<number><unit>` added up (`1m30s`, `1h`, `500ms`, `2.5s`,
+/// `1h 15m`), with the units `ns`, `us` (`µs`), `ms`, `s`, `m` (`min`) and
+/// `h`. At most [`MAX_DURATION`]; zero is refused.
 pub fn duration(s: &str) -> Result<Duration, String> {
     let d = duration_or_zero(s)?;
     if d.is_zero() {
@@ -19,27 +70,92 @@ pub fn duration(s: &str) -> Result<Duration, String> {
 
 /// As [`duration`], but zero is allowed (it turns the thing off).
 pub fn duration_or_zero(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
-        Some(i) => s.split_at(i),
-        None => (s, "s"),
-    };
-    let v: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration (try 3s, 500ms, 2m)"))?;
-    let scale = match unit {
-        "s" => 1.0,
-        "ms" => 1e-3,
-        "us" | "µs" => 1e-6,
-        "m" | "min" => 60.0,
-        _ => return Err(format!("unknown unit `{unit}` (use us, ms, s or m)")),
-    };
-    let secs = v * scale;
-    if !secs.is_finite() || !(0.0..=86_400.0).contains(&secs) {
-        return Err(format!("`{s}` is out of range (0 to 24 h)"));
+    let text = s.trim();
+    if text.is_empty() {
+        return Err(format!("no duration given ({DURATION_HINT})"));
     }
-    Ok(Duration::from_secs_f64(secs))
+    let too_long = || {
+        format!(
+            "`{text}` is longer than the {} h allowed",
+            MAX_DURATION.as_secs() / 3600
+        )
+    };
+    let is_number = |c: char| c.is_ascii_digit() || c == '.';
+    let mut nanos: u128 = 0;
+    if text.chars().all(is_number) {
+        // A plain number: seconds.
+        nanos = number_times(text, 1_000_000_000).ok_or_else(|| not_a_duration(text))?;
+    } else {
+        let mut rest = text;
+        while !rest.is_empty() {
+            let end = rest.find(|c: char| !is_number(c)).unwrap_or(rest.len());
+            let (num, after) = rest.split_at(end);
+            if num.is_empty() {
+                return Err(not_a_duration(text));
+            }
+            let after = after.trim_start();
+            let end = after
+                .find(|c: char| !c.is_alphabetic())
+                .unwrap_or(after.len());
+            let (unit, after) = after.split_at(end);
+            let scale: u128 = match unit {
+                "ns" => 1,
+                "us" | "µs" => 1_000,
+                "ms" => 1_000_000,
+                "s" => 1_000_000_000,
+                "m" | "min" => 60_000_000_000,
+                "h" => 3_600_000_000_000,
+                "" => {
+                    return Err(format!(
+                        "`{num}` in `{text}` has no unit: a plain number of seconds \
+                         must stand alone ({DURATION_HINT})"
+                    ))
+                }
+                _ => {
+                    return Err(format!(
+                        "unknown unit `{unit}` in `{text}` (use ns, us, ms, s, m or h)"
+                    ))
+                }
+            };
+            let part = number_times(num, scale).ok_or_else(|| not_a_duration(text))?;
+            nanos = nanos.saturating_add(part);
+            rest = after.trim_start();
+        }
+    }
+    if nanos > MAX_DURATION.as_nanos() {
+        return Err(too_long());
+    }
+    // At most 24 h in nanoseconds: it fits in a u64.
+    u64::try_from(nanos)
+        .map(Duration::from_nanos)
+        .map_err(|_| too_long())
+}
+
+fn not_a_duration(text: &str) -> String {
+    format!("`{text}` is not a duration ({DURATION_HINT})")
+}
+
+/// `num` (digits with at most one decimal point) times `scale`, truncated
+/// to a whole number; `None` if `num` is not such a number. Saturates
+/// instead of overflowing (the caller refuses anything that large).
+fn number_times(num: &str, scale: u128) -> Option<u128> {
+    let (int, frac) = num.split_once('.').unwrap_or((num, ""));
+    let digits = |t: &str| t.bytes().all(|b| b.is_ascii_digit());
+    if (int.is_empty() && frac.is_empty()) || !digits(int) || !digits(frac) {
+        return None;
+    }
+    let mut v: u128 = 0;
+    for b in int.bytes() {
+        v = v.saturating_mul(10).saturating_add(u128::from(b - b'0'));
+    }
+    v = v.saturating_mul(scale);
+    // Digits past the 18th are below a nanosecond at any scale.
+    let (mut f, mut den): (u128, u128) = (0, 1);
+    for b in frac.bytes().take(18) {
+        f = f * 10 + u128::from(b - b'0');
+        den *= 10;
+    }
+    Some(v.saturating_add(f * scale / den))
 }
 
 /// A loopback socket address (127.0.0.0/8 or `[::1]`).
@@ -51,6 +167,26 @@ pub fn loopback_addr(s: &str) -> Result<SocketAddr, String> {
         return Err(format!(
             "{a} is not a loopback address: only 127.0.0.0/8 and [::1] may be used"
         ));
+    }
+    Ok(a)
+}
+
+/// The address `flood run` connects to: a loopback address and a port
+/// other than 0 (port 0 and the unspecified addresses 0.0.0.0 and `[::]`
+/// name no server: every connect would be refused).
+pub fn target_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        if a.ip().is_unspecified() {
+            return Err(format!(
+                "{} is the unspecified address, which names no server: give the \
+                 server's address (127.0.0.1 or [::1])",
+                a.ip()
+            ));
+        }
+    }
+    let a = loopback_addr(s)?;
+    if a.port() == 0 {
+        return Err("port 0 names no server: give the port the server listens on".into());
     }
     Ok(a)
 }
@@ -178,14 +314,81 @@ mod tests {
 
     #[test]
     fn durations() {
+        let ms = Duration::from_millis;
         assert_eq!(duration("3s"), Ok(Duration::from_secs(3)));
-        assert_eq!(duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert_eq!(duration("500ms"), Ok(ms(500)));
+        assert_eq!(duration("1.5"), Ok(ms(1500)));
+        assert_eq!(duration("90"), Ok(Duration::from_secs(90)));
         assert_eq!(duration("2m"), Ok(Duration::from_secs(120)));
-        assert!(duration("0s").is_err());
-        assert!(duration("-1s").is_err());
-        assert!(duration("soon").is_err());
+        assert_eq!(duration("2min"), Ok(Duration::from_secs(120)));
+        assert_eq!(duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(duration("2.5s"), Ok(ms(2500)));
+        assert_eq!(duration("1h 15m"), Ok(Duration::from_secs(4500)));
+        assert_eq!(duration(" 1 m 30 s "), Ok(Duration::from_secs(90)));
+        assert_eq!(duration("1s500ms"), Ok(ms(1500)));
+        assert_eq!(duration(".5s"), Ok(ms(500)));
+        assert_eq!(duration("250us"), Ok(Duration::from_micros(250)));
+        assert_eq!(duration("250µs"), Ok(Duration::from_micros(250)));
+        assert_eq!(duration("10ns"), Ok(Duration::from_nanos(10)));
+        assert_eq!(duration("0.1s"), Ok(ms(100)));
+        assert_eq!(duration("1.0000000000000000000001s"), Ok(ms(1000)));
+        assert_eq!(duration("24h"), Ok(MAX_DURATION));
+        assert_eq!(duration("23h60m"), Ok(MAX_DURATION));
+        assert_eq!(duration("86400"), Ok(MAX_DURATION));
         assert_eq!(duration_or_zero("0"), Ok(Duration::ZERO));
+        assert_eq!(duration_or_zero("0s"), Ok(Duration::ZERO));
+    }
+
+    #[test]
+    fn bad_durations_say_why() {
+        let err = |s: &str| duration(s).expect_err(s);
+        assert!(err("0s").contains("longer than zero"));
+        assert!(err("0m0s").contains("longer than zero"));
+        for s in ["-1s", "soon", "s", "1.2.3s", "1..s", ".", "1m-30s", "+1s"] {
+            assert!(err(s).contains("not a duration"), "{s}: {}", err(s));
+        }
+        assert!(err("").contains("no duration"));
+        assert!(err("1m30").contains("no unit"));
+        assert!(err("1m30x").contains("unknown unit `x`"));
+        assert!(err("3d").contains("unknown unit `d`"));
+        for s in [
+            "25h",
+            "24h1ns",
+            "86401",
+            "1e9",
+            "99999999999999999999999999999999999999999h",
+        ] {
+            let e = duration(s).expect_err(s);
+            assert!(
+                e.contains("longer than") || e.contains("unknown unit"),
+                "{s}: {e}"
+            );
+        }
+        assert!(err("99999999999999999999999999999999999999999h").contains("longer than"));
+    }
+
+    #[test]
+    fn integers_say_their_range() {
+        let c = int_in(1u64, 1_000_000);
+        assert_eq!(c("64"), Ok(64));
+        assert_eq!(c(" 7 "), Ok(7));
+        assert_eq!(c("1000000"), Ok(1_000_000));
+        for bad in ["-5", "0", "1000001", "1.5", "x", "", "+-1"] {
+            let e = c(bad).expect_err(bad);
+            assert!(
+                e.starts_with("must be a positive integer (1 to 1000000)"),
+                "{e}"
+            );
+        }
+        assert!(c("-5").expect_err("-5").ends_with("got `-5`"));
+        let e = int_in(0u64, 10)("-1").expect_err("-1");
+        assert!(e.starts_with("must be a whole number (0 to 10)"), "{e}");
+        let e = int_from(0usize)("-1").expect_err("-1");
+        assert_eq!(e, "must be a whole number (0 or more), got `-1`");
+        assert_eq!(int_from(1u32)("4294967295"), Ok(u32::MAX));
+        assert!(int_from(1u32)("4294967296").is_err());
+        assert!(int_from(1u64)("18446744073709551616").is_err());
     }
 
     #[test]
@@ -213,6 +416,16 @@ mod tests {
         assert!(loopback_addr("[::1]:80").is_ok());
         assert!(loopback_addr("192.168.1.1:80").is_err());
         assert!(loopback_addr("localhost").is_err());
+        assert!(loopback_addr("127.0.0.1:0").is_ok());
+        assert!(target_addr("127.0.0.1:9000").is_ok());
+        assert!(target_addr("[::1]:9000").is_ok());
+        assert!(target_addr("127.0.0.1:0").unwrap_err().contains("port 0"));
+        assert!(target_addr("[::1]:0").unwrap_err().contains("port 0"));
+        assert!(target_addr("0.0.0.0:80")
+            .unwrap_err()
+            .contains("unspecified"));
+        assert!(target_addr("[::]:80").unwrap_err().contains("unspecified"));
+        assert!(target_addr("10.0.0.1:80").unwrap_err().contains("loopback"));
         assert!(sni(&"a".repeat(256)).is_err());
         assert!(sni(&"a".repeat(255)).is_ok());
     }

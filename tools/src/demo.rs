@@ -29,12 +29,13 @@ pub const REFUSED_SOURCE: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 9);
 #[derive(Args, Debug, Clone)]
 pub struct DemoArgs {
     /// How long to flood.
-    #[arg(long, short = 'd', value_name = "D", default_value = "3s", value_parser = args::duration)]
+    #[arg(long, short = 'd', value_name = "D", default_value = "3s", allow_hyphen_values = true,
+          value_parser = args::duration)]
     pub duration: Duration,
 
     /// Connections in flight.
-    #[arg(long, short = 'c', value_name = "C", default_value_t = 64,
-          value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    #[arg(long, short = 'c', value_name = "C", default_value_t = 64, allow_hyphen_values = true,
+          value_parser = args::int_in(1u64, 100_000))]
     pub concurrency: u64,
 
     /// Print the client report as JSON (the engine's stats stay a table).
@@ -99,7 +100,7 @@ pub fn main(a: DemoArgs) -> Result<ExitCode, String> {
     listener.shutdown();
     let ok = summary.outcomes.get(SequenceOutcome::Ok);
     // One process runs both sides: its CPU is printed apart, not as flood's.
-    let cpu = Cpu::from(before.per_conn(&after, ok));
+    let cpu = Cpu::per_conn(&before, &after, ok);
     let rep = run::report(
         target,
         connector.shards(),
@@ -157,14 +158,16 @@ pub fn main(a: DemoArgs) -> Result<ExitCode, String> {
         if conserved { "holds" } else { "BROKEN" }
     ));
     let short = summary.outcomes.get(SequenceOutcome::ShortRead);
+    // Closed without the banner: rejected by the condition, or withdrawn.
+    let refused = serve_stats.rejected + serve_stats.withdrawn;
     crate::emit(&format!(
         "cross-check: client ok {} == banners sent {} -> {}; client short reads {} == refused {} -> {}",
         ok,
         serve_stats.served,
         if ok == serve_stats.served { "yes" } else { "no" },
         short,
-        serve_stats.rejected,
-        if short == serve_stats.rejected { "yes" } else { "no" },
+        refused,
+        if short == refused { "yes" } else { "no" },
     ));
     let client = connector.stats();
     if !client.conserved() || client.total().open_sockets != 0 {

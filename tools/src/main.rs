@@ -9,6 +9,11 @@
 //! - `flood demo`: both in one process on loopback; checks conservation.
 //!
 //! Only loopback addresses are accepted anywhere.
+//!
+//! Exit status: 0 on success; 1 when flood could not do its work (or, for
+//! serve and demo, the accounting did not hold); 2 for a bad command line;
+//! 3 when `flood run` ended without one successful connection
+//! ([`run::EXIT_NO_SUCCESS`]).
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -31,7 +36,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Flood a server with connections and report what happened.
+    /// Flood a server with connections and report what happened; exits 3
+    /// when no connection succeeded.
     Run(run::RunArgs),
     /// Run a Floodgate server that writes a banner and closes.
     Serve(serve::ServeArgs),
@@ -49,7 +55,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(msg) => {
-            eprintln!("flood: {msg}");
+            emit_err(&format!("flood: {msg}"));
             ExitCode::FAILURE
         }
     }
@@ -60,4 +66,10 @@ fn main() -> ExitCode {
 pub fn emit(text: &str) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{text}").and_then(|()| out.flush());
+}
+
+/// As [`emit`], on stderr (which `eprintln!` would panic on, were it closed).
+pub fn emit_err(text: &str) {
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(err, "{text}").and_then(|()| err.flush());
 }

@@ -1,7 +1,7 @@
 //! What a run measured: latency histograms per shard (merged at the end),
 //! CPU figures, and the report printed as a table or as one JSON object.
 
-use floodgate_bench::measure::CpuPerConn;
+use floodgate_bench::measure::{CpuPerConn, CpuSample};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -62,7 +62,7 @@ fn nanos(d: Duration) -> u64 {
 }
 
 /// Percentiles of one histogram, in microseconds.
-#[derive(Debug, Clone, Copy, Serialize, Default)]
+#[derive(Debug, Clone, Copy, Serialize)]
 pub struct Percentiles {
     /// Samples.
     pub count: u64,
@@ -79,24 +79,26 @@ pub struct Percentiles {
 }
 
 impl Percentiles {
-    /// Summarises `h` (nanoseconds) in microseconds.
-    pub fn of(h: &Histogram<u64>) -> Self {
+    /// Summarises `h` (nanoseconds) in microseconds; `None` without samples
+    /// (zeros would read as a latency of 0).
+    pub fn of(h: &Histogram<u64>) -> Option<Self> {
         if h.is_empty() {
-            return Percentiles::default();
+            return None;
         }
         let us = |v: u64| v as f64 / 1000.0;
-        Percentiles {
+        Some(Percentiles {
             count: h.len(),
             p50: us(h.value_at_quantile(0.5)),
             p90: us(h.value_at_quantile(0.9)),
             p99: us(h.value_at_quantile(0.99)),
             p99_9: us(h.value_at_quantile(0.999)),
             max: us(h.max()),
-        }
+        })
     }
 }
 
-/// CPU cost over the measured window.
+/// CPU cost over the measured window, per successful connection (`None`
+/// where not measured, and all `None` when no connection succeeded).
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct Cpu {
     /// flood's own CPU time (all threads, user + system, from getrusage) per connection, µs.
@@ -109,6 +111,22 @@ pub struct Cpu {
     pub core: Option<usize>,
     /// That core's busy time (softirq included) per connection, µs.
     pub core_busy_us_per_conn: Option<f64>,
+}
+
+impl Cpu {
+    /// The figures per successful connection between two samples; with no
+    /// successful connection there are none (dividing by one instead would
+    /// pass the window's whole CPU time off as the cost of a connection).
+    pub fn per_conn(before: &CpuSample, after: &CpuSample, ok: u64) -> Cpu {
+        let all = Cpu::from(before.per_conn(after, ok));
+        if ok > 0 {
+            return all;
+        }
+        Cpu {
+            core: all.core,
+            ..Cpu::default()
+        }
+    }
 }
 
 impl From<CpuPerConn> for Cpu {
@@ -148,10 +166,12 @@ pub struct Report {
     pub errors_by_kind: BTreeMap<&'static str, u64>,
     /// `ok / elapsed_s`.
     pub conn_per_s: f64,
-    /// Intended start to connect completion, µs (ok sequences).
-    pub connect_us: Percentiles,
-    /// Intended start to first response byte, µs (ok sequences).
-    pub first_byte_us: Percentiles,
+    /// Intended start to connect completion, µs (ok sequences); `None`
+    /// (null) when no sequence succeeded.
+    pub connect_us: Option<Percentiles>,
+    /// Intended start to first response byte, µs (ok sequences); `None`
+    /// (null) when none succeeded or nothing was expected back.
+    pub first_byte_us: Option<Percentiles>,
     /// CPU figures.
     pub cpu: Cpu,
     /// Sockets flood created in the window: about the concurrency when
@@ -227,10 +247,17 @@ impl Report {
             ("connect", &self.connect_us),
             ("first byte", &self.first_byte_us),
         ] {
-            out.push(format!(
-                "{:<16}{:>10.1}{:>10.1}{:>10.1}{:>10.1}{:>10.1}",
-                name, p.p50, p.p90, p.p99, p.p99_9, p.max
-            ));
+            out.push(match p {
+                Some(p) => format!(
+                    "{:<16}{:>10.1}{:>10.1}{:>10.1}{:>10.1}{:>10.1}",
+                    name, p.p50, p.p90, p.p99, p.p99_9, p.max
+                ),
+                // No samples: no figures, rather than zeros.
+                None => format!(
+                    "{name:<16}{:>10}{:>10}{:>10}{:>10}{:>10}",
+                    "-", "-", "-", "-", "-"
+                ),
+            });
         }
         let f = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
         let mut cpu = format!("cpu µs/conn  flood {}", f(self.cpu.flood_us_per_conn));

@@ -19,6 +19,20 @@ use crate::report::{Cpu, Latencies, Percentiles, Report};
 /// The bound used when neither `--duration` nor `--connections` is given.
 pub const DEFAULT_DURATION: Duration = Duration::from_secs(10);
 
+/// `flood run`'s exit status when the run ended without one successful
+/// connection (all refused, timed out, reset, or short of `--expect`): the
+/// report is printed all the same. 0 means at least one succeeded; 1 that
+/// flood could not run; 2 a bad command line.
+pub const EXIT_NO_SUCCESS: u8 = 3;
+
+/// The exit statuses, for `flood run --help`.
+const EXIT_HELP: &str = "Exit status:
+  0  at least one connection succeeded
+  1  flood could not run (the connector could not start, --pin failed, ...)
+  2  bad command line
+  3  no connection succeeded (all refused, timed out, reset or short of
+     --expect); the report is printed all the same";
+
 /// How to close each connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Close {
@@ -31,38 +45,41 @@ pub enum Close {
 /// `flood run` options.
 #[derive(Args, Debug, Clone)]
 #[command(group(ArgGroup::new("payload").args(["send", "proxy_v1", "proxy_v2", "tls_hello"])))]
+#[command(after_help = EXIT_HELP)]
 pub struct RunArgs {
-    /// The server to flood (loopback only).
-    #[arg(long, value_name = "ADDR", value_parser = args::loopback_addr)]
+    /// The server to flood: a loopback address and its port (not 0).
+    #[arg(long, value_name = "ADDR", value_parser = args::target_addr)]
     pub target: SocketAddr,
 
     /// Closed loop: connections in flight over all threads.
-    #[arg(long, short = 'c', value_name = "C", default_value_t = 64,
-          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    #[arg(long, short = 'c', value_name = "C", default_value_t = 64, allow_hyphen_values = true,
+          value_parser = args::int_in(1u64, 1_000_000))]
     pub concurrency: u64,
 
     /// Open loop instead: intended connections per second (latency counts
     /// from each intended start, so a stalled server shows).
-    #[arg(long, value_name = "R", value_parser = args::rate)]
+    #[arg(long, value_name = "R", allow_hyphen_values = true, value_parser = args::rate)]
     pub rate: Option<f64>,
 
     /// Open loop: the most connections in flight at once.
-    #[arg(long, value_name = "N", default_value_t = 4096,
-          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    #[arg(long, value_name = "N", default_value_t = 4096, allow_hyphen_values = true,
+          value_parser = args::int_in(1u64, 1_000_000))]
     pub max_in_flight: u64,
 
-    /// Stop starting connections after this long (default 10s if
-    /// --connections is not given either).
-    #[arg(long, short = 'd', value_name = "D", value_parser = args::duration)]
+    /// Stop starting connections after this long: 30s, 1m30s, 500ms, 1h,
+    /// or plain seconds; at most 24h (default 10s if --connections is not
+    /// given either).
+    #[arg(long, short = 'd', value_name = "D", allow_hyphen_values = true, value_parser = args::duration)]
     pub duration: Option<std::time::Duration>,
 
     /// Stop after this many connections.
-    #[arg(long, short = 'n', value_name = "N",
-          value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, short = 'n', value_name = "N", allow_hyphen_values = true,
+          value_parser = args::int_from(1u64))]
     pub connections: Option<u64>,
 
     /// Load run first for this long, not measured.
-    #[arg(long, value_name = "D", default_value = "0", value_parser = args::duration_or_zero)]
+    #[arg(long, value_name = "D", default_value = "0", allow_hyphen_values = true,
+          value_parser = args::duration_or_zero)]
     pub warmup: std::time::Duration,
 
     /// Send these bytes after connecting (escapes: \r \n \t \\ \0 \xHH).
@@ -81,9 +98,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "SNI", value_parser = args::sni)]
     pub tls_hello: Option<String>,
 
-    /// Wait for this many response bytes (or EOF) before closing; 0: don't.
-    #[arg(long, value_name = "N", default_value_t = 1,
-          value_parser = clap::value_parser!(u64).range(0..=(1 << 30)))]
+    /// Wait for this many response bytes before closing; 0: don't. A reply
+    /// cut short by the server's close (EOF first) fails as short_read.
+    #[arg(long, value_name = "N", default_value_t = 1, allow_hyphen_values = true,
+          value_parser = args::int_in(0u64, 1 << 30))]
     pub expect: u64,
 
     /// How to close.
@@ -95,24 +113,26 @@ pub struct RunArgs {
     pub sources: Option<args::Sources>,
 
     /// Threads (connector shards); default one per core, or 1 with --pin.
-    #[arg(long, short = 't', value_name = "T",
-          value_parser = clap::value_parser!(u64).range(1..=1024))]
+    #[arg(long, short = 't', value_name = "T", allow_hyphen_values = true,
+          value_parser = args::int_in(1u64, 1024))]
     pub threads: Option<u64>,
 
     /// Pin every thread of flood to this core.
-    #[arg(long, value_name = "CORE")]
+    #[arg(long, value_name = "CORE", allow_hyphen_values = true, value_parser = args::int_from(0usize))]
     pub pin: Option<usize>,
 
     /// Report this server process's CPU time per connection.
-    #[arg(long, value_name = "PID")]
+    #[arg(long, value_name = "PID", allow_hyphen_values = true, value_parser = args::int_from(1u32))]
     pub server_pid: Option<u32>,
 
     /// Connect timeout.
-    #[arg(long, value_name = "D", default_value = "3s", value_parser = args::duration)]
+    #[arg(long, value_name = "D", default_value = "3s", allow_hyphen_values = true,
+          value_parser = args::duration)]
     pub connect_timeout: std::time::Duration,
 
     /// Time allowed after the connect for sending and receiving.
-    #[arg(long, value_name = "D", default_value = "5s", value_parser = args::duration)]
+    #[arg(long, value_name = "D", default_value = "5s", allow_hyphen_values = true,
+          value_parser = args::duration)]
     pub io_timeout: std::time::Duration,
 
     /// Print the report as one JSON object on stdout instead of a table.
@@ -355,7 +375,7 @@ pub fn main(a: RunArgs) -> Result<ExitCode, String> {
     let run = execute(&connector, &plan, "run")?;
     let after = measure::CpuSample::take(a.server_pid, a.pin);
     let ok = run.summary.outcomes.get(floodgate::SequenceOutcome::Ok);
-    let cpu = Cpu::from(before.per_conn(&after, ok));
+    let cpu = Cpu::per_conn(&before, &after, ok);
     let rep = report(a.target, threads, &plan, &run, cpu);
     connector.shutdown();
     if a.json {
@@ -365,6 +385,13 @@ pub fn main(a: RunArgs) -> Result<ExitCode, String> {
         for line in rep.table() {
             crate::emit(&line);
         }
+    }
+    if ok == 0 {
+        crate::emit_err(&format!(
+            "flood: no connection succeeded ({} started, {} errors): exit status {EXIT_NO_SUCCESS}",
+            rep.started, rep.errors
+        ));
+        return Ok(ExitCode::from(EXIT_NO_SUCCESS));
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -29,13 +29,13 @@ pub struct ServeArgs {
     pub listen: SocketAddr,
 
     /// Shards (threads, each pinned to its core: shard k on core k).
-    #[arg(long, value_name = "N",
-          value_parser = clap::value_parser!(u64).range(1..=1024))]
+    #[arg(long, value_name = "N", allow_hyphen_values = true,
+          value_parser = args::int_in(1u64, 1024))]
     pub shards: Option<u64>,
 
     /// Requested backlog (clamped to the provider ceiling, somaxconn).
-    #[arg(long, value_name = "N", default_value_t = 4096,
-          value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_name = "N", default_value_t = 4096, allow_hyphen_values = true,
+          value_parser = args::int_from(1u64))]
     pub backlog: u64,
 
     /// Reject connections from this block (repeatable): the engine's
@@ -46,8 +46,10 @@ pub struct ServeArgs {
 
     /// Have the engine peek this many first bytes (waiting up to 1 s) before
     /// admitting a connection; the handler then reads and discards what the
-    /// client sent before the banner, so the close is a FIN, not an RST.
-    #[arg(long, value_name = "N", default_value_t = 0)]
+    /// client sent before the banner, so the close is a FIN, not an RST. A
+    /// client that goes away before is counted as withdrawn.
+    #[arg(long, value_name = "N", default_value_t = 0, allow_hyphen_values = true,
+          value_parser = args::int_in(0usize, floodgate::MAX_PEEK))]
     pub peek: usize,
 
     /// The banner (escapes: \r \n \t \\ \0 \xHH).
@@ -61,12 +63,14 @@ pub struct ServeArgs {
     pub coalesce: bool,
 
     /// Print stats on stderr this often; 0 turns it off.
-    #[arg(long, value_name = "D", default_value = "1s", value_parser = args::duration_or_zero)]
+    #[arg(long, value_name = "D", default_value = "1s", allow_hyphen_values = true,
+          value_parser = args::duration_or_zero)]
     pub stats_interval: Duration,
 
-    /// Stop by itself after this many seconds.
-    #[arg(long, value_name = "S",
-          value_parser = clap::value_parser!(u64).range(1..))]
+    /// Stop by itself after this many seconds (a number too large for the
+    /// clock means never).
+    #[arg(long, value_name = "S", allow_hyphen_values = true,
+          value_parser = args::int_from(1u64))]
     pub max_seconds: Option<u64>,
 
     /// Stop when standard input reaches EOF (for a parent process).
@@ -89,6 +93,9 @@ pub struct ServeStats {
     pub served: u64,
     /// Connections rejected by the engine's condition (`--reject-cidr`).
     pub rejected: u64,
+    /// Connections withdrawn while pending: the client went away, or the
+    /// pending timeout passed, before the condition decided (`--peek`).
+    pub withdrawn: u64,
     /// Connections closed by shutdown before delivery.
     pub closed_at_shutdown: u64,
     /// Connections still pending.
@@ -126,7 +133,9 @@ pub fn start(
     if let Some(n) = shards {
         b = b.shards(n);
     }
-    if !reject.is_empty() {
+    // The engine peeks for its condition only, and skips admission without
+    // one: with --peek alone, the condition admits everyone.
+    if !reject.is_empty() || peek > 0 {
         b = b.condition(move |req: &ConnectRequest<'_>| {
             if reject.contains(req.peer.ip()) {
                 Verdict::close()
@@ -167,7 +176,8 @@ pub fn final_stats(
             accepted: t.accepted,
             delivered: t.delivered,
             served: counts.served.load(Ordering::Relaxed),
-            rejected: t.rejected.total() + t.withdrawn.total(),
+            rejected: t.rejected.total(),
+            withdrawn: t.withdrawn.total(),
             closed_at_shutdown: t.closed_at_shutdown,
             pending: t.pending,
             conserved: stats.conserved(),
@@ -209,29 +219,34 @@ pub fn main(a: ServeArgs) -> Result<ExitCode, String> {
             stop.store(true, Ordering::SeqCst);
         });
     }
-    let deadline = a.max_seconds.map(|s| started + Duration::from_secs(s));
-    let mut next_stats = started + a.stats_interval;
+    // A deadline the clock cannot hold (u64::MAX seconds) is no deadline:
+    // the server then runs until a signal or, with --exit-on-eof, EOF.
+    let deadline = a
+        .max_seconds
+        .and_then(|s| started.checked_add(Duration::from_secs(s)));
+    let mut next_stats = started.checked_add(a.stats_interval);
     let mut last = (started, 0u64);
     while !stop.load(Ordering::SeqCst) {
         let now = Instant::now();
         if deadline.is_some_and(|d| now >= d) {
             break;
         }
-        if !a.stats_interval.is_zero() && now >= next_stats {
+        if !a.stats_interval.is_zero() && next_stats.is_some_and(|t| now >= t) {
             let t = listener.stats().total();
             let secs = now.duration_since(last.0).as_secs_f64().max(1e-3);
-            eprintln!(
-                "serve {:>6.1}s  accepted {}  delivered {}  rejected {}  {:.0} conn/s  ring {}  kernel queue {}",
+            crate::emit_err(&format!(
+                "serve {:>6.1}s  accepted {}  delivered {}  rejected {}  withdrawn {}  {:.0} conn/s  ring {}  kernel queue {}",
                 now.duration_since(started).as_secs_f64(),
                 t.accepted,
                 t.delivered,
                 t.rejected.total(),
+                t.withdrawn.total(),
                 t.accepted.saturating_sub(last.1) as f64 / secs,
                 t.ring_depth,
                 t.kernel.map_or(0, |k| k.accept_queue),
-            );
+            ));
             last = (now, t.accepted);
-            next_stats = now + a.stats_interval;
+            next_stats = now.checked_add(a.stats_interval);
         }
         std::thread::park_timeout(Duration::from_millis(20));
     }
