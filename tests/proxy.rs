@@ -448,3 +448,69 @@ fn an_upstream_that_never_answers_times_out_and_fails() {
     wait_for("the relay fails", || relays(&listener).failed == 1);
     assert_eq!(relays(&listener).active, 0);
 }
+
+/// A listener relaying to `upstream` with `opts` whose handler first sends
+/// a duplicate of each client-side socket (the relay's own socket, dup'ed
+/// before the relay takes it) to the returned receiver, so that a test can
+/// read its socket options while the relay runs.
+fn relay_listener_with_dups(
+    upstream: SocketAddr,
+    opts: RelayOptions,
+) -> (Listener, mpsc::Receiver<TcpStream>) {
+    let (tx, rx) = mpsc::channel();
+    let tx = Mutex::new(tx);
+    let listener = Listener::builder("127.0.0.1:0".parse().unwrap())
+        .shards(1)
+        .pin(false)
+        .handler(move |conn, ctx| {
+            let dup = conn.as_std().try_clone();
+            let _ = ctx.relay(conn, upstream, opts);
+            if let Ok(d) = dup {
+                let _ = tx.lock().unwrap_or_else(|p| p.into_inner()).send(d);
+            }
+        })
+        .build()
+        .unwrap();
+    (listener, rx)
+}
+
+/// Keep-alive request/response rounds of a few bytes through the relay.
+fn ping_pong_rounds(c: &mut TcpStream, rounds: usize) {
+    for i in 0..rounds {
+        let req = [i as u8; 16];
+        c.write_all(&req).unwrap();
+        let mut back = [0u8; 16];
+        c.read_exact(&mut back).unwrap();
+        assert_eq!(back, req, "round {i} came back garbled");
+    }
+}
+
+#[test]
+fn nodelay_is_set_on_the_client_side_socket_too() {
+    let _g = serial();
+    let echo = Echo::start();
+    let (listener, dups) = relay_listener_with_dups(echo.addr, RelayOptions::default());
+    let mut c = connect(listener.local_addr()).unwrap();
+    let relayed = dups.recv().unwrap();
+    assert!(
+        relayed.nodelay().unwrap(),
+        "RelayOptions::nodelay (default on) applies to the client-side socket"
+    );
+    ping_pong_rounds(&mut c, 50);
+    drop(relayed);
+    c.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+    wait_for("the relay completes", || relays(&listener).completed == 1);
+    drop(listener);
+
+    // Off means off on both sides.
+    let (listener, dups) =
+        relay_listener_with_dups(echo.addr, RelayOptions::default().with_nodelay(false));
+    let mut c = connect(listener.local_addr()).unwrap();
+    let relayed = dups.recv().unwrap();
+    assert!(!relayed.nodelay().unwrap());
+    ping_pong_rounds(&mut c, 5);
+    drop((relayed, c));
+}

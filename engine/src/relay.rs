@@ -68,7 +68,8 @@ pub struct RelayOptions {
 }
 
 impl RelayOptions {
-    /// 64 KiB per direction, a 5 s connect timeout, TCP_NODELAY upstream.
+    /// 64 KiB per direction, a 5 s connect timeout, TCP_NODELAY on both
+    /// sockets.
     pub const fn new() -> Self {
         RelayOptions {
             buffer_size: DEFAULT_RELAY_BUFFER,
@@ -92,8 +93,10 @@ impl RelayOptions {
         self
     }
 
-    /// Whether the upstream socket gets TCP_NODELAY (default on: a relay
-    /// forwards what it received at once; batching is the client's choice).
+    /// Whether both sockets of the relay, the client's and the upstream's,
+    /// get TCP_NODELAY (default on: a relay forwards what it received at
+    /// once; batching is the endpoints' choice). Off leaves both as they
+    /// are (the client's socket as accepted, the upstream's as created).
     pub const fn with_nodelay(mut self, on: bool) -> Self {
         self.nodelay = on;
         self
@@ -130,7 +133,7 @@ impl RelayOptions {
         self.connect_timeout
     }
 
-    /// Whether the upstream socket gets TCP_NODELAY.
+    /// Whether both sockets get TCP_NODELAY.
     pub const fn nodelay(&self) -> bool {
         self.nodelay
     }
@@ -269,6 +272,12 @@ impl Relays {
         }
         if opts.strip_proxy_header() {
             strip_proxy_header(&client)?;
+        }
+        if opts.nodelay() {
+            // Both sockets: a relay forwards each piece as it arrives, and
+            // Nagle on the client side would hold a response's second
+            // segment until the client's delayed ACK (tens of ms).
+            SockRef::from(&client).set_nodelay(true)?;
         }
         let socket = Socket::new(
             Domain::for_address(upstream),
