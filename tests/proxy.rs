@@ -12,8 +12,11 @@ use std::time::{Duration, Instant};
 
 use floodgate::cidr::CidrList;
 use floodgate::proxy_protocol::{self, ProxyError};
-use floodgate::{ConnectRequest, Listener, RelayOptions, RelayStats, Verdict};
-use floodgate_tests::{connect, open_fds, serial, wait_for};
+use floodgate::{
+    ConnectRequest, Listener, ListenerBuilder, RelayEnd, RelayOptions, RelayOutcome, RelaySide,
+    RelayStats, Verdict,
+};
+use floodgate_tests::{connect, open_fds, reset_on_drop, serial, wait_for};
 
 /// An echo server on loopback: one thread per connection copying what it
 /// reads back until end of stream, then closing.
@@ -446,7 +449,8 @@ fn an_upstream_that_never_answers_times_out_and_fails() {
         "the client was let go only once the upstream connect timed out"
     );
     wait_for("the relay fails", || relays(&listener).failed == 1);
-    assert_eq!(relays(&listener).active, 0);
+    let r = relays(&listener);
+    assert_eq!((r.active, r.upstream_timeout), (0, 1));
 }
 
 /// A listener relaying to `upstream` with `opts` whose handler first sends
@@ -513,4 +517,172 @@ fn nodelay_is_set_on_the_client_side_socket_too() {
     assert!(!relayed.nodelay().unwrap());
     ping_pong_rounds(&mut c, 5);
     drop((relayed, c));
+}
+
+/// A one-shard listener relaying every connection to `upstream` with
+/// `opts` through `relay_with`, each outcome going to the returned
+/// receiver; `tweak` adjusts the builder (caps).
+fn outcome_listener(
+    upstream: SocketAddr,
+    opts: RelayOptions,
+    tweak: impl FnOnce(ListenerBuilder) -> ListenerBuilder,
+) -> (Listener, mpsc::Receiver<RelayOutcome>) {
+    let (tx, rx) = mpsc::channel();
+    let builder = Listener::builder("127.0.0.1:0".parse().unwrap())
+        .shards(1)
+        .pin(false)
+        .handler(move |conn, ctx| {
+            let tx = tx.clone();
+            let _ = ctx.relay_with(conn, upstream, opts, move |o| {
+                let _ = tx.send(o);
+            });
+        });
+    (tweak(builder).build().unwrap(), rx)
+}
+
+/// The next outcome; the bound only turns a hang into a failure.
+fn next_outcome(rx: &mpsc::Receiver<RelayOutcome>) -> RelayOutcome {
+    rx.recv_timeout(Duration::from_secs(120))
+        .expect("a relay outcome")
+}
+
+/// Blocks until the server side ends `c` (FIN or RST); the read timeout
+/// only turns a hang into a failure.
+fn ended_by_server(c: &mut TcpStream) -> bool {
+    c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut b = [0u8; 64];
+    loop {
+        match c.read(&mut b) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                return matches!(
+                    e.kind(),
+                    io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted
+                )
+            }
+        }
+    }
+}
+
+#[test]
+fn outcome_of_a_completed_relay_names_the_side_that_closed_first_and_the_bytes() {
+    let _g = serial();
+    let echo = Echo::start();
+    let (listener, outcomes) = outcome_listener(echo.addr, RelayOptions::default(), |b| b);
+    let data = bytes(10_000, 3);
+    let mut c = connect(listener.local_addr()).unwrap();
+    c.write_all(&data).unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let mut back = Vec::new();
+    c.read_to_end(&mut back).unwrap();
+    assert!(back == data);
+    let o = next_outcome(&outcomes);
+    assert_eq!(o.end, RelayEnd::Completed);
+    assert_eq!(
+        o.first,
+        Some(RelaySide::Client),
+        "the client half-closed first"
+    );
+    assert_eq!((o.bytes_to_upstream, o.bytes_to_client), (10_000, 10_000));
+    let r = relays(&listener);
+    assert_eq!((r.started, r.completed, r.failed, r.active), (1, 1, 0, 0));
+}
+
+#[test]
+fn outcome_of_a_refused_upstream_says_refused() {
+    let _g = serial();
+    let closed = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let baseline = open_fds();
+    let (listener, outcomes) = outcome_listener(closed, RelayOptions::default(), |b| b);
+    let mut c = connect(listener.local_addr()).unwrap();
+    assert!(ended_by_server(&mut c));
+    let o = next_outcome(&outcomes);
+    assert_eq!(o.end, RelayEnd::UpstreamRefused);
+    assert_eq!(o.first, Some(RelaySide::Upstream));
+    assert_eq!((o.bytes_to_upstream, o.bytes_to_client), (0, 0));
+    let r = relays(&listener);
+    assert_eq!((r.failed, r.upstream_refused, r.active), (1, 1, 0));
+    drop((c, listener));
+    assert_eq!(open_fds(), baseline, "both sockets closed");
+}
+
+#[test]
+fn outcome_of_a_client_reset_says_client_reset() {
+    let _g = serial();
+    let up = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (listener, outcomes) =
+        outcome_listener(up.local_addr().unwrap(), RelayOptions::default(), |b| b);
+    let mut c = connect(listener.local_addr()).unwrap();
+    c.write_all(b"abc").unwrap();
+    let (mut s, _) = up.accept().unwrap();
+    let mut b = [0u8; 3];
+    s.read_exact(&mut b).unwrap();
+    reset_on_drop(&c);
+    drop(c);
+    let o = next_outcome(&outcomes);
+    assert_eq!(o.end, RelayEnd::ClientReset);
+    assert_eq!(o.first, Some(RelaySide::Client));
+    assert_eq!((o.bytes_to_upstream, o.bytes_to_client), (3, 0));
+    assert!(ended_by_server(&mut s), "the upstream side is ended too");
+    let r = relays(&listener);
+    assert_eq!((r.failed, r.client_reset, r.upstream_reset), (1, 1, 0));
+}
+
+#[test]
+fn outcome_of_an_upstream_reset_says_upstream_reset() {
+    let _g = serial();
+    let up = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (listener, outcomes) =
+        outcome_listener(up.local_addr().unwrap(), RelayOptions::default(), |b| b);
+    let mut c = connect(listener.local_addr()).unwrap();
+    c.write_all(b"abc").unwrap();
+    let (mut s, _) = up.accept().unwrap();
+    let mut b = [0u8; 3];
+    s.read_exact(&mut b).unwrap();
+    s.write_all(b"hi").unwrap();
+    let mut hi = [0u8; 2];
+    c.read_exact(&mut hi).unwrap();
+    reset_on_drop(&s);
+    drop(s);
+    assert!(ended_by_server(&mut c), "the client side is ended too");
+    let o = next_outcome(&outcomes);
+    assert_eq!(o.end, RelayEnd::UpstreamReset);
+    assert_eq!(o.first, Some(RelaySide::Upstream));
+    assert_eq!((o.bytes_to_upstream, o.bytes_to_client), (3, 2));
+    let r = relays(&listener);
+    assert_eq!((r.failed, r.client_reset, r.upstream_reset), (1, 0, 1));
+}
+
+#[test]
+fn a_panicking_outcome_callback_is_counted_and_the_shard_goes_on() {
+    let _g = serial();
+    let echo = Echo::start();
+    let up = echo.addr;
+    let listener = Listener::builder("127.0.0.1:0".parse().unwrap())
+        .shards(1)
+        .pin(false)
+        .handler(move |conn, ctx| {
+            let _ = ctx.relay_with(conn, up, RelayOptions::default(), |_| {
+                panic!("an outcome callback that panics")
+            });
+        })
+        .build()
+        .unwrap();
+    for round in 1..=2u64 {
+        let mut c = connect(listener.local_addr()).unwrap();
+        c.write_all(b"ping").unwrap();
+        c.shutdown(Shutdown::Write).unwrap();
+        let mut back = Vec::new();
+        c.read_to_end(&mut back).unwrap();
+        assert_eq!(back, b"ping");
+        wait_for("the callback ran", || {
+            relays(&listener).callback_panics == round
+        });
+    }
+    assert_eq!(relays(&listener).completed, 2);
 }

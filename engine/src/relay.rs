@@ -10,7 +10,7 @@
 //! ring with each operation and comes back with its completion
 //! ([`Uring::release`]): no copy, no reallocation.
 //!
-//! Ends:
+//! Ends (each reported as a [`RelayEnd`] in the relay's [`RelayOutcome`]):
 //! - end of stream on one side (FIN) shuts the other side's write half
 //!   (SHUTDOWN, 5.11) after every byte before it was sent; once both
 //!   directions have ended, both sockets are closed (FIN): *completed*;
@@ -30,9 +30,10 @@ use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::Ordering;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, Type};
 
@@ -145,10 +146,161 @@ impl Default for RelayOptions {
     }
 }
 
+/// One end of a relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RelaySide {
+    /// The admitted client connection.
+    Client,
+    /// The connection the relay dialled.
+    Upstream,
+}
+
+/// How a relay ended (see [`RelayOutcome`]). Every end but
+/// [`RelayEnd::Completed`] resets the relay's sockets (SO_LINGER 0): both
+/// peers, or only the client of a relay that never started, see an RST.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RelayEnd {
+    /// Both directions reached end of stream (FIN) and were passed on; both
+    /// sockets were closed with FIN.
+    Completed,
+    /// The client reset the connection (ECONNRESET or EPIPE on its socket).
+    ClientReset,
+    /// The upstream reset the connection (ECONNRESET or EPIPE on its socket).
+    UpstreamReset,
+    /// The upstream refused the connection (ECONNREFUSED).
+    UpstreamRefused,
+    /// The upstream did not answer within the connect timeout
+    /// ([`RelayOptions::with_connect_timeout`]), or the kernel gave up its
+    /// SYN retries (ETIMEDOUT).
+    UpstreamTimeout,
+    /// The listener shut down (a relay running then, or one asked for while
+    /// it was shutting down).
+    Shutdown,
+    /// Any other error: `errno` of the failed operation (e.g. ETIMEDOUT of
+    /// a keepalive, EMFILE creating the upstream socket), or 0 when there
+    /// was none (a send that sent nothing).
+    Error {
+        /// The error number (`libc::E*`), or 0.
+        errno: i32,
+    },
+}
+
+/// What became of one relay, given to the callback of
+/// [`crate::ShardContext::relay_with`] once the relay is over: both of its
+/// sockets are closed by then.
+///
+/// ```
+/// use floodgate::{RelayEnd, RelayOutcome, RelaySide};
+///
+/// /// One log line per relay.
+/// fn log(o: &RelayOutcome) -> String {
+///     let how = match o.end {
+///         RelayEnd::Completed => "completed".to_owned(),
+///         RelayEnd::Error { errno } => format!("error {errno}"),
+///         other => format!("{other:?}"),
+///     };
+///     let who = match o.first {
+///         Some(RelaySide::Client) => "client",
+///         Some(RelaySide::Upstream) => "upstream",
+///         None => "neither side",
+///     };
+///     format!(
+///         "{how} ({who} first): {} B up, {} B down in {:?}",
+///         o.bytes_to_upstream, o.bytes_to_client, o.duration
+///     )
+/// }
+/// # let _ = log;
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RelayOutcome {
+    /// How it ended.
+    pub end: RelayEnd,
+    /// The side whose end of stream (FIN), reset or error the relay saw
+    /// first; `None` when neither side had ended when the relay did
+    /// (shutdown, a failure to start). For a completed relay,
+    /// the side that half-closed first.
+    pub first: Option<RelaySide>,
+    /// Bytes sent from the client to the upstream.
+    pub bytes_to_upstream: u64,
+    /// Bytes sent from the upstream to the client.
+    pub bytes_to_client: u64,
+    /// From the relay call until both sockets were closed.
+    pub duration: Duration,
+}
+
+/// The callback given to [`crate::ShardContext::relay_with`].
+pub(crate) struct OnEnd(pub(crate) Box<dyn FnOnce(RelayOutcome) + Send>);
+
+impl fmt::Debug for OnEnd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("OnEnd")
+    }
+}
+
 /// Side 0 is the client, side 1 the upstream; direction `d` reads from side
 /// `d` and writes to side `1 - d`.
 const CLIENT: usize = 0;
 const UPSTREAM: usize = 1;
+
+fn side_of(side: usize) -> RelaySide {
+    if side == CLIENT {
+        RelaySide::Client
+    } else {
+        RelaySide::Upstream
+    }
+}
+
+/// The end an error of `errno` on `side`'s socket means.
+fn peer_end(side: usize, errno: i32) -> RelayEnd {
+    match errno {
+        libc::ECONNRESET | libc::EPIPE if side == CLIENT => RelayEnd::ClientReset,
+        libc::ECONNRESET | libc::EPIPE => RelayEnd::UpstreamReset,
+        _ => RelayEnd::Error { errno },
+    }
+}
+
+/// The end a failed upstream CONNECT means. Before the relay is ending,
+/// only its linked timeout cancels it (ECANCELED).
+fn connect_end(errno: i32) -> RelayEnd {
+    match errno {
+        libc::ECONNREFUSED => RelayEnd::UpstreamRefused,
+        libc::ECANCELED | libc::ETIMEDOUT => RelayEnd::UpstreamTimeout,
+        _ => peer_end(UPSTREAM, errno),
+    }
+}
+
+fn errno_of(e: &io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(0)
+}
+
+/// Counts one relay's end.
+fn count_end(c: &RelayCounters, end: RelayEnd) {
+    let (total, detail): (&AtomicU64, Option<&AtomicU64>) = match end {
+        RelayEnd::Completed => (&c.completed, None),
+        RelayEnd::ClientReset => (&c.failed, Some(&c.client_reset)),
+        RelayEnd::UpstreamReset => (&c.failed, Some(&c.upstream_reset)),
+        RelayEnd::UpstreamRefused => (&c.failed, Some(&c.upstream_refused)),
+        RelayEnd::UpstreamTimeout => (&c.failed, Some(&c.upstream_timeout)),
+        RelayEnd::Error { .. } => (&c.failed, Some(&c.errors)),
+        RelayEnd::Shutdown => (&c.closed_at_shutdown, None),
+    };
+    Counters::add(total, 1);
+    if let Some(d) = detail {
+        Counters::add(d, 1);
+    }
+}
+
+/// Gives `outcome` to the relay's callback, if any; a panic is caught and
+/// counted (the shard goes on).
+fn deliver(c: &RelayCounters, on_end: Option<OnEnd>, outcome: RelayOutcome) {
+    if let Some(OnEnd(f)) = on_end {
+        if catch_unwind(AssertUnwindSafe(move || f(outcome))).is_err() {
+            Counters::add(&c.callback_panics, 1);
+        }
+    }
+}
 
 /// Slots addressable in 24 bits of user data.
 const SLOT_BITS: u32 = 24;
@@ -193,14 +345,6 @@ impl Step {
     }
 }
 
-/// How a relay ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum End {
-    Completed,
-    Failed,
-    Shutdown,
-}
-
 #[derive(Debug)]
 struct Relay {
     /// The client's and the upstream's sockets, until their CLOSE is posted.
@@ -218,13 +362,32 @@ struct Relay {
     /// CLOSE completions still to come.
     closes: u32,
     /// Set once the relay is ending; nothing new is posted after.
-    end: Option<End>,
+    end: Option<RelayEnd>,
+    /// The side whose FIN, reset or error was seen first.
+    first: Option<usize>,
+    /// Bytes sent by each direction (0: to the upstream, 1: to the client).
+    bytes: [u64; 2],
+    started_at: Instant,
+    on_end: Option<OnEnd>,
 }
 
 #[derive(Debug, Default)]
 struct Slot {
     gen: u32,
     relay: Option<Relay>,
+}
+
+/// Why a relay did not start.
+struct Refusal {
+    end: RelayEnd,
+    first: Option<usize>,
+    error: io::Error,
+}
+
+impl Refusal {
+    fn new(end: RelayEnd, first: Option<usize>, error: io::Error) -> Self {
+        Refusal { end, first, error }
+    }
 }
 
 /// The relays of one shard.
@@ -259,40 +422,116 @@ impl Relays {
 
     /// Starts relaying `client` to `upstream`: creates the upstream socket
     /// and posts its CONNECT (with a linked timeout). On error nothing is in
-    /// flight and `client` is closed.
+    /// flight, `client` is reset, and `on_end` has been called.
     pub(crate) fn start(
         &mut self,
         ring: &mut Uring,
         client: OwnedFd,
         upstream: SocketAddr,
         opts: RelayOptions,
+        on_end: Option<OnEnd>,
     ) -> io::Result<()> {
-        if self.stopping {
-            return Err(io::Error::other("the shard is shutting down"));
+        let started_at = Instant::now();
+        match self.open(ring, &client, upstream, opts) {
+            Ok((idx, up, ops)) => {
+                let raw = [client.as_raw_fd(), up.as_raw_fd()];
+                self.slots[idx].relay = Some(Relay {
+                    fds: [Some(client), Some(up)],
+                    raw,
+                    steps: [Step::Idle, Step::Idle],
+                    bufs: [None, None],
+                    buffer_size: opts.buffer_size(),
+                    connecting: true,
+                    ops,
+                    closes: 0,
+                    end: None,
+                    first: None,
+                    bytes: [0, 0],
+                    started_at,
+                    on_end,
+                });
+                self.live += 1;
+                Counters::add(&self.counters.started, 1);
+                Counters::add(&self.counters.active, 1);
+                Ok(())
+            }
+            Err(refusal) => {
+                // An abortive close: the client learns at once that it is
+                // not being relayed.
+                let _ = SockRef::from(&client).set_linger(Some(Duration::ZERO));
+                drop(client);
+                Counters::add(&self.counters.start_failed, 1);
+                let outcome = RelayOutcome {
+                    end: refusal.end,
+                    first: refusal.first.map(side_of),
+                    bytes_to_upstream: 0,
+                    bytes_to_client: 0,
+                    duration: started_at.elapsed(),
+                };
+                deliver(&self.counters, on_end, outcome);
+                Err(refusal.error)
+            }
         }
+    }
+
+    /// Creates the upstream socket, takes a slot and posts
+    /// the CONNECT; returns the slot, the upstream socket and the number of
+    /// completions to come. On error nothing was posted and no slot taken.
+    fn open(
+        &mut self,
+        ring: &mut Uring,
+        client: &OwnedFd,
+        upstream: SocketAddr,
+        opts: RelayOptions,
+    ) -> Result<(usize, OwnedFd, u32), Refusal> {
+        if self.stopping {
+            return Err(Refusal::new(
+                RelayEnd::Shutdown,
+                None,
+                io::Error::other("the shard is shutting down"),
+            ));
+        }
+        let client_err =
+            |e: io::Error| Refusal::new(peer_end(CLIENT, errno_of(&e)), Some(CLIENT), e);
+        let engine_err = |e: io::Error| {
+            Refusal::new(
+                RelayEnd::Error {
+                    errno: errno_of(&e),
+                },
+                None,
+                e,
+            )
+        };
         if opts.strip_proxy_header() {
-            strip_proxy_header(&client)?;
+            strip_proxy_header(client).map_err(client_err)?;
         }
         if opts.nodelay() {
             // Both sockets: a relay forwards each piece as it arrives, and
             // Nagle on the client side would hold a response's second
             // segment until the client's delayed ACK (tens of ms).
-            SockRef::from(&client).set_nodelay(true)?;
+            SockRef::from(client)
+                .set_nodelay(true)
+                .map_err(client_err)?;
         }
         let socket = Socket::new(
             Domain::for_address(upstream),
             Type::STREAM,
             Some(Protocol::TCP),
-        )?;
+        )
+        .map_err(engine_err)?;
         if opts.nodelay() {
-            socket.set_nodelay(true)?;
+            socket.set_nodelay(true).map_err(engine_err)?;
         }
         let up: OwnedFd = socket.into();
         let idx = match self.free.pop() {
             Some(i) => i,
             None => {
                 if self.slots.len() as u64 > SLOT_MASK {
-                    return Err(io::Error::other("too many relays on this shard"));
+                    return Err(Refusal::new(
+                        RelayEnd::Error { errno: 0 },
+                        None,
+                        io::Error::other("too many relays on this shard"),
+                    ));
                 }
                 self.slots.push(Slot::default());
                 self.slots.len() - 1
@@ -300,7 +539,6 @@ impl Relays {
         };
         let gen = self.slots[idx].gen.wrapping_add(1) & GEN_MASK as u32;
         self.slots[idx].gen = gen;
-        let raw = [client.as_raw_fd(), up.as_raw_fd()];
         let timeout = (!opts.connect_timeout().is_zero()).then(|| {
             (
                 opts.connect_timeout(),
@@ -308,31 +546,17 @@ impl Relays {
             )
         });
         let posted = ring.connect(
-            raw[UPSTREAM],
+            up.as_raw_fd(),
             SockAddr::from(upstream),
             timeout,
             user_data(Tag::RelayConnect, pack(idx, gen, UPSTREAM)),
         );
         if let Err(e) = posted {
-            // Nothing was posted: both sockets close here.
+            // Nothing was posted: the upstream socket closes here.
             self.free.push(idx);
-            return Err(e);
+            return Err(engine_err(e));
         }
-        self.slots[idx].relay = Some(Relay {
-            fds: [Some(client), Some(up)],
-            raw,
-            steps: [Step::Idle, Step::Idle],
-            bufs: [None, None],
-            buffer_size: opts.buffer_size(),
-            connecting: true,
-            ops: 1 + u32::from(timeout.is_some()),
-            closes: 0,
-            end: None,
-        });
-        self.live += 1;
-        Counters::add(&self.counters.started, 1);
-        Counters::add(&self.counters.active, 1);
-        Ok(())
+        Ok((idx, up, 1 + u32::from(timeout.is_some())))
     }
 
     /// One completion of a relay operation.
@@ -366,7 +590,7 @@ impl Relays {
                 r.connecting = false;
                 if r.end.is_none() {
                     if result < 0 {
-                        r.fail(ring, idx, gen, End::Failed);
+                        r.fail(ring, idx, gen, connect_end(-result), Some(UPSTREAM));
                     } else {
                         for d in [CLIENT, UPSTREAM] {
                             let buf = vec![0u8; r.buffer_size].into_boxed_slice();
@@ -379,7 +603,7 @@ impl Relays {
                 let d = side;
                 r.steps[d] = Step::Idle;
                 let Released::Bytes(buf) = released else {
-                    r.fail(ring, idx, gen, End::Failed);
+                    r.fail(ring, idx, gen, RelayEnd::Error { errno: 0 }, None);
                     return self.settle(ring, idx);
                 };
                 if r.end.is_some() {
@@ -391,29 +615,38 @@ impl Relays {
                     // End of stream from side d: shut the sink's write half;
                     // every byte before the FIN has already been sent.
                     r.bufs[d] = Some(buf);
+                    r.first.get_or_insert(d);
                     let ud = user_data(Tag::RelayShutdown, pack(idx, gen, d));
                     match ring.shutdown(r.raw[1 - d], libc::SHUT_WR, ud) {
                         Ok(()) => {
                             r.steps[d] = Step::Shutdown;
                             r.ops += 1;
                         }
-                        Err(_) => r.fail(ring, idx, gen, End::Failed),
+                        Err(e) => r.fail(
+                            ring,
+                            idx,
+                            gen,
+                            RelayEnd::Error {
+                                errno: errno_of(&e),
+                            },
+                            None,
+                        ),
                     }
                 } else {
                     r.bufs[d] = Some(buf);
-                    r.fail(ring, idx, gen, End::Failed);
+                    r.fail(ring, idx, gen, peer_end(d, -result), Some(d));
                 }
             }
             Tag::RelaySend => {
                 let d = side;
                 let Step::Send { start, end } = r.steps[d] else {
                     r.steps[d] = Step::Idle;
-                    r.fail(ring, idx, gen, End::Failed);
+                    r.fail(ring, idx, gen, RelayEnd::Error { errno: 0 }, None);
                     return self.settle(ring, idx);
                 };
                 r.steps[d] = Step::Idle;
                 let Released::Bytes(buf) = released else {
-                    r.fail(ring, idx, gen, End::Failed);
+                    r.fail(ring, idx, gen, RelayEnd::Error { errno: 0 }, None);
                     return self.settle(ring, idx);
                 };
                 if result > 0 {
@@ -423,6 +656,7 @@ impl Relays {
                         &counters.bytes_to_client
                     };
                     Counters::add(counter, result as u64);
+                    r.bytes[d] += result as u64;
                 }
                 if r.end.is_some() {
                     r.bufs[d] = Some(buf);
@@ -437,7 +671,7 @@ impl Relays {
                     // A send of at least one byte that sent none, or failed
                     // (EPIPE, ECONNRESET): the sink is gone.
                     r.bufs[d] = Some(buf);
-                    r.fail(ring, idx, gen, End::Failed);
+                    r.fail(ring, idx, gen, peer_end(1 - d, -result), Some(1 - d));
                 }
             }
             Tag::RelayShutdown => {
@@ -455,7 +689,7 @@ impl Relays {
                 // ENOTCONN here means the sink already went away; the other
                 // direction finds out on its own next operation.
                 if r.end.is_none() && r.steps.iter().all(|s| *s == Step::Done) {
-                    r.end = Some(End::Completed);
+                    r.end = Some(RelayEnd::Completed);
                 }
             }
             _ => {}
@@ -464,7 +698,8 @@ impl Relays {
     }
 
     /// Closes a relay's sockets once nothing of it is in flight, and frees
-    /// its slot once both closes completed.
+    /// its slot once both closes completed; then its outcome goes to its
+    /// callback.
     fn settle(&mut self, ring: &mut Uring, idx: usize) {
         let Some(slot) = self.slots.get_mut(idx) else {
             return;
@@ -479,7 +714,7 @@ impl Relays {
         }
         for side in [CLIENT, UPSTREAM] {
             if let Some(fd) = r.fds[side].take() {
-                if end != End::Completed {
+                if end != RelayEnd::Completed {
                     // An abortive close: the peer sees RST, as a splice
                     // should report a reset or a failure of the far side.
                     let _ = SockRef::from(&fd).set_linger(Some(Duration::ZERO));
@@ -495,16 +730,13 @@ impl Relays {
         if r.closes > 0 {
             return;
         }
-        slot.relay = None;
+        let Some(r) = slot.relay.take() else { return };
         self.free.push(idx);
         self.live -= 1;
         self.counters.active.fetch_sub(1, Ordering::Relaxed);
-        let counter = match end {
-            End::Completed => &self.counters.completed,
-            End::Failed => &self.counters.failed,
-            End::Shutdown => &self.counters.closed_at_shutdown,
-        };
-        Counters::add(counter, 1);
+        count_end(&self.counters, end);
+        let outcome = r.outcome(end);
+        deliver(&self.counters, r.on_end, outcome);
     }
 
     /// Shutdown: no new relays; every live one is torn down.
@@ -513,7 +745,7 @@ impl Relays {
         for idx in 0..self.slots.len() {
             let gen = self.slots[idx].gen;
             if let Some(r) = self.slots[idx].relay.as_mut() {
-                r.fail(ring, idx, gen, End::Shutdown);
+                r.fail(ring, idx, gen, RelayEnd::Shutdown, None);
             }
             self.settle(ring, idx);
         }
@@ -526,12 +758,15 @@ impl Relays {
 
     /// Last call on the shard thread. Normally nothing is left; after a
     /// broken ring, what is left is dropped (its sockets close here, its
-    /// in-flight memory stays with the ring, which leaks it).
+    /// in-flight memory stays with the ring, which leaks it) and its
+    /// outcome says shutdown.
     pub(crate) fn finish(&mut self) {
         for slot in &mut self.slots {
-            if slot.relay.take().is_some() {
+            if let Some(r) = slot.relay.take() {
                 self.counters.active.fetch_sub(1, Ordering::Relaxed);
                 Counters::add(&self.counters.closed_at_shutdown, 1);
+                let outcome = r.outcome(RelayEnd::Shutdown);
+                deliver(&self.counters, r.on_end, outcome);
             }
         }
         self.live = 0;
@@ -557,6 +792,16 @@ fn strip_proxy_header(fd: &OwnedFd) -> io::Result<()> {
 }
 
 impl Relay {
+    fn outcome(&self, end: RelayEnd) -> RelayOutcome {
+        RelayOutcome {
+            end,
+            first: self.first.map(side_of),
+            bytes_to_upstream: self.bytes[CLIENT],
+            bytes_to_client: self.bytes[UPSTREAM],
+            duration: self.started_at.elapsed(),
+        }
+    }
+
     fn recv(&mut self, ring: &mut Uring, idx: usize, gen: u32, d: usize, buf: Box<[u8]>) {
         if self.end.is_some() {
             self.bufs[d] = Some(buf);
@@ -568,7 +813,15 @@ impl Relay {
                 self.steps[d] = Step::Recv;
                 self.ops += 1;
             }
-            Err(_) => self.fail(ring, idx, gen, End::Failed),
+            Err(e) => self.fail(
+                ring,
+                idx,
+                gen,
+                RelayEnd::Error {
+                    errno: errno_of(&e),
+                },
+                None,
+            ),
         }
     }
 
@@ -593,17 +846,29 @@ impl Relay {
                 self.steps[d] = Step::Send { start, end };
                 self.ops += 1;
             }
-            Err(_) => self.fail(ring, idx, gen, End::Failed),
+            Err(e) => self.fail(
+                ring,
+                idx,
+                gen,
+                RelayEnd::Error {
+                    errno: errno_of(&e),
+                },
+                None,
+            ),
         }
     }
 
-    /// Starts tearing the relay down: cancels what is in flight; the
-    /// sockets are closed once every completion is in (`settle`).
-    fn fail(&mut self, ring: &mut Uring, idx: usize, gen: u32, end: End) {
+    /// Starts tearing the relay down as `end`, `side` being the side at
+    /// fault if any: cancels what is in flight; the sockets are closed once
+    /// every completion is in (`settle`).
+    fn fail(&mut self, ring: &mut Uring, idx: usize, gen: u32, end: RelayEnd, side: Option<usize>) {
         if self.end.is_some() {
             return;
         }
         self.end = Some(end);
+        if self.first.is_none() {
+            self.first = side;
+        }
         let cancel = user_data(Tag::Cancel, 0);
         if self.connecting {
             let target = user_data(Tag::RelayConnect, pack(idx, gen, UPSTREAM));
@@ -638,6 +903,31 @@ mod tests {
                 .with_buffer_size(usize::MAX)
                 .buffer_size(),
             MAX_RELAY_BUFFER
+        );
+    }
+
+    #[test]
+    fn errors_map_to_ends_by_side() {
+        assert_eq!(peer_end(CLIENT, libc::ECONNRESET), RelayEnd::ClientReset);
+        assert_eq!(peer_end(CLIENT, libc::EPIPE), RelayEnd::ClientReset);
+        assert_eq!(
+            peer_end(UPSTREAM, libc::ECONNRESET),
+            RelayEnd::UpstreamReset
+        );
+        assert_eq!(
+            peer_end(UPSTREAM, libc::ETIMEDOUT),
+            RelayEnd::Error {
+                errno: libc::ETIMEDOUT
+            }
+        );
+        assert_eq!(connect_end(libc::ECONNREFUSED), RelayEnd::UpstreamRefused);
+        assert_eq!(connect_end(libc::ECANCELED), RelayEnd::UpstreamTimeout);
+        assert_eq!(connect_end(libc::ECONNRESET), RelayEnd::UpstreamReset);
+        assert_eq!(
+            connect_end(libc::ENETUNREACH),
+            RelayEnd::Error {
+                errno: libc::ENETUNREACH
+            }
         );
     }
 }
