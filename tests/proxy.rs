@@ -659,6 +659,33 @@ fn outcome_of_an_upstream_reset_says_upstream_reset() {
 }
 
 #[test]
+fn a_silent_relay_is_torn_down_at_its_idle_timeout_and_counted() {
+    let _g = serial();
+    // An upstream that accepts and never says anything.
+    let up = TcpListener::bind("127.0.0.1:0").unwrap();
+    let baseline = open_fds();
+    let opts = RelayOptions::default().with_idle_timeout(Duration::from_millis(100));
+    let (listener, outcomes) = outcome_listener(up.local_addr().unwrap(), opts, |b| b);
+    let mut c = connect(listener.local_addr()).unwrap();
+    let (mut s, _) = up.accept().unwrap();
+    // The event waited on: the engine ends the client's connection (no
+    // byte is sent first: the test's own pace must not decide the outcome).
+    assert!(ended_by_server(&mut c), "the idle relay ended the client");
+    assert!(ended_by_server(&mut s), "and the upstream");
+    let o = next_outcome(&outcomes);
+    assert_eq!(o.end, RelayEnd::IdleTimeout);
+    assert_eq!(o.first, None, "neither side had ended");
+    assert_eq!((o.bytes_to_upstream, o.bytes_to_client), (0, 0));
+    let r = relays(&listener);
+    assert_eq!(
+        (r.idle_timeout, r.failed, r.completed, r.active),
+        (1, 0, 0, 0)
+    );
+    drop((c, s, listener));
+    assert_eq!(open_fds(), baseline, "both sockets closed");
+}
+
+#[test]
 fn a_panicking_outcome_callback_is_counted_and_the_shard_goes_on() {
     let _g = serial();
     let echo = Echo::start();

@@ -390,7 +390,8 @@ impl Service for Acceptor {
             | Tag::RelayRecv
             | Tag::RelaySend
             | Tag::RelayShutdown
-            | Tag::RelayClose => self.relays.complete(ring, tag, payload, cqe),
+            | Tag::RelayClose
+            | Tag::RelayTimer => self.relays.complete(ring, tag, payload, cqe, now),
             Tag::RegPoll => {
                 if let Some(r) = &mut self.registry {
                     r.event(ring, payload, cqe, self.stopping, &self.shard.counters);

@@ -46,7 +46,9 @@ impl<'a> ShardContext<'a> {
     /// shuts down the other side's write half (SHUTDOWN, 5.11) after the
     /// bytes before it were sent; both sockets close once both directions
     /// ended. A reset or error on either side, an upstream that refuses or
-    /// times out, or the listener's shutdown resets both sockets. TCP_NODELAY is set on both
+    /// times out, a relay idle for its idle timeout
+    /// ([`RelayOptions::with_idle_timeout`], 10 min by default), or the
+    /// listener's shutdown resets both sockets. TCP_NODELAY is set on both
     /// sockets unless [`RelayOptions::with_nodelay`] says otherwise.
     /// Progress and outcomes are counted in [`crate::ShardStats::relays`];
     /// [`ShardContext::relay_with`] also tells the application how each

@@ -17,7 +17,14 @@
 //! - an error on either side (RST, a failed send, the upstream refusing or
 //!   timing out) cancels what is in flight and closes both sockets with
 //!   SO_LINGER 0, so both peers see a reset: *failed*;
+//! - no byte moved either way for the idle timeout: torn down the same way;
 //! - listener shutdown tears every relay down the same way.
+//!
+//! Idle timeouts cost no timer per relay and nothing per byte but a store:
+//! each completion that moved bytes stamps the relay with the turn's time,
+//! and one shard-wide TIMEOUT at a time (re-armed for the earliest
+//! deadline, at least 1/16 of the shortest idle timeout later) scans the
+//! relays and tears down those idle for longer than their timeout.
 //!
 //! Each relay lives in a slab slot; every operation's user data carries the
 //! slot, the slot's generation and the side, so a completion can never be
@@ -47,6 +54,10 @@ pub const DEFAULT_RELAY_BUFFER: usize = 64 * 1024;
 pub const MAX_RELAY_BUFFER: usize = 16 * 1024 * 1024;
 /// Default bound on the upstream CONNECT: 5 s.
 pub const DEFAULT_RELAY_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default idle timeout of a relay: 10 minutes without a byte either way
+/// (as nginx's stream `proxy_timeout`): long enough for any interactive
+/// protocol, short enough that dead peers do not hold relays for hours.
+pub const DEFAULT_RELAY_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// How [`crate::ShardContext::relay`] relays a connection.
 ///
@@ -56,27 +67,56 @@ pub const DEFAULT_RELAY_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 ///
 /// let opts = RelayOptions::new()
 ///     .with_buffer_size(16 * 1024)
-///     .with_connect_timeout(Duration::from_secs(1));
+///     .with_connect_timeout(Duration::from_secs(1))
+///     .with_idle_timeout(Duration::from_secs(30));
 /// assert_eq!(opts.buffer_size(), 16 * 1024);
+/// assert_eq!(opts.idle_timeout(), Some(Duration::from_secs(30)));
 /// assert_eq!(RelayOptions::default().buffer_size(), floodgate::DEFAULT_RELAY_BUFFER);
+/// assert_eq!(
+///     RelayOptions::default().idle_timeout(),
+///     Some(floodgate::DEFAULT_RELAY_IDLE_TIMEOUT)
+/// );
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RelayOptions {
     buffer_size: usize,
     connect_timeout: Duration,
+    idle_timeout: Duration,
     nodelay: bool,
     strip_proxy_header: bool,
 }
 
 impl RelayOptions {
-    /// 64 KiB per direction, a 5 s connect timeout, TCP_NODELAY on both
-    /// sockets.
+    /// 64 KiB per direction, a 5 s connect timeout, a 10 min idle timeout,
+    /// TCP_NODELAY on both sockets.
     pub const fn new() -> Self {
         RelayOptions {
             buffer_size: DEFAULT_RELAY_BUFFER,
             connect_timeout: DEFAULT_RELAY_CONNECT_TIMEOUT,
+            idle_timeout: DEFAULT_RELAY_IDLE_TIMEOUT,
             nodelay: true,
             strip_proxy_header: false,
+        }
+    }
+
+    /// A relay in which no byte moved in either direction for `d` is torn
+    /// down (both sockets reset) and ends with [`RelayEnd::IdleTimeout`].
+    /// The clock starts once the upstream is connected (the connect has its
+    /// own timeout) and restarts with every receive or send that moved
+    /// bytes. The teardown comes at most 1/16 of the shortest idle timeout
+    /// on the shard late (plus scheduling). Default
+    /// [`DEFAULT_RELAY_IDLE_TIMEOUT`]; `Duration::ZERO`: none.
+    pub const fn with_idle_timeout(mut self, d: Duration) -> Self {
+        self.idle_timeout = d;
+        self
+    }
+
+    /// The idle timeout (`None`: none).
+    pub const fn idle_timeout(&self) -> Option<Duration> {
+        if self.idle_timeout.is_zero() {
+            None
+        } else {
+            Some(self.idle_timeout)
         }
     }
 
@@ -174,6 +214,9 @@ pub enum RelayEnd {
     /// ([`RelayOptions::with_connect_timeout`]), or the kernel gave up its
     /// SYN retries (ETIMEDOUT).
     UpstreamTimeout,
+    /// No byte moved either way for the idle timeout
+    /// ([`RelayOptions::with_idle_timeout`]).
+    IdleTimeout,
     /// The listener shut down (a relay running then, or one asked for while
     /// it was shutting down).
     Shutdown,
@@ -218,8 +261,8 @@ pub struct RelayOutcome {
     /// How it ended.
     pub end: RelayEnd,
     /// The side whose end of stream (FIN), reset or error the relay saw
-    /// first; `None` when neither side had ended when the relay did
-    /// (shutdown, a failure to start). For a completed relay,
+    /// first; `None` when neither side had ended when the relay did (idle
+    /// timeout, shutdown, cap, a failure to start). For a completed relay,
     /// the side that half-closed first.
     pub first: Option<RelaySide>,
     /// Bytes sent from the client to the upstream.
@@ -284,6 +327,7 @@ fn count_end(c: &RelayCounters, end: RelayEnd) {
         RelayEnd::UpstreamRefused => (&c.failed, Some(&c.upstream_refused)),
         RelayEnd::UpstreamTimeout => (&c.failed, Some(&c.upstream_timeout)),
         RelayEnd::Error { .. } => (&c.failed, Some(&c.errors)),
+        RelayEnd::IdleTimeout => (&c.idle_timeout, None),
         RelayEnd::Shutdown => (&c.closed_at_shutdown, None),
     };
     Counters::add(total, 1);
@@ -368,6 +412,9 @@ struct Relay {
     /// Bytes sent by each direction (0: to the upstream, 1: to the client).
     bytes: [u64; 2],
     started_at: Instant,
+    /// When bytes last moved (or the upstream connected).
+    last_active: Instant,
+    idle_timeout: Option<Duration>,
     on_end: Option<OnEnd>,
 }
 
@@ -396,6 +443,10 @@ pub(crate) struct Relays {
     free: Vec<usize>,
     live: usize,
     stopping: bool,
+    /// Idle-scan timers in flight: id (user-data payload) and when each
+    /// fires.
+    timers: Vec<(u64, Instant)>,
+    next_timer: u64,
     counters: Arc<RelayCounters>,
 }
 
@@ -404,6 +455,7 @@ impl fmt::Debug for Relays {
         f.debug_struct("Relays")
             .field("live", &self.live)
             .field("slots", &self.slots.len())
+            .field("timers", &self.timers.len())
             .field("stopping", &self.stopping)
             .finish()
     }
@@ -416,6 +468,8 @@ impl Relays {
             free: Vec::new(),
             live: 0,
             stopping: false,
+            timers: Vec::new(),
+            next_timer: 0,
             counters,
         }
     }
@@ -448,6 +502,8 @@ impl Relays {
                     first: None,
                     bytes: [0, 0],
                     started_at,
+                    last_active: started_at,
+                    idle_timeout: opts.idle_timeout(),
                     on_end,
                 });
                 self.live += 1;
@@ -559,8 +615,18 @@ impl Relays {
         Ok((idx, up, 1 + u32::from(timeout.is_some())))
     }
 
-    /// One completion of a relay operation.
-    pub(crate) fn complete(&mut self, ring: &mut Uring, tag: Tag, payload: u64, cqe: Cqe) {
+    /// One completion of a relay operation (or of the idle-scan timer).
+    pub(crate) fn complete(
+        &mut self,
+        ring: &mut Uring,
+        tag: Tag,
+        payload: u64,
+        cqe: Cqe,
+        now: Instant,
+    ) {
+        if tag == Tag::RelayTimer {
+            return self.timer(ring, payload, cqe, now);
+        }
         let (idx, gen, side) = decode(payload);
         let released = if tag == Tag::RelayClose {
             ring.finish_close(cqe.user_data, cqe.result);
@@ -584,6 +650,7 @@ impl Relays {
             r.ops = r.ops.saturating_sub(1);
         }
         let result = cqe.result;
+        let mut idle_deadline = None;
         match tag {
             Tag::RelayConnectTimeout | Tag::RelayClose => {}
             Tag::RelayConnect => {
@@ -592,6 +659,11 @@ impl Relays {
                     if result < 0 {
                         r.fail(ring, idx, gen, connect_end(-result), Some(UPSTREAM));
                     } else {
+                        // The idle clock starts now.
+                        r.last_active = now;
+                        idle_deadline = r
+                            .idle_timeout
+                            .and_then(|t| now.checked_add(t).map(|at| (at, t)));
                         for d in [CLIENT, UPSTREAM] {
                             let buf = vec![0u8; r.buffer_size].into_boxed_slice();
                             r.recv(ring, idx, gen, d, buf);
@@ -609,6 +681,7 @@ impl Relays {
                 if r.end.is_some() {
                     r.bufs[d] = Some(buf);
                 } else if result > 0 {
+                    r.last_active = now;
                     let n = (result as usize).min(buf.len());
                     r.send(ring, idx, gen, d, buf, 0, n);
                 } else if result == 0 {
@@ -657,6 +730,7 @@ impl Relays {
                     };
                     Counters::add(counter, result as u64);
                     r.bytes[d] += result as u64;
+                    r.last_active = now;
                 }
                 if r.end.is_some() {
                     r.bufs[d] = Some(buf);
@@ -695,6 +769,71 @@ impl Relays {
             _ => {}
         }
         self.settle(ring, idx);
+        if let Some((at, t)) = idle_deadline {
+            self.arm_idle(ring, now, at, t / 16);
+        }
+    }
+
+    /// Makes sure an idle-scan timer fires by `at + slack`: posts one for
+    /// `at` unless one already in flight fires by then.
+    fn arm_idle(&mut self, ring: &mut Uring, now: Instant, at: Instant, slack: Duration) {
+        if self.stopping {
+            return;
+        }
+        let covered = self
+            .timers
+            .iter()
+            .any(|(_, t)| at.checked_add(slack).map_or(true, |late| *t <= late));
+        if covered {
+            return;
+        }
+        self.next_timer = (self.next_timer + 1) & ((1 << 48) - 1);
+        let id = self.next_timer;
+        let after = at.saturating_duration_since(now);
+        // A refused timer (the ring is broken) only delays idle teardown
+        // until the next relay connects and arms one.
+        if ring.timeout(after, user_data(Tag::RelayTimer, id)).is_ok() {
+            self.timers.push((id, at));
+        }
+    }
+
+    /// The idle-scan timer fired (or was cancelled at shutdown): tears down
+    /// every relay idle for its timeout, then re-arms for the earliest
+    /// deadline left, at least 1/16 of the shortest idle timeout from now,
+    /// so that scans stay a bounded number per timeout.
+    fn timer(&mut self, ring: &mut Uring, id: u64, cqe: Cqe, now: Instant) {
+        ring.release(cqe.user_data);
+        self.timers.retain(|(t, _)| *t != id);
+        if self.stopping {
+            return;
+        }
+        let mut next: Option<Instant> = None;
+        let mut shortest: Option<Duration> = None;
+        for idx in 0..self.slots.len() {
+            let gen = self.slots[idx].gen;
+            let Some(r) = self.slots[idx].relay.as_mut() else {
+                continue;
+            };
+            let Some(t) = r.idle_timeout else { continue };
+            if r.connecting || r.end.is_some() {
+                continue;
+            }
+            let Some(deadline) = r.last_active.checked_add(t) else {
+                continue;
+            };
+            if deadline <= now {
+                r.fail(ring, idx, gen, RelayEnd::IdleTimeout, None);
+                self.settle(ring, idx);
+            } else {
+                next = Some(next.map_or(deadline, |n| n.min(deadline)));
+                shortest = Some(shortest.map_or(t, |s| s.min(t)));
+            }
+        }
+        if let (Some(at), Some(t)) = (next, shortest) {
+            let slack = t / 16;
+            let at = now.checked_add(slack).map_or(at, |soonest| at.max(soonest));
+            self.arm_idle(ring, now, at, slack);
+        }
     }
 
     /// Closes a relay's sockets once nothing of it is in flight, and frees
@@ -739,9 +878,13 @@ impl Relays {
         deliver(&self.counters, r.on_end, outcome);
     }
 
-    /// Shutdown: no new relays; every live one is torn down.
+    /// Shutdown: no new relays; every live one is torn down; the idle-scan
+    /// timers are cancelled.
     pub(crate) fn stop(&mut self, ring: &mut Uring) {
         self.stopping = true;
+        for (id, _) in &self.timers {
+            let _ = ring.cancel(user_data(Tag::RelayTimer, *id), user_data(Tag::Cancel, 0));
+        }
         for idx in 0..self.slots.len() {
             let gen = self.slots[idx].gen;
             if let Some(r) = self.slots[idx].relay.as_mut() {
@@ -751,9 +894,9 @@ impl Relays {
         }
     }
 
-    /// Whether no relay operation is in flight.
+    /// Whether no relay operation and no timer is in flight.
     pub(crate) fn is_idle(&self) -> bool {
-        self.live == 0
+        self.live == 0 && self.timers.is_empty()
     }
 
     /// Last call on the shard thread. Normally nothing is left; after a
@@ -770,6 +913,7 @@ impl Relays {
             }
         }
         self.live = 0;
+        self.timers.clear();
         self.free.clear();
         self.slots.clear();
     }
@@ -904,6 +1048,12 @@ mod tests {
                 .buffer_size(),
             MAX_RELAY_BUFFER
         );
+    }
+
+    #[test]
+    fn zero_idle_timeout_means_none() {
+        let o = RelayOptions::new().with_idle_timeout(Duration::ZERO);
+        assert_eq!(o.idle_timeout(), None);
     }
 
     #[test]

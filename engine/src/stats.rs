@@ -326,6 +326,7 @@ pub(crate) struct RelayCounters {
     pub completed: AtomicU64,
     pub failed: AtomicU64,
     pub closed_at_shutdown: AtomicU64,
+    pub idle_timeout: AtomicU64,
     pub client_reset: AtomicU64,
     pub upstream_reset: AtomicU64,
     pub upstream_refused: AtomicU64,
@@ -346,6 +347,7 @@ impl RelayCounters {
             completed: g(&self.completed),
             failed: g(&self.failed),
             closed_at_shutdown: g(&self.closed_at_shutdown),
+            idle_timeout: g(&self.idle_timeout),
             client_reset: g(&self.client_reset),
             upstream_reset: g(&self.upstream_reset),
             upstream_refused: g(&self.upstream_refused),
@@ -363,7 +365,7 @@ impl RelayCounters {
 /// ([`crate::ShardContext::relay`]), counted by how they ended (the
 /// [`crate::RelayEnd`] of each relay's outcome).
 ///
-/// Once quiet, `started == active + completed + failed +
+/// Once quiet, `started == active + completed + failed + idle_timeout +
 /// closed_at_shutdown`, and `failed == client_reset + upstream_reset +
 /// upstream_refused + upstream_timeout + errors`. Relays that never started
 /// are in `start_failed` only.
@@ -382,6 +384,9 @@ pub struct RelayStats {
     pub failed: u64,
     /// Relays torn down because the listener shut down.
     pub closed_at_shutdown: u64,
+    /// Relays torn down because no byte moved either way for their idle
+    /// timeout (not in `failed`).
+    pub idle_timeout: u64,
     /// Failed: the client reset.
     pub client_reset: u64,
     /// Failed: the upstream reset.
@@ -412,6 +417,7 @@ impl RelayStats {
         self.completed += o.completed;
         self.failed += o.failed;
         self.closed_at_shutdown += o.closed_at_shutdown;
+        self.idle_timeout += o.idle_timeout;
         self.client_reset += o.client_reset;
         self.upstream_reset += o.upstream_reset;
         self.upstream_refused += o.upstream_refused;
