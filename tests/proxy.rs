@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use floodgate::cidr::CidrList;
 use floodgate::proxy_protocol::{self, ProxyError};
 use floodgate::{
-    ConnectRequest, Listener, ListenerBuilder, RelayEnd, RelayOptions, RelayOutcome, RelaySide,
-    RelayStats, Verdict,
+    ConnectRequest, Error, Listener, ListenerBuilder, RelayEnd, RelayOptions, RelayOutcome,
+    RelaySide, RelayStats, Verdict,
 };
 use floodgate_tests::{connect, open_fds, reset_on_drop, serial, wait_for};
 
@@ -712,4 +712,149 @@ fn a_panicking_outcome_callback_is_counted_and_the_shard_goes_on() {
         });
     }
     assert_eq!(relays(&listener).completed, 2);
+}
+
+/// An upstream listener; the test accepts from it ([`accept_from`]) and
+/// keeps the sockets silent until it means to use them.
+fn silent_upstream() -> TcpListener {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.set_nonblocking(true).unwrap();
+    l
+}
+
+/// The next connection the relay dialled to `up`; the bound only turns a
+/// dial that never comes into a failure.
+fn accept_from(up: &TcpListener) -> TcpStream {
+    let give_up = Instant::now() + Duration::from_secs(120);
+    loop {
+        match up.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false).unwrap();
+                return s;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                assert!(Instant::now() < give_up, "the relay never dialled");
+                std::thread::park_timeout(Duration::from_millis(1));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    }
+}
+
+/// One byte each way through a relay whose upstream end is `s`.
+fn still_relays(c: &mut TcpStream, s: &mut TcpStream) {
+    let mut b = [0u8; 1];
+    c.write_all(b"a").unwrap();
+    s.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"a");
+    s.write_all(b"b").unwrap();
+    c.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"b");
+}
+
+/// Ends a relay cleanly from both sides.
+fn finish(mut c: TcpStream, mut s: TcpStream) {
+    c.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).unwrap();
+    drop(s);
+    c.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+}
+
+#[test]
+fn at_the_relay_cap_a_further_relay_is_refused_counted_and_the_others_go_on() {
+    let _g = serial();
+    let up = silent_upstream();
+    let baseline = open_fds();
+    let (listener, outcomes) =
+        outcome_listener(up.local_addr().unwrap(), RelayOptions::default(), |b| {
+            b.max_relays_per_shard(2)
+        });
+    let addr = listener.local_addr();
+    let mut c1 = connect(addr).unwrap();
+    let mut s1 = accept_from(&up);
+    let mut c2 = connect(addr).unwrap();
+    let mut s2 = accept_from(&up);
+    // The third: refused, reset, reported.
+    let mut c3 = connect(addr).unwrap();
+    assert!(ended_by_server(&mut c3), "the refused client was closed");
+    let o = next_outcome(&outcomes);
+    assert_eq!(o.end, RelayEnd::CapRefused);
+    assert_eq!((o.first, o.bytes_to_upstream), (None, 0));
+    let r = relays(&listener);
+    assert_eq!((r.started, r.active, r.refused_cap), (2, 2, 1));
+    // The first two still relay, both ways.
+    still_relays(&mut c1, &mut s1);
+    still_relays(&mut c2, &mut s2);
+    finish(c1, s1);
+    assert_eq!(next_outcome(&outcomes).end, RelayEnd::Completed);
+    // Below the cap again: a new relay is taken.
+    let mut c4 = connect(addr).unwrap();
+    let mut s4 = accept_from(&up);
+    still_relays(&mut c4, &mut s4);
+    finish(c2, s2);
+    finish(c4, s4);
+    assert_eq!(next_outcome(&outcomes).end, RelayEnd::Completed);
+    assert_eq!(next_outcome(&outcomes).end, RelayEnd::Completed);
+    let r = relays(&listener);
+    assert_eq!(
+        (r.started, r.completed, r.refused_cap, r.active),
+        (3, 3, 1, 0)
+    );
+    drop((c3, listener));
+    assert_eq!(open_fds(), baseline, "every socket closed");
+}
+
+#[test]
+fn the_relay_memory_budget_refuses_a_relay_that_would_exceed_it() {
+    let _g = serial();
+    let up = silent_upstream();
+    // Buffers of 4 KiB: 8 KiB a relay; the budget holds one, not two.
+    let opts = RelayOptions::default().with_buffer_size(4096);
+    let (listener, outcomes) = outcome_listener(up.local_addr().unwrap(), opts, |b| {
+        b.relay_memory_per_shard(2 * 8192 - 1)
+    });
+    let addr = listener.local_addr();
+    let mut c1 = connect(addr).unwrap();
+    let mut s1 = accept_from(&up);
+    let mut c2 = connect(addr).unwrap();
+    assert!(ended_by_server(&mut c2));
+    assert_eq!(next_outcome(&outcomes).end, RelayEnd::CapRefused);
+    still_relays(&mut c1, &mut s1);
+    finish(c1, s1);
+    assert_eq!(next_outcome(&outcomes).end, RelayEnd::Completed);
+    // The memory came back with the relay.
+    let mut c3 = connect(addr).unwrap();
+    let mut s3 = accept_from(&up);
+    still_relays(&mut c3, &mut s3);
+    finish(c3, s3);
+    assert_eq!(next_outcome(&outcomes).end, RelayEnd::Completed);
+    let r = relays(&listener);
+    assert_eq!((r.started, r.completed, r.refused_cap), (2, 2, 1));
+}
+
+#[test]
+fn bad_relay_caps_are_refused_at_build_naming_the_field() {
+    let _g = serial();
+    let field = |b: ListenerBuilder| match b.build() {
+        Err(Error::Config(e)) => e.field,
+        Err(e) => panic!("expected a configuration error, got {e}"),
+        Ok(_) => panic!("expected a configuration error, got a listener"),
+    };
+    let b = || Listener::builder("127.0.0.1:0".parse().unwrap()).shards(1);
+    assert_eq!(field(b().max_relays_per_shard(0)), "max_relays_per_shard");
+    assert_eq!(
+        field(b().max_relays_per_shard(floodgate::MAX_RELAYS_PER_SHARD + 1)),
+        "max_relays_per_shard"
+    );
+    assert_eq!(
+        field(b().relay_memory_per_shard(0)),
+        "relay_memory_per_shard"
+    );
+    assert!(b()
+        .max_relays_per_shard(1)
+        .relay_memory_per_shard(2)
+        .build()
+        .is_ok());
 }

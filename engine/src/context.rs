@@ -54,6 +54,12 @@ impl<'a> ShardContext<'a> {
     /// [`ShardContext::relay_with`] also tells the application how each
     /// relay ended.
     ///
+    /// At the shard's cap ([`crate::ListenerBuilder::max_relays_per_shard`],
+    /// [`crate::ListenerBuilder::relay_memory_per_shard`]) the relay is
+    /// refused: the client is reset and `refused_cap` counted. A handler
+    /// that would rather answer such a client itself can keep count of its
+    /// relays with [`ShardContext::relay_with`] and reply before relaying.
+    ///
     /// Whatever the client sent first (a PROXY header, peeked by admission)
     /// is relayed as it is, unless [`RelayOptions::with_strip_proxy_header`]
     /// asks for a leading PROXY header to be consumed.
@@ -94,7 +100,7 @@ impl<'a> ShardContext<'a> {
     /// ```
     ///
     /// # Errors
-    /// If the upstream socket cannot be
+    /// If the shard is at its relay cap, the upstream socket cannot be
     /// created (EMFILE …), the ring cannot take the CONNECT, or the listener
     /// is shutting down; `conn` is reset then and nothing is left in flight.
     pub fn relay(
@@ -113,8 +119,9 @@ impl<'a> ShardContext<'a> {
     /// lived.
     ///
     /// `on_end` is called exactly once for each call of `relay_with`,
-    /// whatever it returns: for a relay that could not start before
-    /// `relay_with` returns its error, otherwise later. It runs on the shard thread, between
+    /// whatever it returns: for a relay that could not start (at the cap:
+    /// [`crate::RelayEnd::CapRefused`]) before `relay_with` returns its
+    /// error, otherwise later. It runs on the shard thread, between
     /// completions, so it must not block (hand the outcome to a channel or
     /// a counter). A panic in it is caught and counted in
     /// [`crate::RelayStats::callback_panics`]; the shard goes on.

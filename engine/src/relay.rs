@@ -26,6 +26,12 @@
 //! deadline, at least 1/16 of the shortest idle timeout later) scans the
 //! relays and tears down those idle for longer than their timeout.
 //!
+//! Caps (per shard, [`crate::ListenerBuilder::max_relays_per_shard`] and
+//! [`crate::ListenerBuilder::relay_memory_per_shard`]): a relay that would
+//! exceed either is refused before anything is created; its client is
+//! reset. A relay's memory is its two buffers, held from its start until
+//! its slot is freed.
+//!
 //! Each relay lives in a slab slot; every operation's user data carries the
 //! slot, the slot's generation and the side, so a completion can never be
 //! taken for another relay's. A slot is freed only when no operation of its
@@ -58,6 +64,10 @@ pub const DEFAULT_RELAY_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// (as nginx's stream `proxy_timeout`): long enough for any interactive
 /// protocol, short enough that dead peers do not hold relays for hours.
 pub const DEFAULT_RELAY_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// The most relays one shard can hold at once (the slot space of the
+/// shard's user data); [`crate::ListenerBuilder::max_relays_per_shard`]
+/// is at most this, and is this by default.
+pub const MAX_RELAYS_PER_SHARD: usize = 1 << 24;
 
 /// How [`crate::ShardContext::relay`] relays a connection.
 ///
@@ -220,6 +230,11 @@ pub enum RelayEnd {
     /// The listener shut down (a relay running then, or one asked for while
     /// it was shutting down).
     Shutdown,
+    /// Refused at the shard's cap
+    /// ([`crate::ListenerBuilder::max_relays_per_shard`],
+    /// [`crate::ListenerBuilder::relay_memory_per_shard`]): nothing was
+    /// dialled, the client was reset.
+    CapRefused,
     /// Any other error: `errno` of the failed operation (e.g. ETIMEDOUT of
     /// a keepalive, EMFILE creating the upstream socket), or 0 when there
     /// was none (a send that sent nothing).
@@ -282,6 +297,24 @@ impl fmt::Debug for OnEnd {
     }
 }
 
+/// A shard's caps on its relays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RelayLimits {
+    /// Relays at once (slots held, including those closing).
+    pub max_relays: usize,
+    /// Bytes of relay buffers at once (two buffers per relay).
+    pub memory: usize,
+}
+
+impl Default for RelayLimits {
+    fn default() -> Self {
+        RelayLimits {
+            max_relays: MAX_RELAYS_PER_SHARD,
+            memory: usize::MAX,
+        }
+    }
+}
+
 /// Side 0 is the client, side 1 the upstream; direction `d` reads from side
 /// `d` and writes to side `1 - d`.
 const CLIENT: usize = 0;
@@ -329,6 +362,7 @@ fn count_end(c: &RelayCounters, end: RelayEnd) {
         RelayEnd::Error { .. } => (&c.failed, Some(&c.errors)),
         RelayEnd::IdleTimeout => (&c.idle_timeout, None),
         RelayEnd::Shutdown => (&c.closed_at_shutdown, None),
+        RelayEnd::CapRefused => (&c.refused_cap, None),
     };
     Counters::add(total, 1);
     if let Some(d) = detail {
@@ -415,6 +449,8 @@ struct Relay {
     /// When bytes last moved (or the upstream connected).
     last_active: Instant,
     idle_timeout: Option<Duration>,
+    /// Buffer bytes counted against the shard's budget.
+    reserved: usize,
     on_end: Option<OnEnd>,
 }
 
@@ -442,6 +478,9 @@ pub(crate) struct Relays {
     slots: Vec<Slot>,
     free: Vec<usize>,
     live: usize,
+    /// Buffer bytes reserved by live relays.
+    memory: usize,
+    limits: RelayLimits,
     stopping: bool,
     /// Idle-scan timers in flight: id (user-data payload) and when each
     /// fires.
@@ -455,6 +494,8 @@ impl fmt::Debug for Relays {
         f.debug_struct("Relays")
             .field("live", &self.live)
             .field("slots", &self.slots.len())
+            .field("memory", &self.memory)
+            .field("limits", &self.limits)
             .field("timers", &self.timers.len())
             .field("stopping", &self.stopping)
             .finish()
@@ -467,11 +508,18 @@ impl Relays {
             slots: Vec::new(),
             free: Vec::new(),
             live: 0,
+            memory: 0,
+            limits: RelayLimits::default(),
             stopping: false,
             timers: Vec::new(),
             next_timer: 0,
             counters,
         }
+    }
+
+    /// Sets the shard's caps (before the shard starts).
+    pub(crate) fn set_limits(&mut self, limits: RelayLimits) {
+        self.limits = limits;
     }
 
     /// Starts relaying `client` to `upstream`: creates the upstream socket
@@ -489,6 +537,7 @@ impl Relays {
         match self.open(ring, &client, upstream, opts) {
             Ok((idx, up, ops)) => {
                 let raw = [client.as_raw_fd(), up.as_raw_fd()];
+                let reserved = 2 * opts.buffer_size();
                 self.slots[idx].relay = Some(Relay {
                     fds: [Some(client), Some(up)],
                     raw,
@@ -504,9 +553,11 @@ impl Relays {
                     started_at,
                     last_active: started_at,
                     idle_timeout: opts.idle_timeout(),
+                    reserved,
                     on_end,
                 });
                 self.live += 1;
+                self.memory += reserved;
                 Counters::add(&self.counters.started, 1);
                 Counters::add(&self.counters.active, 1);
                 Ok(())
@@ -516,7 +567,11 @@ impl Relays {
                 // not being relayed.
                 let _ = SockRef::from(&client).set_linger(Some(Duration::ZERO));
                 drop(client);
-                Counters::add(&self.counters.start_failed, 1);
+                if refusal.end == RelayEnd::CapRefused {
+                    Counters::add(&self.counters.refused_cap, 1);
+                } else {
+                    Counters::add(&self.counters.start_failed, 1);
+                }
                 let outcome = RelayOutcome {
                     end: refusal.end,
                     first: refusal.first.map(side_of),
@@ -530,7 +585,7 @@ impl Relays {
         }
     }
 
-    /// Creates the upstream socket, takes a slot and posts
+    /// Checks the caps, creates the upstream socket, takes a slot and posts
     /// the CONNECT; returns the slot, the upstream socket and the number of
     /// completions to come. On error nothing was posted and no slot taken.
     fn open(
@@ -545,6 +600,32 @@ impl Relays {
                 RelayEnd::Shutdown,
                 None,
                 io::Error::other("the shard is shutting down"),
+            ));
+        }
+        if self.live >= self.limits.max_relays {
+            return Err(Refusal::new(
+                RelayEnd::CapRefused,
+                None,
+                io::Error::other(format!(
+                    "relay cap: {} relays on this shard (max_relays_per_shard)",
+                    self.live
+                )),
+            ));
+        }
+        let wanted = 2 * opts.buffer_size();
+        if self
+            .memory
+            .checked_add(wanted)
+            .map_or(true, |m| m > self.limits.memory)
+        {
+            return Err(Refusal::new(
+                RelayEnd::CapRefused,
+                None,
+                io::Error::other(format!(
+                    "relay cap: {} buffer bytes in use on this shard and {wanted} more wanted \
+                     (relay_memory_per_shard {})",
+                    self.memory, self.limits.memory
+                )),
             ));
         }
         let client_err =
@@ -584,7 +665,7 @@ impl Relays {
             None => {
                 if self.slots.len() as u64 > SLOT_MASK {
                     return Err(Refusal::new(
-                        RelayEnd::Error { errno: 0 },
+                        RelayEnd::CapRefused,
                         None,
                         io::Error::other("too many relays on this shard"),
                     ));
@@ -872,6 +953,7 @@ impl Relays {
         let Some(r) = slot.relay.take() else { return };
         self.free.push(idx);
         self.live -= 1;
+        self.memory = self.memory.saturating_sub(r.reserved);
         self.counters.active.fetch_sub(1, Ordering::Relaxed);
         count_end(&self.counters, end);
         let outcome = r.outcome(end);
@@ -913,6 +995,7 @@ impl Relays {
             }
         }
         self.live = 0;
+        self.memory = 0;
         self.timers.clear();
         self.free.clear();
         self.slots.clear();

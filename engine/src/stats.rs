@@ -332,6 +332,7 @@ pub(crate) struct RelayCounters {
     pub upstream_refused: AtomicU64,
     pub upstream_timeout: AtomicU64,
     pub errors: AtomicU64,
+    pub refused_cap: AtomicU64,
     pub start_failed: AtomicU64,
     pub callback_panics: AtomicU64,
     pub bytes_to_upstream: AtomicU64,
@@ -353,6 +354,7 @@ impl RelayCounters {
             upstream_refused: g(&self.upstream_refused),
             upstream_timeout: g(&self.upstream_timeout),
             errors: g(&self.errors),
+            refused_cap: g(&self.refused_cap),
             start_failed: g(&self.start_failed),
             callback_panics: g(&self.callback_panics),
             bytes_to_upstream: g(&self.bytes_to_upstream),
@@ -368,7 +370,7 @@ impl RelayCounters {
 /// Once quiet, `started == active + completed + failed + idle_timeout +
 /// closed_at_shutdown`, and `failed == client_reset + upstream_reset +
 /// upstream_refused + upstream_timeout + errors`. Relays that never started
-/// are in `start_failed` only.
+/// are in `refused_cap` or `start_failed` only.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RelayStats {
     /// Relays started (the upstream dial was posted).
@@ -397,6 +399,9 @@ pub struct RelayStats {
     pub upstream_timeout: u64,
     /// Failed: any other error.
     pub errors: u64,
+    /// Relays refused at the shard's cap (relay count or buffer memory);
+    /// never started, the client was reset.
+    pub refused_cap: u64,
     /// Relays that could not start for another reason (the upstream socket
     /// could not be created, the ring refused the CONNECT, the listener was
     /// shutting down); never started, the client was reset.
@@ -423,6 +428,7 @@ impl RelayStats {
         self.upstream_refused += o.upstream_refused;
         self.upstream_timeout += o.upstream_timeout;
         self.errors += o.errors;
+        self.refused_cap += o.refused_cap;
         self.start_failed += o.start_failed;
         self.callback_panics += o.callback_panics;
         self.bytes_to_upstream += o.bytes_to_upstream;
