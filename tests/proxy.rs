@@ -12,8 +12,11 @@ use std::time::{Duration, Instant};
 
 use floodgate::cidr::CidrList;
 use floodgate::proxy_protocol::{self, ProxyError};
-use floodgate::{ConnectRequest, Listener, RelayOptions, RelayStats, Verdict};
-use floodgate_tests::{connect, open_fds, serial, wait_for};
+use floodgate::{
+    ConnectRequest, Error, Listener, ListenerBuilder, RelayEnd, RelayOptions, RelayOutcome,
+    RelaySide, RelayStats, Verdict,
+};
+use floodgate_tests::{connect, open_fds, reset_on_drop, serial, wait_for};
 
 /// An echo server on loopback: one thread per connection copying what it
 /// reads back until end of stream, then closing.
@@ -446,5 +449,412 @@ fn an_upstream_that_never_answers_times_out_and_fails() {
         "the client was let go only once the upstream connect timed out"
     );
     wait_for("the relay fails", || relays(&listener).failed == 1);
-    assert_eq!(relays(&listener).active, 0);
+    let r = relays(&listener);
+    assert_eq!((r.active, r.upstream_timeout), (0, 1));
+}
+
+/// A listener relaying to `upstream` with `opts` whose handler first sends
+/// a duplicate of each client-side socket (the relay's own socket, dup'ed
+/// before the relay takes it) to the returned receiver, so that a test can
+/// read its socket options while the relay runs.
+fn relay_listener_with_dups(
+    upstream: SocketAddr,
+    opts: RelayOptions,
+) -> (Listener, mpsc::Receiver<TcpStream>) {
+    let (tx, rx) = mpsc::channel();
+    let tx = Mutex::new(tx);
+    let listener = Listener::builder("127.0.0.1:0".parse().unwrap())
+        .shards(1)
+        .pin(false)
+        .handler(move |conn, ctx| {
+            let dup = conn.as_std().try_clone();
+            let _ = ctx.relay(conn, upstream, opts);
+            if let Ok(d) = dup {
+                let _ = tx.lock().unwrap_or_else(|p| p.into_inner()).send(d);
+            }
+        })
+        .build()
+        .unwrap();
+    (listener, rx)
+}
+
+/// Keep-alive request/response rounds of a few bytes through the relay.
+fn ping_pong_rounds(c: &mut TcpStream, rounds: usize) {
+    for i in 0..rounds {
+        let req = [i as u8; 16];
+        c.write_all(&req).unwrap();
+        let mut back = [0u8; 16];
+        c.read_exact(&mut back).unwrap();
+        assert_eq!(back, req, "round {i} came back garbled");
+    }
+}
+
+#[test]
+fn nodelay_is_set_on_the_client_side_socket_too() {
+    let _g = serial();
+    let echo = Echo::start();
+    let (listener, dups) = relay_listener_with_dups(echo.addr, RelayOptions::default());
+    let mut c = connect(listener.local_addr()).unwrap();
+    let relayed = dups.recv().unwrap();
+    assert!(
+        relayed.nodelay().unwrap(),
+        "RelayOptions::nodelay (default on) applies to the client-side socket"
+    );
+    ping_pong_rounds(&mut c, 50);
+    drop(relayed);
+    c.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+    wait_for("the relay completes", || relays(&listener).completed == 1);
+    drop(listener);
+
+    // Off means off on both sides.
+    let (listener, dups) =
+        relay_listener_with_dups(echo.addr, RelayOptions::default().with_nodelay(false));
+    let mut c = connect(listener.local_addr()).unwrap();
+    let relayed = dups.recv().unwrap();
+    assert!(!relayed.nodelay().unwrap());
+    ping_pong_rounds(&mut c, 5);
+    drop((relayed, c));
+}
+
+/// A one-shard listener relaying every connection to `upstream` with
+/// `opts` through `relay_with`, each outcome going to the returned
+/// receiver; `tweak` adjusts the builder (caps).
+fn outcome_listener(
+    upstream: SocketAddr,
+    opts: RelayOptions,
+    tweak: impl FnOnce(ListenerBuilder) -> ListenerBuilder,
+) -> (Listener, mpsc::Receiver<RelayOutcome>) {
+    let (tx, rx) = mpsc::channel();
+    let builder = Listener::builder("127.0.0.1:0".parse().unwrap())
+        .shards(1)
+        .pin(false)
+        .handler(move |conn, ctx| {
+            let tx = tx.clone();
+            let _ = ctx.relay_with(conn, upstream, opts, move |o| {
+                let _ = tx.send(o);
+            });
+        });
+    (tweak(builder).build().unwrap(), rx)
+}
+
+/// The next outcome; the bound only turns a hang into a failure.
+fn next_outcome(rx: &mpsc::Receiver<RelayOutcome>) -> RelayOutcome {
+    rx.recv_timeout(Duration::from_secs(120))
+        .expect("a relay outcome")
+}
+
+/// Blocks until the server side ends `c` (FIN or RST); the read timeout
+/// only turns a hang into a failure.
+fn ended_by_server(c: &mut TcpStream) -> bool {
+    c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut b = [0u8; 64];
+    loop {
+        match c.read(&mut b) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                return matches!(
+                    e.kind(),
+                    io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted
+                )
+            }
+        }
+    }
+}
+
+#[test]
+fn outcome_of_a_completed_relay_names_the_side_that_closed_first_and_the_bytes() {
+    let _g = serial();
+    let echo = Echo::start();
+    let (listener, outcomes) = outcome_listener(echo.addr, RelayOptions::default(), |b| b);
+    let data = bytes(10_000, 3);
+    let mut c = connect(listener.local_addr()).unwrap();
+    c.write_all(&data).unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let mut back = Vec::new();
+    c.read_to_end(&mut back).unwrap();
+    assert!(back == data);
+    let o = next_outcome(&outcomes);
+    assert_eq!(o.end, RelayEnd::Completed);
+    assert_eq!(
+        o.first,
+        Some(RelaySide::Client),
+        "the client half-closed first"
+    );
+    assert_eq!((o.bytes_to_upstream, o.bytes_to_client), (10_000, 10_000));
+    let r = relays(&listener);
+    assert_eq!((r.started, r.completed, r.failed, r.active), (1, 1, 0, 0));
+}
+
+#[test]
+fn outcome_of_a_refused_upstream_says_refused() {
+    let _g = serial();
+    let closed = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let baseline = open_fds();
+    let (listener, outcomes) = outcome_listener(closed, RelayOptions::default(), |b| b);
+    let mut c = connect(listener.local_addr()).unwrap();
+    assert!(ended_by_server(&mut c));
+    let o = next_outcome(&outcomes);
+    assert_eq!(o.end, RelayEnd::UpstreamRefused);
+    assert_eq!(o.first, Some(RelaySide::Upstream));
+    assert_eq!((o.bytes_to_upstream, o.bytes_to_client), (0, 0));
+    let r = relays(&listener);
+    assert_eq!((r.failed, r.upstream_refused, r.active), (1, 1, 0));
+    drop((c, listener));
+    assert_eq!(open_fds(), baseline, "both sockets closed");
+}
+
+#[test]
+fn outcome_of_a_client_reset_says_client_reset() {
+    let _g = serial();
+    let up = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (listener, outcomes) =
+        outcome_listener(up.local_addr().unwrap(), RelayOptions::default(), |b| b);
+    let mut c = connect(listener.local_addr()).unwrap();
+    c.write_all(b"abc").unwrap();
+    let (mut s, _) = up.accept().unwrap();
+    let mut b = [0u8; 3];
+    s.read_exact(&mut b).unwrap();
+    reset_on_drop(&c);
+    drop(c);
+    let o = next_outcome(&outcomes);
+    assert_eq!(o.end, RelayEnd::ClientReset);
+    assert_eq!(o.first, Some(RelaySide::Client));
+    assert_eq!((o.bytes_to_upstream, o.bytes_to_client), (3, 0));
+    assert!(ended_by_server(&mut s), "the upstream side is ended too");
+    let r = relays(&listener);
+    assert_eq!((r.failed, r.client_reset, r.upstream_reset), (1, 1, 0));
+}
+
+#[test]
+fn outcome_of_an_upstream_reset_says_upstream_reset() {
+    let _g = serial();
+    let up = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (listener, outcomes) =
+        outcome_listener(up.local_addr().unwrap(), RelayOptions::default(), |b| b);
+    let mut c = connect(listener.local_addr()).unwrap();
+    c.write_all(b"abc").unwrap();
+    let (mut s, _) = up.accept().unwrap();
+    let mut b = [0u8; 3];
+    s.read_exact(&mut b).unwrap();
+    s.write_all(b"hi").unwrap();
+    let mut hi = [0u8; 2];
+    c.read_exact(&mut hi).unwrap();
+    reset_on_drop(&s);
+    drop(s);
+    assert!(ended_by_server(&mut c), "the client side is ended too");
+    let o = next_outcome(&outcomes);
+    assert_eq!(o.end, RelayEnd::UpstreamReset);
+    assert_eq!(o.first, Some(RelaySide::Upstream));
+    assert_eq!((o.bytes_to_upstream, o.bytes_to_client), (3, 2));
+    let r = relays(&listener);
+    assert_eq!((r.failed, r.client_reset, r.upstream_reset), (1, 0, 1));
+}
+
+#[test]
+fn a_silent_relay_is_torn_down_at_its_idle_timeout_and_counted() {
+    let _g = serial();
+    // An upstream that accepts and never says anything.
+    let up = TcpListener::bind("127.0.0.1:0").unwrap();
+    let baseline = open_fds();
+    let opts = RelayOptions::default().with_idle_timeout(Duration::from_millis(100));
+    let (listener, outcomes) = outcome_listener(up.local_addr().unwrap(), opts, |b| b);
+    let mut c = connect(listener.local_addr()).unwrap();
+    let (mut s, _) = up.accept().unwrap();
+    // The event waited on: the engine ends the client's connection (no
+    // byte is sent first: the test's own pace must not decide the outcome).
+    assert!(ended_by_server(&mut c), "the idle relay ended the client");
+    assert!(ended_by_server(&mut s), "and the upstream");
+    let o = next_outcome(&outcomes);
+    assert_eq!(o.end, RelayEnd::IdleTimeout);
+    assert_eq!(o.first, None, "neither side had ended");
+    assert_eq!((o.bytes_to_upstream, o.bytes_to_client), (0, 0));
+    let r = relays(&listener);
+    assert_eq!(
+        (r.idle_timeout, r.failed, r.completed, r.active),
+        (1, 0, 0, 0)
+    );
+    drop((c, s, listener));
+    assert_eq!(open_fds(), baseline, "both sockets closed");
+}
+
+#[test]
+fn a_panicking_outcome_callback_is_counted_and_the_shard_goes_on() {
+    let _g = serial();
+    let echo = Echo::start();
+    let up = echo.addr;
+    let listener = Listener::builder("127.0.0.1:0".parse().unwrap())
+        .shards(1)
+        .pin(false)
+        .handler(move |conn, ctx| {
+            let _ = ctx.relay_with(conn, up, RelayOptions::default(), |_| {
+                panic!("an outcome callback that panics")
+            });
+        })
+        .build()
+        .unwrap();
+    for round in 1..=2u64 {
+        let mut c = connect(listener.local_addr()).unwrap();
+        c.write_all(b"ping").unwrap();
+        c.shutdown(Shutdown::Write).unwrap();
+        let mut back = Vec::new();
+        c.read_to_end(&mut back).unwrap();
+        assert_eq!(back, b"ping");
+        wait_for("the callback ran", || {
+            relays(&listener).callback_panics == round
+        });
+    }
+    assert_eq!(relays(&listener).completed, 2);
+}
+
+/// An upstream listener; the test accepts from it ([`accept_from`]) and
+/// keeps the sockets silent until it means to use them.
+fn silent_upstream() -> TcpListener {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.set_nonblocking(true).unwrap();
+    l
+}
+
+/// The next connection the relay dialled to `up`; the bound only turns a
+/// dial that never comes into a failure.
+fn accept_from(up: &TcpListener) -> TcpStream {
+    let give_up = Instant::now() + Duration::from_secs(120);
+    loop {
+        match up.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false).unwrap();
+                return s;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                assert!(Instant::now() < give_up, "the relay never dialled");
+                std::thread::park_timeout(Duration::from_millis(1));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    }
+}
+
+/// One byte each way through a relay whose upstream end is `s`.
+fn still_relays(c: &mut TcpStream, s: &mut TcpStream) {
+    let mut b = [0u8; 1];
+    c.write_all(b"a").unwrap();
+    s.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"a");
+    s.write_all(b"b").unwrap();
+    c.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"b");
+}
+
+/// Ends a relay cleanly from both sides.
+fn finish(mut c: TcpStream, mut s: TcpStream) {
+    c.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).unwrap();
+    drop(s);
+    c.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+}
+
+#[test]
+fn at_the_relay_cap_a_further_relay_is_refused_counted_and_the_others_go_on() {
+    let _g = serial();
+    let up = silent_upstream();
+    let baseline = open_fds();
+    let (listener, outcomes) =
+        outcome_listener(up.local_addr().unwrap(), RelayOptions::default(), |b| {
+            b.max_relays_per_shard(2)
+        });
+    let addr = listener.local_addr();
+    let mut c1 = connect(addr).unwrap();
+    let mut s1 = accept_from(&up);
+    let mut c2 = connect(addr).unwrap();
+    let mut s2 = accept_from(&up);
+    // The third: refused, reset, reported.
+    let mut c3 = connect(addr).unwrap();
+    assert!(ended_by_server(&mut c3), "the refused client was closed");
+    let o = next_outcome(&outcomes);
+    assert_eq!(o.end, RelayEnd::CapRefused);
+    assert_eq!((o.first, o.bytes_to_upstream), (None, 0));
+    let r = relays(&listener);
+    assert_eq!((r.started, r.active, r.refused_cap), (2, 2, 1));
+    // The first two still relay, both ways.
+    still_relays(&mut c1, &mut s1);
+    still_relays(&mut c2, &mut s2);
+    finish(c1, s1);
+    assert_eq!(next_outcome(&outcomes).end, RelayEnd::Completed);
+    // Below the cap again: a new relay is taken.
+    let mut c4 = connect(addr).unwrap();
+    let mut s4 = accept_from(&up);
+    still_relays(&mut c4, &mut s4);
+    finish(c2, s2);
+    finish(c4, s4);
+    assert_eq!(next_outcome(&outcomes).end, RelayEnd::Completed);
+    assert_eq!(next_outcome(&outcomes).end, RelayEnd::Completed);
+    let r = relays(&listener);
+    assert_eq!(
+        (r.started, r.completed, r.refused_cap, r.active),
+        (3, 3, 1, 0)
+    );
+    drop((c3, listener));
+    assert_eq!(open_fds(), baseline, "every socket closed");
+}
+
+#[test]
+fn the_relay_memory_budget_refuses_a_relay_that_would_exceed_it() {
+    let _g = serial();
+    let up = silent_upstream();
+    // Buffers of 4 KiB: 8 KiB a relay; the budget holds one, not two.
+    let opts = RelayOptions::default().with_buffer_size(4096);
+    let (listener, outcomes) = outcome_listener(up.local_addr().unwrap(), opts, |b| {
+        b.relay_memory_per_shard(2 * 8192 - 1)
+    });
+    let addr = listener.local_addr();
+    let mut c1 = connect(addr).unwrap();
+    let mut s1 = accept_from(&up);
+    let mut c2 = connect(addr).unwrap();
+    assert!(ended_by_server(&mut c2));
+    assert_eq!(next_outcome(&outcomes).end, RelayEnd::CapRefused);
+    still_relays(&mut c1, &mut s1);
+    finish(c1, s1);
+    assert_eq!(next_outcome(&outcomes).end, RelayEnd::Completed);
+    // The memory came back with the relay.
+    let mut c3 = connect(addr).unwrap();
+    let mut s3 = accept_from(&up);
+    still_relays(&mut c3, &mut s3);
+    finish(c3, s3);
+    assert_eq!(next_outcome(&outcomes).end, RelayEnd::Completed);
+    let r = relays(&listener);
+    assert_eq!((r.started, r.completed, r.refused_cap), (2, 2, 1));
+}
+
+#[test]
+fn bad_relay_caps_are_refused_at_build_naming_the_field() {
+    let _g = serial();
+    let field = |b: ListenerBuilder| match b.build() {
+        Err(Error::Config(e)) => e.field,
+        Err(e) => panic!("expected a configuration error, got {e}"),
+        Ok(_) => panic!("expected a configuration error, got a listener"),
+    };
+    let b = || Listener::builder("127.0.0.1:0".parse().unwrap()).shards(1);
+    assert_eq!(field(b().max_relays_per_shard(0)), "max_relays_per_shard");
+    assert_eq!(
+        field(b().max_relays_per_shard(floodgate::MAX_RELAYS_PER_SHARD + 1)),
+        "max_relays_per_shard"
+    );
+    assert_eq!(
+        field(b().relay_memory_per_shard(0)),
+        "relay_memory_per_shard"
+    );
+    assert!(b()
+        .max_relays_per_shard(1)
+        .relay_memory_per_shard(2)
+        .build()
+        .is_ok());
 }

@@ -4,7 +4,7 @@
 //! cargo run --release -p floodgate --example proxy -- \
 //!     --listen 127.0.0.1:8000 --upstream 127.0.0.1:9000 [--deny 127.0.0.9/32] \
 //!     [--max-seconds 60] [--buffer 65536] [--shards N] [--peek-wait-ms 200] \
-//!     [--strip-proxy-header]
+//!     [--strip-proxy-header] [--idle-seconds 600] [--max-relays N] [--relay-memory BYTES]
 //! ```
 //!
 //! Every connection to `--listen` goes through a condition: its source
@@ -16,22 +16,32 @@
 //! ring, half-closes forwarded, resets propagated. Once a second it prints
 //! the relay counters; after `--max-seconds` it shuts down and prints them
 //! one last time. With `--strip-proxy-header`, a client's PROXY header is
-//! consumed rather than passed to the upstream.
+//! consumed rather than passed to the upstream. A relay idle (no byte either
+//! way) for `--idle-seconds` is torn down (0: never); `--max-relays` and
+//! `--relay-memory` cap each shard's relays and their buffer memory (a
+//! client beyond the cap is reset). Relays that end other than cleanly are
+//! logged from their outcome ([`floodgate::RelayOutcome`]), at most
+//! `LOG_LIMIT` lines a run.
 //!
 //! Loopback only: both addresses must be loopback addresses.
 
 use std::error::Error;
 use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use floodgate::cidr::CidrList;
 use floodgate::proxy_protocol::{self, ProxyError};
-use floodgate::{ConnectRequest, Listener, RelayOptions, Verdict};
+use floodgate::{ConnectRequest, Listener, RelayEnd, RelayOptions, Verdict};
 
 /// Longest PROXY header the condition looks at: a v1 line (107 bytes) or a
 /// v2 header with IPv6 addresses (52 bytes).
 const PEEK: usize = 107;
+
+/// Most outcome lines logged in a run.
+const LOG_LIMIT: u64 = 100;
 
 struct Args {
     listen: SocketAddr,
@@ -42,11 +52,15 @@ struct Args {
     shards: Option<usize>,
     peek_wait: Duration,
     strip: bool,
+    idle: Duration,
+    max_relays: Option<usize>,
+    relay_memory: Option<usize>,
 }
 
 const USAGE: &str = "usage: proxy --listen ADDR --upstream ADDR [--deny CIDR[,CIDR…]]… \
 [--max-seconds N (default 60)] [--buffer BYTES (default 65536)] [--shards N] \
-[--peek-wait-ms MS (default 200)] [--strip-proxy-header]";
+[--peek-wait-ms MS (default 200)] [--strip-proxy-header] [--idle-seconds N (default 600, 0: none)] \
+[--max-relays N (per shard)] [--relay-memory BYTES (per shard)]";
 
 fn parse_args() -> Result<Args, String> {
     let mut listen = None;
@@ -57,6 +71,9 @@ fn parse_args() -> Result<Args, String> {
     let mut shards = None;
     let mut peek_wait = Duration::from_millis(200);
     let mut strip = false;
+    let mut idle = floodgate::DEFAULT_RELAY_IDLE_TIMEOUT;
+    let mut max_relays = None;
+    let mut relay_memory = None;
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         if flag == "--help" || flag == "-h" {
@@ -85,6 +102,9 @@ fn parse_args() -> Result<Args, String> {
             "--peek-wait-ms" => {
                 peek_wait = Duration::from_millis(value.parse().map_err(|e| bad(&e))?)
             }
+            "--idle-seconds" => idle = Duration::from_secs(value.parse().map_err(|e| bad(&e))?),
+            "--max-relays" => max_relays = Some(value.parse().map_err(|e| bad(&e))?),
+            "--relay-memory" => relay_memory = Some(value.parse().map_err(|e| bad(&e))?),
             _ => return Err(format!("unknown flag {flag}\n{USAGE}")),
         }
     }
@@ -106,6 +126,9 @@ fn parse_args() -> Result<Args, String> {
         shards,
         peek_wait,
         strip,
+        idle,
+        max_relays,
+        relay_memory,
     })
 }
 
@@ -130,12 +153,20 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
     let upstream = args.upstream;
     let opts = RelayOptions::new()
         .with_buffer_size(args.buffer)
-        .with_strip_proxy_header(args.strip);
+        .with_strip_proxy_header(args.strip)
+        .with_idle_timeout(args.idle);
     let deny = args.deny.clone();
     let mut builder = Listener::builder(args.listen);
     if let Some(n) = args.shards {
         builder = builder.shards(n);
     }
+    if let Some(n) = args.max_relays {
+        builder = builder.max_relays_per_shard(n);
+    }
+    if let Some(n) = args.relay_memory {
+        builder = builder.relay_memory_per_shard(n);
+    }
+    let logged = Arc::new(AtomicU64::new(0));
     if !deny.is_empty() {
         builder = builder
             .peek(PEEK, args.peek_wait)
@@ -143,9 +174,21 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
     }
     let listener = builder
         .handler(move |conn, ctx| {
-            // On error the connection is already closed; the failure shows
-            // in the listener's counters.
-            let _ = ctx.relay(conn, upstream, opts);
+            let peer = conn.peer_addr().ok();
+            let logged = logged.clone();
+            // On error the connection is already reset and the outcome
+            // reported; the failure shows in the listener's counters too.
+            let _ = ctx.relay_with(conn, upstream, opts, move |o| {
+                // Runs on the shard thread: keep it short.
+                if o.end != RelayEnd::Completed
+                    && logged.fetch_add(1, Ordering::Relaxed) < LOG_LIMIT
+                {
+                    println!(
+                        "relay {peer:?}: {:?}, first {:?}, {} B up, {} B down, {:?}",
+                        o.end, o.first, o.bytes_to_upstream, o.bytes_to_client, o.duration
+                    );
+                }
+            });
         })
         .build()?;
     println!(
@@ -174,14 +217,22 @@ fn report(listener: &Listener, what: &str) {
     let t = listener.stats().total();
     let r = t.relays;
     println!(
-        "accepted {} rejected {} | relays active {} completed {} failed {} shutdown {} | \
-bytes up {} down {}{what}",
+        "accepted {} rejected {} | relays active {} completed {} failed {} \
+(client rst {} upstream rst {} refused {} timeout {} other {}) idle {} shutdown {} \
+cap-refused {} | bytes up {} down {}{what}",
         t.accepted,
         t.rejected.total(),
         r.active,
         r.completed,
         r.failed,
+        r.client_reset,
+        r.upstream_reset,
+        r.upstream_refused,
+        r.upstream_timeout,
+        r.errors,
+        r.idle_timeout,
         r.closed_at_shutdown,
+        r.refused_cap,
         r.bytes_to_upstream,
         r.bytes_to_client
     );

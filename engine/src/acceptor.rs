@@ -173,6 +173,13 @@ impl Acceptor {
         self
     }
 
+    /// Caps this shard's relays (see
+    /// [`crate::ListenerBuilder::max_relays_per_shard`]).
+    pub fn with_relay_limits(mut self, limits: crate::relay::RelayLimits) -> Self {
+        self.relays.set_limits(limits);
+        self
+    }
+
     /// Sends replies at once instead of with the FIN (see
     /// [`crate::ListenerBuilder::replies_at_once`]).
     pub fn with_replies_at_once(mut self, on: bool) -> Self {
@@ -391,7 +398,8 @@ impl Service for Acceptor {
             | Tag::RelayRecv
             | Tag::RelaySend
             | Tag::RelayShutdown
-            | Tag::RelayClose => self.relays.complete(ring, tag, payload, cqe),
+            | Tag::RelayClose
+            | Tag::RelayTimer => self.relays.complete(ring, tag, payload, cqe, now),
             Tag::RegPoll => {
                 if let Some(r) = &mut self.registry {
                     r.event(ring, payload, cqe, self.stopping, &self.shard.counters);

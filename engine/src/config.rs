@@ -92,6 +92,7 @@ pub struct ListenerBuilder {
     coalesce: Option<Coalesce>,
     replies_at_once: bool,
     registration: Option<crate::register::Registration>,
+    relay_limits: crate::relay::RelayLimits,
 }
 
 impl std::fmt::Debug for ListenerBuilder {
@@ -114,6 +115,7 @@ impl std::fmt::Debug for ListenerBuilder {
             .field("coalesce", &self.coalesce)
             .field("replies_at_once", &self.replies_at_once)
             .field("registration", &self.registration)
+            .field("relay_limits", &self.relay_limits)
             .finish()
     }
 }
@@ -138,7 +140,48 @@ impl ListenerBuilder {
             coalesce: None,
             replies_at_once: false,
             registration: None,
+            relay_limits: crate::relay::RelayLimits::default(),
         }
+    }
+
+    /// The most relays ([`ShardContext::relay`]) each shard runs at once,
+    /// counting those still closing. A relay asked for at the cap is
+    /// refused: its client is reset, it is counted in
+    /// [`crate::RelayStats::refused_cap`], and its outcome says
+    /// [`crate::RelayEnd::CapRefused`]. Must be in
+    /// `1..=`[`crate::MAX_RELAYS_PER_SHARD`], which is the default (the
+    /// process's descriptor limit is then the practical bound: each relay
+    /// holds two sockets).
+    ///
+    /// ```
+    /// use floodgate::{Error, Listener};
+    ///
+    /// let listener = Listener::builder("127.0.0.1:0".parse()?)
+    ///     .shards(1)
+    ///     .max_relays_per_shard(10_000)
+    ///     .relay_memory_per_shard(256 << 20) // 256 MiB of relay buffers
+    ///     .build()?;
+    /// # drop(listener);
+    /// let refused = Listener::builder("127.0.0.1:0".parse()?)
+    ///     .max_relays_per_shard(0)
+    ///     .build();
+    /// assert!(matches!(refused, Err(Error::Config(e)) if e.field == "max_relays_per_shard"));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn max_relays_per_shard(mut self, n: usize) -> Self {
+        self.relay_limits.max_relays = n;
+        self
+    }
+
+    /// The most relay buffer memory each shard holds at once, in bytes: a
+    /// relay holds two buffers of its
+    /// [`crate::RelayOptions::buffer_size`] from its start until both of
+    /// its sockets are closed. A relay that would exceed it is refused as
+    /// at [`ListenerBuilder::max_relays_per_shard`]. Must be at least 2
+    /// (one relay with 1-byte buffers). Default: no bound.
+    pub fn relay_memory_per_shard(mut self, bytes: usize) -> Self {
+        self.relay_limits.memory = bytes;
+        self
     }
 
     /// Event registration: every admitted connection is registered on its
@@ -384,6 +427,24 @@ impl ListenerBuilder {
                 ));
             }
         }
+        let relays = self.relay_limits.max_relays;
+        if relays == 0 || relays > crate::relay::MAX_RELAYS_PER_SHARD {
+            return Err(ConfigError::new(
+                "max_relays_per_shard",
+                relays,
+                format!(
+                    "must be between 1 and {}",
+                    crate::relay::MAX_RELAYS_PER_SHARD
+                ),
+            ));
+        }
+        if self.relay_limits.memory < 2 {
+            return Err(ConfigError::new(
+                "relay_memory_per_shard",
+                self.relay_limits.memory,
+                "at least 2 bytes: a relay holds two buffers of at least 1 byte",
+            ));
+        }
         if self.addr.ip().is_multicast() {
             return Err(ConfigError::new(
                 "addr",
@@ -470,7 +531,8 @@ impl ListenerBuilder {
                 )
                 .with_coalesce(self.coalesce)
                 .with_replies_at_once(self.replies_at_once)
-                .with_registration(self.registration.clone());
+                .with_registration(self.registration.clone())
+                .with_relay_limits(self.relay_limits);
                 let placement = Placement {
                     index: k,
                     core: placements[k],

@@ -4,7 +4,7 @@ use std::io;
 use std::os::fd::OwnedFd;
 
 use crate::conn::Admitted;
-use crate::relay::{RelayOptions, Relays};
+use crate::relay::{OnEnd, RelayOptions, RelayOutcome, Relays};
 use crate::shard::{user_data, Tag};
 use crate::sys::{Cqe, Uring};
 
@@ -46,8 +46,19 @@ impl<'a> ShardContext<'a> {
     /// shuts down the other side's write half (SHUTDOWN, 5.11) after the
     /// bytes before it were sent; both sockets close once both directions
     /// ended. A reset or error on either side, an upstream that refuses or
-    /// times out, or the listener's shutdown resets both sockets. Progress
-    /// and outcomes are counted in [`crate::ShardStats::relays`].
+    /// times out, a relay idle for its idle timeout
+    /// ([`RelayOptions::with_idle_timeout`], 10 min by default), or the
+    /// listener's shutdown resets both sockets. TCP_NODELAY is set on both
+    /// sockets unless [`RelayOptions::with_nodelay`] says otherwise.
+    /// Progress and outcomes are counted in [`crate::ShardStats::relays`];
+    /// [`ShardContext::relay_with`] also tells the application how each
+    /// relay ended.
+    ///
+    /// At the shard's cap ([`crate::ListenerBuilder::max_relays_per_shard`],
+    /// [`crate::ListenerBuilder::relay_memory_per_shard`]) the relay is
+    /// refused: the client is reset and `refused_cap` counted. A handler
+    /// that would rather answer such a client itself can keep count of its
+    /// relays with [`ShardContext::relay_with`] and reply before relaying.
     ///
     /// Whatever the client sent first (a PROXY header, peeked by admission)
     /// is relayed as it is, unless [`RelayOptions::with_strip_proxy_header`]
@@ -89,16 +100,74 @@ impl<'a> ShardContext<'a> {
     /// ```
     ///
     /// # Errors
-    /// If the upstream socket cannot be created (EMFILE …), the ring cannot
-    /// take the CONNECT, or the listener is shutting down; `conn` is closed
-    /// then and nothing is left in flight.
+    /// If the shard is at its relay cap, the upstream socket cannot be
+    /// created (EMFILE …), the ring cannot take the CONNECT, or the listener
+    /// is shutting down; `conn` is reset then and nothing is left in flight.
     pub fn relay(
         &mut self,
         conn: Admitted,
         upstream: std::net::SocketAddr,
         opts: RelayOptions,
     ) -> io::Result<()> {
-        self.relays.start(self.ring, conn.into(), upstream, opts)
+        self.relays
+            .start(self.ring, conn.into(), upstream, opts, None)
+    }
+
+    /// As [`ShardContext::relay`], and once the relay is over (both of its
+    /// sockets closed) `on_end` is called with its [`RelayOutcome`]: how it
+    /// ended, which side ended first, the bytes each way and how long it
+    /// lived.
+    ///
+    /// `on_end` is called exactly once for each call of `relay_with`,
+    /// whatever it returns: for a relay that could not start (at the cap:
+    /// [`crate::RelayEnd::CapRefused`]) before `relay_with` returns its
+    /// error, otherwise later. It runs on the shard thread, between
+    /// completions, so it must not block (hand the outcome to a channel or
+    /// a counter). A panic in it is caught and counted in
+    /// [`crate::RelayStats::callback_panics`]; the shard goes on.
+    ///
+    /// ```
+    /// use std::io::Read;
+    /// use std::net::{TcpListener, TcpStream};
+    /// use std::sync::mpsc;
+    /// use floodgate::{Listener, RelayEnd, RelayOptions, RelaySide};
+    ///
+    /// // An upstream address nothing listens on: the dial is refused.
+    /// let closed = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    /// let (tx, rx) = mpsc::channel();
+    /// let listener = Listener::builder("127.0.0.1:0".parse()?)
+    ///     .shards(1)
+    ///     .handler(move |conn, ctx| {
+    ///         let tx = tx.clone();
+    ///         let _ = ctx.relay_with(conn, closed, RelayOptions::default(), move |outcome| {
+    ///             let _ = tx.send(outcome);
+    ///         });
+    ///     })
+    ///     .build()?;
+    /// let mut client = TcpStream::connect(listener.local_addr())?;
+    /// let _ = client.read(&mut [0u8; 1]); // reset by the relay
+    /// let outcome = rx.recv()?;
+    /// assert_eq!(outcome.end, RelayEnd::UpstreamRefused);
+    /// assert_eq!(outcome.first, Some(RelaySide::Upstream));
+    /// assert_eq!(outcome.bytes_to_upstream, 0);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`ShardContext::relay`].
+    pub fn relay_with<F>(
+        &mut self,
+        conn: Admitted,
+        upstream: std::net::SocketAddr,
+        opts: RelayOptions,
+        on_end: F,
+    ) -> io::Result<()>
+    where
+        F: FnOnce(RelayOutcome) + Send + 'static,
+    {
+        let on_end = OnEnd(Box::new(on_end));
+        self.relays
+            .start(self.ring, conn.into(), upstream, opts, Some(on_end))
     }
 
     /// The shard's index.

@@ -109,7 +109,9 @@ pub use error::{ConfigError, Error, UringUnavailable};
 pub use qos::Qos;
 pub use register::{Events, Interest, RegisterHandler, Registered};
 pub use relay::{
-    RelayOptions, DEFAULT_RELAY_BUFFER, DEFAULT_RELAY_CONNECT_TIMEOUT, MAX_RELAY_BUFFER,
+    RelayEnd, RelayOptions, RelayOutcome, RelaySide, DEFAULT_RELAY_BUFFER,
+    DEFAULT_RELAY_CONNECT_TIMEOUT, DEFAULT_RELAY_IDLE_TIMEOUT, MAX_RELAYS_PER_SHARD,
+    MAX_RELAY_BUFFER,
 };
 pub use shard::Coalesce;
 pub use stats::{

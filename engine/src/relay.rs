@@ -10,14 +10,27 @@
 //! ring with each operation and comes back with its completion
 //! ([`Uring::release`]): no copy, no reallocation.
 //!
-//! Ends:
+//! Ends (each reported as a [`RelayEnd`] in the relay's [`RelayOutcome`]):
 //! - end of stream on one side (FIN) shuts the other side's write half
 //!   (SHUTDOWN, 5.11) after every byte before it was sent; once both
 //!   directions have ended, both sockets are closed (FIN): *completed*;
 //! - an error on either side (RST, a failed send, the upstream refusing or
 //!   timing out) cancels what is in flight and closes both sockets with
 //!   SO_LINGER 0, so both peers see a reset: *failed*;
+//! - no byte moved either way for the idle timeout: torn down the same way;
 //! - listener shutdown tears every relay down the same way.
+//!
+//! Idle timeouts cost no timer per relay and nothing per byte but a store:
+//! each completion that moved bytes stamps the relay with the turn's time,
+//! and one shard-wide TIMEOUT at a time (re-armed for the earliest
+//! deadline, at least 1/16 of the shortest idle timeout later) scans the
+//! relays and tears down those idle for longer than their timeout.
+//!
+//! Caps (per shard, [`crate::ListenerBuilder::max_relays_per_shard`] and
+//! [`crate::ListenerBuilder::relay_memory_per_shard`]): a relay that would
+//! exceed either is refused before anything is created; its client is
+//! reset. A relay's memory is its two buffers, held from its start until
+//! its slot is freed.
 //!
 //! Each relay lives in a slab slot; every operation's user data carries the
 //! slot, the slot's generation and the side, so a completion can never be
@@ -30,9 +43,10 @@ use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::Ordering;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, Type};
 
@@ -46,6 +60,14 @@ pub const DEFAULT_RELAY_BUFFER: usize = 64 * 1024;
 pub const MAX_RELAY_BUFFER: usize = 16 * 1024 * 1024;
 /// Default bound on the upstream CONNECT: 5 s.
 pub const DEFAULT_RELAY_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default idle timeout of a relay: 10 minutes without a byte either way
+/// (as nginx's stream `proxy_timeout`): long enough for any interactive
+/// protocol, short enough that dead peers do not hold relays for hours.
+pub const DEFAULT_RELAY_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// The most relays one shard can hold at once (the slot space of the
+/// shard's user data); [`crate::ListenerBuilder::max_relays_per_shard`]
+/// is at most this, and is this by default.
+pub const MAX_RELAYS_PER_SHARD: usize = 1 << 24;
 
 /// How [`crate::ShardContext::relay`] relays a connection.
 ///
@@ -55,26 +77,56 @@ pub const DEFAULT_RELAY_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 ///
 /// let opts = RelayOptions::new()
 ///     .with_buffer_size(16 * 1024)
-///     .with_connect_timeout(Duration::from_secs(1));
+///     .with_connect_timeout(Duration::from_secs(1))
+///     .with_idle_timeout(Duration::from_secs(30));
 /// assert_eq!(opts.buffer_size(), 16 * 1024);
+/// assert_eq!(opts.idle_timeout(), Some(Duration::from_secs(30)));
 /// assert_eq!(RelayOptions::default().buffer_size(), floodgate::DEFAULT_RELAY_BUFFER);
+/// assert_eq!(
+///     RelayOptions::default().idle_timeout(),
+///     Some(floodgate::DEFAULT_RELAY_IDLE_TIMEOUT)
+/// );
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RelayOptions {
     buffer_size: usize,
     connect_timeout: Duration,
+    idle_timeout: Duration,
     nodelay: bool,
     strip_proxy_header: bool,
 }
 
 impl RelayOptions {
-    /// 64 KiB per direction, a 5 s connect timeout, TCP_NODELAY upstream.
+    /// 64 KiB per direction, a 5 s connect timeout, a 10 min idle timeout,
+    /// TCP_NODELAY on both sockets.
     pub const fn new() -> Self {
         RelayOptions {
             buffer_size: DEFAULT_RELAY_BUFFER,
             connect_timeout: DEFAULT_RELAY_CONNECT_TIMEOUT,
+            idle_timeout: DEFAULT_RELAY_IDLE_TIMEOUT,
             nodelay: true,
             strip_proxy_header: false,
+        }
+    }
+
+    /// A relay in which no byte moved in either direction for `d` is torn
+    /// down (both sockets reset) and ends with [`RelayEnd::IdleTimeout`].
+    /// The clock starts once the upstream is connected (the connect has its
+    /// own timeout) and restarts with every receive or send that moved
+    /// bytes. The teardown comes at most 1/16 of the shortest idle timeout
+    /// on the shard late (plus scheduling). Default
+    /// [`DEFAULT_RELAY_IDLE_TIMEOUT`]; `Duration::ZERO`: none.
+    pub const fn with_idle_timeout(mut self, d: Duration) -> Self {
+        self.idle_timeout = d;
+        self
+    }
+
+    /// The idle timeout (`None`: none).
+    pub const fn idle_timeout(&self) -> Option<Duration> {
+        if self.idle_timeout.is_zero() {
+            None
+        } else {
+            Some(self.idle_timeout)
         }
     }
 
@@ -92,8 +144,10 @@ impl RelayOptions {
         self
     }
 
-    /// Whether the upstream socket gets TCP_NODELAY (default on: a relay
-    /// forwards what it received at once; batching is the client's choice).
+    /// Whether both sockets of the relay, the client's and the upstream's,
+    /// get TCP_NODELAY (default on: a relay forwards what it received at
+    /// once; batching is the endpoints' choice). Off leaves both as they
+    /// are (the client's socket as accepted, the upstream's as created).
     pub const fn with_nodelay(mut self, on: bool) -> Self {
         self.nodelay = on;
         self
@@ -130,7 +184,7 @@ impl RelayOptions {
         self.connect_timeout
     }
 
-    /// Whether the upstream socket gets TCP_NODELAY.
+    /// Whether both sockets get TCP_NODELAY.
     pub const fn nodelay(&self) -> bool {
         self.nodelay
     }
@@ -142,10 +196,189 @@ impl Default for RelayOptions {
     }
 }
 
+/// One end of a relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RelaySide {
+    /// The admitted client connection.
+    Client,
+    /// The connection the relay dialled.
+    Upstream,
+}
+
+/// How a relay ended (see [`RelayOutcome`]). Every end but
+/// [`RelayEnd::Completed`] resets the relay's sockets (SO_LINGER 0): both
+/// peers, or only the client of a relay that never started, see an RST.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RelayEnd {
+    /// Both directions reached end of stream (FIN) and were passed on; both
+    /// sockets were closed with FIN.
+    Completed,
+    /// The client reset the connection (ECONNRESET or EPIPE on its socket).
+    ClientReset,
+    /// The upstream reset the connection (ECONNRESET or EPIPE on its socket).
+    UpstreamReset,
+    /// The upstream refused the connection (ECONNREFUSED).
+    UpstreamRefused,
+    /// The upstream did not answer within the connect timeout
+    /// ([`RelayOptions::with_connect_timeout`]), or the kernel gave up its
+    /// SYN retries (ETIMEDOUT).
+    UpstreamTimeout,
+    /// No byte moved either way for the idle timeout
+    /// ([`RelayOptions::with_idle_timeout`]).
+    IdleTimeout,
+    /// The listener shut down (a relay running then, or one asked for while
+    /// it was shutting down).
+    Shutdown,
+    /// Refused at the shard's cap
+    /// ([`crate::ListenerBuilder::max_relays_per_shard`],
+    /// [`crate::ListenerBuilder::relay_memory_per_shard`]): nothing was
+    /// dialled, the client was reset.
+    CapRefused,
+    /// Any other error: `errno` of the failed operation (e.g. ETIMEDOUT of
+    /// a keepalive, EMFILE creating the upstream socket), or 0 when there
+    /// was none (a send that sent nothing).
+    Error {
+        /// The error number (`libc::E*`), or 0.
+        errno: i32,
+    },
+}
+
+/// What became of one relay, given to the callback of
+/// [`crate::ShardContext::relay_with`] once the relay is over: both of its
+/// sockets are closed by then.
+///
+/// ```
+/// use floodgate::{RelayEnd, RelayOutcome, RelaySide};
+///
+/// /// One log line per relay.
+/// fn log(o: &RelayOutcome) -> String {
+///     let how = match o.end {
+///         RelayEnd::Completed => "completed".to_owned(),
+///         RelayEnd::Error { errno } => format!("error {errno}"),
+///         other => format!("{other:?}"),
+///     };
+///     let who = match o.first {
+///         Some(RelaySide::Client) => "client",
+///         Some(RelaySide::Upstream) => "upstream",
+///         None => "neither side",
+///     };
+///     format!(
+///         "{how} ({who} first): {} B up, {} B down in {:?}",
+///         o.bytes_to_upstream, o.bytes_to_client, o.duration
+///     )
+/// }
+/// # let _ = log;
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RelayOutcome {
+    /// How it ended.
+    pub end: RelayEnd,
+    /// The side whose end of stream (FIN), reset or error the relay saw
+    /// first; `None` when neither side had ended when the relay did (idle
+    /// timeout, shutdown, cap, a failure to start). For a completed relay,
+    /// the side that half-closed first.
+    pub first: Option<RelaySide>,
+    /// Bytes sent from the client to the upstream.
+    pub bytes_to_upstream: u64,
+    /// Bytes sent from the upstream to the client.
+    pub bytes_to_client: u64,
+    /// From the relay call until both sockets were closed.
+    pub duration: Duration,
+}
+
+/// The callback given to [`crate::ShardContext::relay_with`].
+pub(crate) struct OnEnd(pub(crate) Box<dyn FnOnce(RelayOutcome) + Send>);
+
+impl fmt::Debug for OnEnd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("OnEnd")
+    }
+}
+
+/// A shard's caps on its relays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RelayLimits {
+    /// Relays at once (slots held, including those closing).
+    pub max_relays: usize,
+    /// Bytes of relay buffers at once (two buffers per relay).
+    pub memory: usize,
+}
+
+impl Default for RelayLimits {
+    fn default() -> Self {
+        RelayLimits {
+            max_relays: MAX_RELAYS_PER_SHARD,
+            memory: usize::MAX,
+        }
+    }
+}
+
 /// Side 0 is the client, side 1 the upstream; direction `d` reads from side
 /// `d` and writes to side `1 - d`.
 const CLIENT: usize = 0;
 const UPSTREAM: usize = 1;
+
+fn side_of(side: usize) -> RelaySide {
+    if side == CLIENT {
+        RelaySide::Client
+    } else {
+        RelaySide::Upstream
+    }
+}
+
+/// The end an error of `errno` on `side`'s socket means.
+fn peer_end(side: usize, errno: i32) -> RelayEnd {
+    match errno {
+        libc::ECONNRESET | libc::EPIPE if side == CLIENT => RelayEnd::ClientReset,
+        libc::ECONNRESET | libc::EPIPE => RelayEnd::UpstreamReset,
+        _ => RelayEnd::Error { errno },
+    }
+}
+
+/// The end a failed upstream CONNECT means. Before the relay is ending,
+/// only its linked timeout cancels it (ECANCELED).
+fn connect_end(errno: i32) -> RelayEnd {
+    match errno {
+        libc::ECONNREFUSED => RelayEnd::UpstreamRefused,
+        libc::ECANCELED | libc::ETIMEDOUT => RelayEnd::UpstreamTimeout,
+        _ => peer_end(UPSTREAM, errno),
+    }
+}
+
+fn errno_of(e: &io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(0)
+}
+
+/// Counts one relay's end.
+fn count_end(c: &RelayCounters, end: RelayEnd) {
+    let (total, detail): (&AtomicU64, Option<&AtomicU64>) = match end {
+        RelayEnd::Completed => (&c.completed, None),
+        RelayEnd::ClientReset => (&c.failed, Some(&c.client_reset)),
+        RelayEnd::UpstreamReset => (&c.failed, Some(&c.upstream_reset)),
+        RelayEnd::UpstreamRefused => (&c.failed, Some(&c.upstream_refused)),
+        RelayEnd::UpstreamTimeout => (&c.failed, Some(&c.upstream_timeout)),
+        RelayEnd::Error { .. } => (&c.failed, Some(&c.errors)),
+        RelayEnd::IdleTimeout => (&c.idle_timeout, None),
+        RelayEnd::Shutdown => (&c.closed_at_shutdown, None),
+        RelayEnd::CapRefused => (&c.refused_cap, None),
+    };
+    Counters::add(total, 1);
+    if let Some(d) = detail {
+        Counters::add(d, 1);
+    }
+}
+
+/// Gives `outcome` to the relay's callback, if any; a panic is caught and
+/// counted (the shard goes on).
+fn deliver(c: &RelayCounters, on_end: Option<OnEnd>, outcome: RelayOutcome) {
+    if let Some(OnEnd(f)) = on_end {
+        if catch_unwind(AssertUnwindSafe(move || f(outcome))).is_err() {
+            Counters::add(&c.callback_panics, 1);
+        }
+    }
+}
 
 /// Slots addressable in 24 bits of user data.
 const SLOT_BITS: u32 = 24;
@@ -190,14 +423,6 @@ impl Step {
     }
 }
 
-/// How a relay ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum End {
-    Completed,
-    Failed,
-    Shutdown,
-}
-
 #[derive(Debug)]
 struct Relay {
     /// The client's and the upstream's sockets, until their CLOSE is posted.
@@ -215,7 +440,18 @@ struct Relay {
     /// CLOSE completions still to come.
     closes: u32,
     /// Set once the relay is ending; nothing new is posted after.
-    end: Option<End>,
+    end: Option<RelayEnd>,
+    /// The side whose FIN, reset or error was seen first.
+    first: Option<usize>,
+    /// Bytes sent by each direction (0: to the upstream, 1: to the client).
+    bytes: [u64; 2],
+    started_at: Instant,
+    /// When bytes last moved (or the upstream connected).
+    last_active: Instant,
+    idle_timeout: Option<Duration>,
+    /// Buffer bytes counted against the shard's budget.
+    reserved: usize,
+    on_end: Option<OnEnd>,
 }
 
 #[derive(Debug, Default)]
@@ -224,12 +460,32 @@ struct Slot {
     relay: Option<Relay>,
 }
 
+/// Why a relay did not start.
+struct Refusal {
+    end: RelayEnd,
+    first: Option<usize>,
+    error: io::Error,
+}
+
+impl Refusal {
+    fn new(end: RelayEnd, first: Option<usize>, error: io::Error) -> Self {
+        Refusal { end, first, error }
+    }
+}
+
 /// The relays of one shard.
 pub(crate) struct Relays {
     slots: Vec<Slot>,
     free: Vec<usize>,
     live: usize,
+    /// Buffer bytes reserved by live relays.
+    memory: usize,
+    limits: RelayLimits,
     stopping: bool,
+    /// Idle-scan timers in flight: id (user-data payload) and when each
+    /// fires.
+    timers: Vec<(u64, Instant)>,
+    next_timer: u64,
     counters: Arc<RelayCounters>,
 }
 
@@ -238,6 +494,9 @@ impl fmt::Debug for Relays {
         f.debug_struct("Relays")
             .field("live", &self.live)
             .field("slots", &self.slots.len())
+            .field("memory", &self.memory)
+            .field("limits", &self.limits)
+            .field("timers", &self.timers.len())
             .field("stopping", &self.stopping)
             .finish()
     }
@@ -249,41 +508,167 @@ impl Relays {
             slots: Vec::new(),
             free: Vec::new(),
             live: 0,
+            memory: 0,
+            limits: RelayLimits::default(),
             stopping: false,
+            timers: Vec::new(),
+            next_timer: 0,
             counters,
         }
     }
 
+    /// Sets the shard's caps (before the shard starts).
+    pub(crate) fn set_limits(&mut self, limits: RelayLimits) {
+        self.limits = limits;
+    }
+
     /// Starts relaying `client` to `upstream`: creates the upstream socket
     /// and posts its CONNECT (with a linked timeout). On error nothing is in
-    /// flight and `client` is closed.
+    /// flight, `client` is reset, and `on_end` has been called.
     pub(crate) fn start(
         &mut self,
         ring: &mut Uring,
         client: OwnedFd,
         upstream: SocketAddr,
         opts: RelayOptions,
+        on_end: Option<OnEnd>,
     ) -> io::Result<()> {
-        if self.stopping {
-            return Err(io::Error::other("the shard is shutting down"));
+        let started_at = Instant::now();
+        match self.open(ring, &client, upstream, opts) {
+            Ok((idx, up, ops)) => {
+                let raw = [client.as_raw_fd(), up.as_raw_fd()];
+                let reserved = 2 * opts.buffer_size();
+                self.slots[idx].relay = Some(Relay {
+                    fds: [Some(client), Some(up)],
+                    raw,
+                    steps: [Step::Idle, Step::Idle],
+                    bufs: [None, None],
+                    buffer_size: opts.buffer_size(),
+                    connecting: true,
+                    ops,
+                    closes: 0,
+                    end: None,
+                    first: None,
+                    bytes: [0, 0],
+                    started_at,
+                    last_active: started_at,
+                    idle_timeout: opts.idle_timeout(),
+                    reserved,
+                    on_end,
+                });
+                self.live += 1;
+                self.memory += reserved;
+                Counters::add(&self.counters.started, 1);
+                Counters::add(&self.counters.active, 1);
+                Ok(())
+            }
+            Err(refusal) => {
+                // An abortive close: the client learns at once that it is
+                // not being relayed.
+                let _ = SockRef::from(&client).set_linger(Some(Duration::ZERO));
+                drop(client);
+                if refusal.end == RelayEnd::CapRefused {
+                    Counters::add(&self.counters.refused_cap, 1);
+                } else {
+                    Counters::add(&self.counters.start_failed, 1);
+                }
+                let outcome = RelayOutcome {
+                    end: refusal.end,
+                    first: refusal.first.map(side_of),
+                    bytes_to_upstream: 0,
+                    bytes_to_client: 0,
+                    duration: started_at.elapsed(),
+                };
+                deliver(&self.counters, on_end, outcome);
+                Err(refusal.error)
+            }
         }
+    }
+
+    /// Checks the caps, creates the upstream socket, takes a slot and posts
+    /// the CONNECT; returns the slot, the upstream socket and the number of
+    /// completions to come. On error nothing was posted and no slot taken.
+    fn open(
+        &mut self,
+        ring: &mut Uring,
+        client: &OwnedFd,
+        upstream: SocketAddr,
+        opts: RelayOptions,
+    ) -> Result<(usize, OwnedFd, u32), Refusal> {
+        if self.stopping {
+            return Err(Refusal::new(
+                RelayEnd::Shutdown,
+                None,
+                io::Error::other("the shard is shutting down"),
+            ));
+        }
+        if self.live >= self.limits.max_relays {
+            return Err(Refusal::new(
+                RelayEnd::CapRefused,
+                None,
+                io::Error::other(format!(
+                    "relay cap: {} relays on this shard (max_relays_per_shard)",
+                    self.live
+                )),
+            ));
+        }
+        let wanted = 2 * opts.buffer_size();
+        if self
+            .memory
+            .checked_add(wanted)
+            .map_or(true, |m| m > self.limits.memory)
+        {
+            return Err(Refusal::new(
+                RelayEnd::CapRefused,
+                None,
+                io::Error::other(format!(
+                    "relay cap: {} buffer bytes in use on this shard and {wanted} more wanted \
+                     (relay_memory_per_shard {})",
+                    self.memory, self.limits.memory
+                )),
+            ));
+        }
+        let client_err =
+            |e: io::Error| Refusal::new(peer_end(CLIENT, errno_of(&e)), Some(CLIENT), e);
+        let engine_err = |e: io::Error| {
+            Refusal::new(
+                RelayEnd::Error {
+                    errno: errno_of(&e),
+                },
+                None,
+                e,
+            )
+        };
         if opts.strip_proxy_header() {
-            strip_proxy_header(&client)?;
+            strip_proxy_header(client).map_err(client_err)?;
+        }
+        if opts.nodelay() {
+            // Both sockets: a relay forwards each piece as it arrives, and
+            // Nagle on the client side would hold a response's second
+            // segment until the client's delayed ACK (tens of ms).
+            SockRef::from(client)
+                .set_nodelay(true)
+                .map_err(client_err)?;
         }
         let socket = Socket::new(
             Domain::for_address(upstream),
             Type::STREAM,
             Some(Protocol::TCP),
-        )?;
+        )
+        .map_err(engine_err)?;
         if opts.nodelay() {
-            socket.set_nodelay(true)?;
+            socket.set_nodelay(true).map_err(engine_err)?;
         }
         let up: OwnedFd = socket.into();
         let idx = match self.free.pop() {
             Some(i) => i,
             None => {
                 if self.slots.len() as u64 > SLOT_MASK {
-                    return Err(io::Error::other("too many relays on this shard"));
+                    return Err(Refusal::new(
+                        RelayEnd::CapRefused,
+                        None,
+                        io::Error::other("too many relays on this shard"),
+                    ));
                 }
                 self.slots.push(Slot::default());
                 self.slots.len() - 1
@@ -291,7 +676,6 @@ impl Relays {
         };
         let gen = self.slots[idx].gen.wrapping_add(1) & GEN_MASK as u32;
         self.slots[idx].gen = gen;
-        let raw = [client.as_raw_fd(), up.as_raw_fd()];
         let timeout = (!opts.connect_timeout().is_zero()).then(|| {
             (
                 opts.connect_timeout(),
@@ -299,35 +683,31 @@ impl Relays {
             )
         });
         let posted = ring.connect(
-            raw[UPSTREAM],
+            up.as_raw_fd(),
             SockAddr::from(upstream),
             timeout,
             user_data(Tag::RelayConnect, pack(idx, gen, UPSTREAM)),
         );
         if let Err(e) = posted {
-            // Nothing was posted: both sockets close here.
+            // Nothing was posted: the upstream socket closes here.
             self.free.push(idx);
-            return Err(e);
+            return Err(engine_err(e));
         }
-        self.slots[idx].relay = Some(Relay {
-            fds: [Some(client), Some(up)],
-            raw,
-            steps: [Step::Idle, Step::Idle],
-            bufs: [None, None],
-            buffer_size: opts.buffer_size(),
-            connecting: true,
-            ops: 1 + u32::from(timeout.is_some()),
-            closes: 0,
-            end: None,
-        });
-        self.live += 1;
-        Counters::add(&self.counters.started, 1);
-        Counters::add(&self.counters.active, 1);
-        Ok(())
+        Ok((idx, up, 1 + u32::from(timeout.is_some())))
     }
 
-    /// One completion of a relay operation.
-    pub(crate) fn complete(&mut self, ring: &mut Uring, tag: Tag, payload: u64, cqe: Cqe) {
+    /// One completion of a relay operation (or of the idle-scan timer).
+    pub(crate) fn complete(
+        &mut self,
+        ring: &mut Uring,
+        tag: Tag,
+        payload: u64,
+        cqe: Cqe,
+        now: Instant,
+    ) {
+        if tag == Tag::RelayTimer {
+            return self.timer(ring, payload, cqe, now);
+        }
         let (idx, gen, side) = decode(payload);
         let released = if tag == Tag::RelayClose {
             ring.finish_close(cqe.user_data, cqe.result);
@@ -351,14 +731,20 @@ impl Relays {
             r.ops = r.ops.saturating_sub(1);
         }
         let result = cqe.result;
+        let mut idle_deadline = None;
         match tag {
             Tag::RelayConnectTimeout | Tag::RelayClose => {}
             Tag::RelayConnect => {
                 r.connecting = false;
                 if r.end.is_none() {
                     if result < 0 {
-                        r.fail(ring, idx, gen, End::Failed);
+                        r.fail(ring, idx, gen, connect_end(-result), Some(UPSTREAM));
                     } else {
+                        // The idle clock starts now.
+                        r.last_active = now;
+                        idle_deadline = r
+                            .idle_timeout
+                            .and_then(|t| now.checked_add(t).map(|at| (at, t)));
                         for d in [CLIENT, UPSTREAM] {
                             let buf = vec![0u8; r.buffer_size].into_boxed_slice();
                             r.recv(ring, idx, gen, d, buf);
@@ -370,41 +756,51 @@ impl Relays {
                 let d = side;
                 r.steps[d] = Step::Idle;
                 let Released::Bytes(buf) = released else {
-                    r.fail(ring, idx, gen, End::Failed);
+                    r.fail(ring, idx, gen, RelayEnd::Error { errno: 0 }, None);
                     return self.settle(ring, idx);
                 };
                 if r.end.is_some() {
                     r.bufs[d] = Some(buf);
                 } else if result > 0 {
+                    r.last_active = now;
                     let n = (result as usize).min(buf.len());
                     r.send(ring, idx, gen, d, buf, 0, n);
                 } else if result == 0 {
                     // End of stream from side d: shut the sink's write half;
                     // every byte before the FIN has already been sent.
                     r.bufs[d] = Some(buf);
+                    r.first.get_or_insert(d);
                     let ud = user_data(Tag::RelayShutdown, pack(idx, gen, d));
                     match ring.shutdown(r.raw[1 - d], libc::SHUT_WR, ud) {
                         Ok(()) => {
                             r.steps[d] = Step::Shutdown;
                             r.ops += 1;
                         }
-                        Err(_) => r.fail(ring, idx, gen, End::Failed),
+                        Err(e) => r.fail(
+                            ring,
+                            idx,
+                            gen,
+                            RelayEnd::Error {
+                                errno: errno_of(&e),
+                            },
+                            None,
+                        ),
                     }
                 } else {
                     r.bufs[d] = Some(buf);
-                    r.fail(ring, idx, gen, End::Failed);
+                    r.fail(ring, idx, gen, peer_end(d, -result), Some(d));
                 }
             }
             Tag::RelaySend => {
                 let d = side;
                 let Step::Send { start, end } = r.steps[d] else {
                     r.steps[d] = Step::Idle;
-                    r.fail(ring, idx, gen, End::Failed);
+                    r.fail(ring, idx, gen, RelayEnd::Error { errno: 0 }, None);
                     return self.settle(ring, idx);
                 };
                 r.steps[d] = Step::Idle;
                 let Released::Bytes(buf) = released else {
-                    r.fail(ring, idx, gen, End::Failed);
+                    r.fail(ring, idx, gen, RelayEnd::Error { errno: 0 }, None);
                     return self.settle(ring, idx);
                 };
                 if result > 0 {
@@ -414,6 +810,8 @@ impl Relays {
                         &counters.bytes_to_client
                     };
                     Counters::add(counter, result as u64);
+                    r.bytes[d] += result as u64;
+                    r.last_active = now;
                 }
                 if r.end.is_some() {
                     r.bufs[d] = Some(buf);
@@ -428,7 +826,7 @@ impl Relays {
                     // A send of at least one byte that sent none, or failed
                     // (EPIPE, ECONNRESET): the sink is gone.
                     r.bufs[d] = Some(buf);
-                    r.fail(ring, idx, gen, End::Failed);
+                    r.fail(ring, idx, gen, peer_end(1 - d, -result), Some(1 - d));
                 }
             }
             Tag::RelayShutdown => {
@@ -446,16 +844,82 @@ impl Relays {
                 // ENOTCONN here means the sink already went away; the other
                 // direction finds out on its own next operation.
                 if r.end.is_none() && r.steps.iter().all(|s| *s == Step::Done) {
-                    r.end = Some(End::Completed);
+                    r.end = Some(RelayEnd::Completed);
                 }
             }
             _ => {}
         }
         self.settle(ring, idx);
+        if let Some((at, t)) = idle_deadline {
+            self.arm_idle(ring, now, at, t / 16);
+        }
+    }
+
+    /// Makes sure an idle-scan timer fires by `at + slack`: posts one for
+    /// `at` unless one already in flight fires by then.
+    fn arm_idle(&mut self, ring: &mut Uring, now: Instant, at: Instant, slack: Duration) {
+        if self.stopping {
+            return;
+        }
+        let covered = self
+            .timers
+            .iter()
+            .any(|(_, t)| at.checked_add(slack).map_or(true, |late| *t <= late));
+        if covered {
+            return;
+        }
+        self.next_timer = (self.next_timer + 1) & ((1 << 48) - 1);
+        let id = self.next_timer;
+        let after = at.saturating_duration_since(now);
+        // A refused timer (the ring is broken) only delays idle teardown
+        // until the next relay connects and arms one.
+        if ring.timeout(after, user_data(Tag::RelayTimer, id)).is_ok() {
+            self.timers.push((id, at));
+        }
+    }
+
+    /// The idle-scan timer fired (or was cancelled at shutdown): tears down
+    /// every relay idle for its timeout, then re-arms for the earliest
+    /// deadline left, at least 1/16 of the shortest idle timeout from now,
+    /// so that scans stay a bounded number per timeout.
+    fn timer(&mut self, ring: &mut Uring, id: u64, cqe: Cqe, now: Instant) {
+        ring.release(cqe.user_data);
+        self.timers.retain(|(t, _)| *t != id);
+        if self.stopping {
+            return;
+        }
+        let mut next: Option<Instant> = None;
+        let mut shortest: Option<Duration> = None;
+        for idx in 0..self.slots.len() {
+            let gen = self.slots[idx].gen;
+            let Some(r) = self.slots[idx].relay.as_mut() else {
+                continue;
+            };
+            let Some(t) = r.idle_timeout else { continue };
+            if r.connecting || r.end.is_some() {
+                continue;
+            }
+            let Some(deadline) = r.last_active.checked_add(t) else {
+                continue;
+            };
+            if deadline <= now {
+                r.fail(ring, idx, gen, RelayEnd::IdleTimeout, None);
+                self.settle(ring, idx);
+            } else {
+                next = Some(next.map_or(deadline, |n| n.min(deadline)));
+                shortest = Some(shortest.map_or(t, |s| s.min(t)));
+            }
+        }
+        if let (Some(at), Some(t)) = (next, shortest) {
+            let slack = t / 16;
+            let at = now.checked_add(slack).map_or(at, |soonest| at.max(soonest));
+            self.arm_idle(ring, now, at, slack);
+        }
     }
 
     /// Closes a relay's sockets once nothing of it is in flight, and frees
-    /// its slot once both closes completed.
+    /// its slot once both closes completed; then its outcome goes to its
+    /// callback.
     fn settle(&mut self, ring: &mut Uring, idx: usize) {
         let Some(slot) = self.slots.get_mut(idx) else {
             return;
@@ -470,7 +934,7 @@ impl Relays {
         }
         for side in [CLIENT, UPSTREAM] {
             if let Some(fd) = r.fds[side].take() {
-                if end != End::Completed {
+                if end != RelayEnd::Completed {
                     // An abortive close: the peer sees RST, as a splice
                     // should report a reset or a failure of the far side.
                     let _ = SockRef::from(&fd).set_linger(Some(Duration::ZERO));
@@ -486,46 +950,53 @@ impl Relays {
         if r.closes > 0 {
             return;
         }
-        slot.relay = None;
+        let Some(r) = slot.relay.take() else { return };
         self.free.push(idx);
         self.live -= 1;
+        self.memory = self.memory.saturating_sub(r.reserved);
         self.counters.active.fetch_sub(1, Ordering::Relaxed);
-        let counter = match end {
-            End::Completed => &self.counters.completed,
-            End::Failed => &self.counters.failed,
-            End::Shutdown => &self.counters.closed_at_shutdown,
-        };
-        Counters::add(counter, 1);
+        count_end(&self.counters, end);
+        let outcome = r.outcome(end);
+        deliver(&self.counters, r.on_end, outcome);
     }
 
-    /// Shutdown: no new relays; every live one is torn down.
+    /// Shutdown: no new relays; every live one is torn down; the idle-scan
+    /// timers are cancelled.
     pub(crate) fn stop(&mut self, ring: &mut Uring) {
         self.stopping = true;
+        for (id, _) in &self.timers {
+            let _ = ring.cancel(user_data(Tag::RelayTimer, *id), user_data(Tag::Cancel, 0));
+        }
         for idx in 0..self.slots.len() {
             let gen = self.slots[idx].gen;
             if let Some(r) = self.slots[idx].relay.as_mut() {
-                r.fail(ring, idx, gen, End::Shutdown);
+                r.fail(ring, idx, gen, RelayEnd::Shutdown, None);
             }
             self.settle(ring, idx);
         }
     }
 
-    /// Whether no relay operation is in flight.
+    /// Whether no relay operation and no timer is in flight.
     pub(crate) fn is_idle(&self) -> bool {
-        self.live == 0
+        self.live == 0 && self.timers.is_empty()
     }
 
     /// Last call on the shard thread. Normally nothing is left; after a
     /// broken ring, what is left is dropped (its sockets close here, its
-    /// in-flight memory stays with the ring, which leaks it).
+    /// in-flight memory stays with the ring, which leaks it) and its
+    /// outcome says shutdown.
     pub(crate) fn finish(&mut self) {
         for slot in &mut self.slots {
-            if slot.relay.take().is_some() {
+            if let Some(r) = slot.relay.take() {
                 self.counters.active.fetch_sub(1, Ordering::Relaxed);
                 Counters::add(&self.counters.closed_at_shutdown, 1);
+                let outcome = r.outcome(RelayEnd::Shutdown);
+                deliver(&self.counters, r.on_end, outcome);
             }
         }
         self.live = 0;
+        self.memory = 0;
+        self.timers.clear();
         self.free.clear();
         self.slots.clear();
     }
@@ -548,6 +1019,16 @@ fn strip_proxy_header(fd: &OwnedFd) -> io::Result<()> {
 }
 
 impl Relay {
+    fn outcome(&self, end: RelayEnd) -> RelayOutcome {
+        RelayOutcome {
+            end,
+            first: self.first.map(side_of),
+            bytes_to_upstream: self.bytes[CLIENT],
+            bytes_to_client: self.bytes[UPSTREAM],
+            duration: self.started_at.elapsed(),
+        }
+    }
+
     fn recv(&mut self, ring: &mut Uring, idx: usize, gen: u32, d: usize, buf: Box<[u8]>) {
         if self.end.is_some() {
             self.bufs[d] = Some(buf);
@@ -559,7 +1040,15 @@ impl Relay {
                 self.steps[d] = Step::Recv;
                 self.ops += 1;
             }
-            Err(_) => self.fail(ring, idx, gen, End::Failed),
+            Err(e) => self.fail(
+                ring,
+                idx,
+                gen,
+                RelayEnd::Error {
+                    errno: errno_of(&e),
+                },
+                None,
+            ),
         }
     }
 
@@ -584,17 +1073,29 @@ impl Relay {
                 self.steps[d] = Step::Send { start, end };
                 self.ops += 1;
             }
-            Err(_) => self.fail(ring, idx, gen, End::Failed),
+            Err(e) => self.fail(
+                ring,
+                idx,
+                gen,
+                RelayEnd::Error {
+                    errno: errno_of(&e),
+                },
+                None,
+            ),
         }
     }
 
-    /// Starts tearing the relay down: cancels what is in flight; the
-    /// sockets are closed once every completion is in (`settle`).
-    fn fail(&mut self, ring: &mut Uring, idx: usize, gen: u32, end: End) {
+    /// Starts tearing the relay down as `end`, `side` being the side at
+    /// fault if any: cancels what is in flight; the sockets are closed once
+    /// every completion is in (`settle`).
+    fn fail(&mut self, ring: &mut Uring, idx: usize, gen: u32, end: RelayEnd, side: Option<usize>) {
         if self.end.is_some() {
             return;
         }
         self.end = Some(end);
+        if self.first.is_none() {
+            self.first = side;
+        }
         let cancel = user_data(Tag::Cancel, 0);
         if self.connecting {
             let target = user_data(Tag::RelayConnect, pack(idx, gen, UPSTREAM));
@@ -629,6 +1130,37 @@ mod tests {
                 .with_buffer_size(usize::MAX)
                 .buffer_size(),
             MAX_RELAY_BUFFER
+        );
+    }
+
+    #[test]
+    fn zero_idle_timeout_means_none() {
+        let o = RelayOptions::new().with_idle_timeout(Duration::ZERO);
+        assert_eq!(o.idle_timeout(), None);
+    }
+
+    #[test]
+    fn errors_map_to_ends_by_side() {
+        assert_eq!(peer_end(CLIENT, libc::ECONNRESET), RelayEnd::ClientReset);
+        assert_eq!(peer_end(CLIENT, libc::EPIPE), RelayEnd::ClientReset);
+        assert_eq!(
+            peer_end(UPSTREAM, libc::ECONNRESET),
+            RelayEnd::UpstreamReset
+        );
+        assert_eq!(
+            peer_end(UPSTREAM, libc::ETIMEDOUT),
+            RelayEnd::Error {
+                errno: libc::ETIMEDOUT
+            }
+        );
+        assert_eq!(connect_end(libc::ECONNREFUSED), RelayEnd::UpstreamRefused);
+        assert_eq!(connect_end(libc::ECANCELED), RelayEnd::UpstreamTimeout);
+        assert_eq!(connect_end(libc::ECONNRESET), RelayEnd::UpstreamReset);
+        assert_eq!(
+            connect_end(libc::ENETUNREACH),
+            RelayEnd::Error {
+                errno: libc::ENETUNREACH
+            }
         );
     }
 }

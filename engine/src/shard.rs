@@ -80,13 +80,15 @@ pub(crate) enum Tag {
     RelayShutdown = 44,
     /// Relay: the CLOSE of one of a relay's sockets.
     RelayClose = 45,
+    /// Relay: the shard's idle-scan timer.
+    RelayTimer = 46,
     /// Registrations: the multishot poll on a registered connection.
     RegPoll = 48,
 }
 
 impl Tag {
     fn from_u8(v: u8) -> Option<Tag> {
-        const ALL: [Tag; 27] = [
+        const ALL: [Tag; 28] = [
             Tag::Wake,
             Tag::Accept,
             Tag::Cancel,
@@ -113,6 +115,7 @@ impl Tag {
             Tag::RelaySend,
             Tag::RelayShutdown,
             Tag::RelayClose,
+            Tag::RelayTimer,
             Tag::RegPoll,
         ];
         ALL.into_iter().find(|t| *t as u8 == v)

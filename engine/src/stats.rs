@@ -327,6 +327,15 @@ pub(crate) struct RelayCounters {
     pub completed: AtomicU64,
     pub failed: AtomicU64,
     pub closed_at_shutdown: AtomicU64,
+    pub idle_timeout: AtomicU64,
+    pub client_reset: AtomicU64,
+    pub upstream_reset: AtomicU64,
+    pub upstream_refused: AtomicU64,
+    pub upstream_timeout: AtomicU64,
+    pub errors: AtomicU64,
+    pub refused_cap: AtomicU64,
+    pub start_failed: AtomicU64,
+    pub callback_panics: AtomicU64,
     pub bytes_to_upstream: AtomicU64,
     pub bytes_to_client: AtomicU64,
 }
@@ -340,6 +349,15 @@ impl RelayCounters {
             completed: g(&self.completed),
             failed: g(&self.failed),
             closed_at_shutdown: g(&self.closed_at_shutdown),
+            idle_timeout: g(&self.idle_timeout),
+            client_reset: g(&self.client_reset),
+            upstream_reset: g(&self.upstream_reset),
+            upstream_refused: g(&self.upstream_refused),
+            upstream_timeout: g(&self.upstream_timeout),
+            errors: g(&self.errors),
+            refused_cap: g(&self.refused_cap),
+            start_failed: g(&self.start_failed),
+            callback_panics: g(&self.callback_panics),
             bytes_to_upstream: g(&self.bytes_to_upstream),
             bytes_to_client: g(&self.bytes_to_client),
         }
@@ -347,9 +365,13 @@ impl RelayCounters {
 }
 
 /// Relays of admitted connections to an upstream
-/// ([`crate::ShardContext::relay`]).
+/// ([`crate::ShardContext::relay`]), counted by how they ended (the
+/// [`crate::RelayEnd`] of each relay's outcome).
 ///
-/// Once quiet, `started == active + completed + failed + closed_at_shutdown`.
+/// Once quiet, `started == active + completed + failed + idle_timeout +
+/// closed_at_shutdown`, and `failed == client_reset + upstream_reset +
+/// upstream_refused + upstream_timeout + errors`. Relays that never started
+/// are in `refused_cap` or `start_failed` only.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RelayStats {
     /// Relays started (the upstream dial was posted).
@@ -360,10 +382,34 @@ pub struct RelayStats {
     /// were shut down, then both sockets closed.
     pub completed: u64,
     /// Relays torn down by an error: the upstream refused or timed out, or
-    /// either side reset or failed a send. Both sockets were reset.
+    /// either side reset or failed a send. Both sockets were reset. The
+    /// sum of the five kinds below.
     pub failed: u64,
     /// Relays torn down because the listener shut down.
     pub closed_at_shutdown: u64,
+    /// Relays torn down because no byte moved either way for their idle
+    /// timeout (not in `failed`).
+    pub idle_timeout: u64,
+    /// Failed: the client reset.
+    pub client_reset: u64,
+    /// Failed: the upstream reset.
+    pub upstream_reset: u64,
+    /// Failed: the upstream refused the connection.
+    pub upstream_refused: u64,
+    /// Failed: the upstream connect timed out.
+    pub upstream_timeout: u64,
+    /// Failed: any other error.
+    pub errors: u64,
+    /// Relays refused at the shard's cap (relay count or buffer memory);
+    /// never started, the client was reset.
+    pub refused_cap: u64,
+    /// Relays that could not start for another reason (the upstream socket
+    /// could not be created, the ring refused the CONNECT, the listener was
+    /// shutting down); never started, the client was reset.
+    pub start_failed: u64,
+    /// Outcome callbacks ([`crate::ShardContext::relay_with`]) that
+    /// panicked (caught; the shard went on).
+    pub callback_panics: u64,
     /// Bytes copied from clients to upstreams.
     pub bytes_to_upstream: u64,
     /// Bytes copied from upstreams to clients.
@@ -377,6 +423,15 @@ impl RelayStats {
         self.completed += o.completed;
         self.failed += o.failed;
         self.closed_at_shutdown += o.closed_at_shutdown;
+        self.idle_timeout += o.idle_timeout;
+        self.client_reset += o.client_reset;
+        self.upstream_reset += o.upstream_reset;
+        self.upstream_refused += o.upstream_refused;
+        self.upstream_timeout += o.upstream_timeout;
+        self.errors += o.errors;
+        self.refused_cap += o.refused_cap;
+        self.start_failed += o.start_failed;
+        self.callback_panics += o.callback_panics;
         self.bytes_to_upstream += o.bytes_to_upstream;
         self.bytes_to_client += o.bytes_to_client;
     }
