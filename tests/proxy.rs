@@ -858,3 +858,56 @@ fn bad_relay_caps_are_refused_at_build_naming_the_field() {
         .build()
         .is_ok());
 }
+
+#[test]
+fn the_relay_dials_the_upstream_the_condition_chose() {
+    let _g = serial();
+    // Two upstreams that each answer one connection with their own name;
+    // the condition routes by the first byte and hands the chosen address
+    // to the handler as the verdict's value, which relays to it without
+    // looking at the bytes again.
+    let named = |name: u8| {
+        let up = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = up.local_addr().unwrap();
+        let t = std::thread::spawn(move || {
+            let (mut c, _) = up.accept().unwrap();
+            let mut first = [0u8; 1];
+            c.read_exact(&mut first).unwrap();
+            c.write_all(&[name, first[0]]).unwrap();
+        });
+        (addr, t)
+    };
+    let ((addr_a, ta), (addr_b, tb)) = (named(b'A'), named(b'B'));
+    let l = Listener::builder("127.0.0.1:0".parse().unwrap())
+        .shards(1)
+        .condition(
+            move |req: &ConnectRequest<'_>| match req.first_bytes.first() {
+                None => Verdict::NeedBytes(1),
+                Some(b'a') => Verdict::accept_with(floodgate::Value::new(addr_a)),
+                Some(_) => Verdict::accept_with(floodgate::Value::new(addr_b)),
+            },
+        )
+        .handler(|conn, ctx| match conn.value::<SocketAddr>().copied() {
+            Some(up) => {
+                let _ = ctx.relay(conn, up, RelayOptions::new());
+            }
+            None => drop(conn),
+        })
+        .build()
+        .unwrap();
+    for (first, name) in [(b'b', b'B'), (b'a', b'A')] {
+        let mut c = connect(l.local_addr()).unwrap();
+        c.write_all(&[first]).unwrap();
+        let mut back = Vec::new();
+        c.read_to_end(&mut back).unwrap();
+        assert_eq!(
+            back,
+            [name, first],
+            "routed to the upstream the value named"
+        );
+    }
+    ta.join().unwrap();
+    tb.join().unwrap();
+    l.shutdown();
+    assert_eq!(relays(&l).started, 2);
+}

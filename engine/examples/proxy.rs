@@ -3,7 +3,7 @@
 //! ```text
 //! cargo run --release -p floodgate --example proxy -- \
 //!     --listen 127.0.0.1:8000 --upstream 127.0.0.1:9000 [--deny 127.0.0.9/32] \
-//!     [--max-seconds 60] [--buffer 65536] [--shards N] [--peek-wait-ms 200] \
+//!     [--max-seconds 60] [--buffer 65536] [--shards N] \
 //!     [--strip-proxy-header] [--idle-seconds 600] [--max-relays N] [--relay-memory BYTES]
 //! ```
 //!
@@ -26,19 +26,15 @@
 //! Loopback only: both addresses must be loopback addresses.
 
 use std::error::Error;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use floodgate::cidr::CidrList;
-use floodgate::proxy_protocol::{self, ProxyError};
-use floodgate::{ConnectRequest, Listener, RelayEnd, RelayOptions, Verdict};
-
-/// Longest PROXY header the condition looks at: a v1 line (107 bytes) or a
-/// v2 header with IPv6 addresses (52 bytes).
-const PEEK: usize = 107;
+use floodgate::conditions::{Chain, CidrFilter, ProxyProtocol, Refusal};
+use floodgate::{Listener, RejectHow, RelayEnd, RelayOptions};
 
 /// Most outcome lines logged in a run.
 const LOG_LIMIT: u64 = 100;
@@ -50,7 +46,6 @@ struct Args {
     max_seconds: u64,
     buffer: usize,
     shards: Option<usize>,
-    peek_wait: Duration,
     strip: bool,
     idle: Duration,
     max_relays: Option<usize>,
@@ -59,7 +54,7 @@ struct Args {
 
 const USAGE: &str = "usage: proxy --listen ADDR --upstream ADDR [--deny CIDR[,CIDR…]]… \
 [--max-seconds N (default 60)] [--buffer BYTES (default 65536)] [--shards N] \
-[--peek-wait-ms MS (default 200)] [--strip-proxy-header] [--idle-seconds N (default 600, 0: none)] \
+[--strip-proxy-header] [--idle-seconds N (default 600, 0: none)] \
 [--max-relays N (per shard)] [--relay-memory BYTES (per shard)]";
 
 fn parse_args() -> Result<Args, String> {
@@ -69,7 +64,6 @@ fn parse_args() -> Result<Args, String> {
     let mut max_seconds = 60;
     let mut buffer = floodgate::DEFAULT_RELAY_BUFFER;
     let mut shards = None;
-    let mut peek_wait = Duration::from_millis(200);
     let mut strip = false;
     let mut idle = floodgate::DEFAULT_RELAY_IDLE_TIMEOUT;
     let mut max_relays = None;
@@ -99,9 +93,6 @@ fn parse_args() -> Result<Args, String> {
             "--max-seconds" => max_seconds = value.parse().map_err(|e| bad(&e))?,
             "--buffer" => buffer = value.parse().map_err(|e| bad(&e))?,
             "--shards" => shards = Some(value.parse().map_err(|e| bad(&e))?),
-            "--peek-wait-ms" => {
-                peek_wait = Duration::from_millis(value.parse().map_err(|e| bad(&e))?)
-            }
             "--idle-seconds" => idle = Duration::from_secs(value.parse().map_err(|e| bad(&e))?),
             "--max-relays" => max_relays = Some(value.parse().map_err(|e| bad(&e))?),
             "--relay-memory" => relay_memory = Some(value.parse().map_err(|e| bad(&e))?),
@@ -124,7 +115,6 @@ fn parse_args() -> Result<Args, String> {
         max_seconds,
         buffer,
         shards,
-        peek_wait,
         strip,
         idle,
         max_relays,
@@ -133,20 +123,15 @@ fn parse_args() -> Result<Args, String> {
 }
 
 /// The admission decision: deny by the original client's address.
-fn decide(deny: &CidrList, req: &ConnectRequest<'_>) -> Verdict {
-    let source: IpAddr = match proxy_protocol::parse(req.first_bytes) {
-        Ok(h) => h.source.map_or(req.peer.ip(), |s| s.ip()),
-        // A header still arriving: ask again when more bytes come.
-        Err(ProxyError::Incomplete { .. }) if !req.first_bytes.is_empty() && !req.peer_finished => {
-            return Verdict::Defer
-        }
-        Err(_) => req.peer.ip(),
-    };
-    if deny.contains(source) {
-        Verdict::reset()
-    } else {
-        Verdict::accept()
-    }
+/// Denied by its transport address (decided before any byte arrives), or
+/// by the original address of a PROXY header (optional: a plain request is
+/// told apart by its first bytes).
+fn condition(deny: CidrList) -> Chain {
+    let by_addr = CidrFilter::new()
+        .deny(deny.clone())
+        .refuse(Refusal::new(RejectHow::Reset));
+    let by_header = ProxyProtocol::wrap(by_addr.clone()).optional(true);
+    Chain::new(by_addr).then(by_header)
 }
 
 fn run(args: Args) -> Result<(), Box<dyn Error>> {
@@ -168,9 +153,7 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
     }
     let logged = Arc::new(AtomicU64::new(0));
     if !deny.is_empty() {
-        builder = builder
-            .peek(PEEK, args.peek_wait)
-            .condition(move |req: &ConnectRequest<'_>| decide(&deny, req));
+        builder = builder.condition(condition(deny));
     }
     let listener = builder
         .handler(move |conn, ctx| {

@@ -393,10 +393,16 @@ impl Condition for ProxyProtocol {
                 })
             }
             Err(ProxyError::Incomplete { needed_at_least }) if !req.peer_finished => {
-                if needed_at_least > crate::MAX_PEEK {
+                // Until the signature is known, one more byte at a time: a
+                // short request that is not PROXY must not wait for a
+                // header's length.
+                let b = req.first_bytes;
+                let known = b.len() >= 12 || b.starts_with(b"PROXY ");
+                let need = if known { needed_at_least } else { b.len() + 1 };
+                if need > crate::MAX_PEEK {
                     self.refusal.verdict()
                 } else {
-                    Verdict::NeedBytes(needed_at_least)
+                    Verdict::NeedBytes(need)
                 }
             }
             Err(ProxyError::NotProxy) if self.optional => (self.inner)(&Proxied {
@@ -722,6 +728,11 @@ mod tests {
         bytes.extend_from_slice(b"GET");
         assert_eq!(
             p.decide(&req("127.0.0.1:9", &bytes[..10])),
+            Verdict::NeedBytes(11),
+            "signature not known yet: one more byte"
+        );
+        assert_eq!(
+            p.decide(&req("127.0.0.1:9", &bytes[..12])),
             Verdict::NeedBytes(16)
         );
         assert_eq!(
