@@ -73,6 +73,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--handshakes", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--peek", help="BYTES,MS: the proxy peeks a fixed prefix instead (the old way)")
     a = ap.parse_args()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     exe = os.path.join(root, "target", "release", "examples", "sni_proxy")
@@ -82,7 +83,7 @@ def main():
         port = tls_server(key, crt, stop)
         proxy = subprocess.Popen(
             [exe, "--listen", "127.0.0.1:0", "--route", f"{HOST}=127.0.0.1:{port}",
-             "--max-seconds", "300"],
+             "--max-seconds", "300"] + (["--peek", a.peek] if a.peek else []),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         line = proxy.stdout.readline().split()
         pport = int(line[1].rsplit(":", 1)[1])
@@ -97,7 +98,8 @@ def main():
         proxy.wait(timeout=30)
         stop.set()
     d, r = statistics.median(direct), statistics.median(routed)
-    print(f"handshakes per round {a.handshakes}, rounds {a.rounds} (medians of round medians)")
+    print(f"handshakes per round {a.handshakes}, rounds {a.rounds} (medians of round medians), "
+          f"proxy peek: {a.peek or 'none (default)'}")
     print(f"direct          p50 {d:.3f} ms   rounds {['%.3f' % x for x in direct]}")
     print(f"through Sni     p50 {r:.3f} ms   rounds {['%.3f' % x for x in routed]}")
     print(f"difference      {r - d:+.3f} ms")

@@ -196,11 +196,16 @@ fn a_peer_that_resets_in_the_ring_is_withdrawn_not_delivered() {
         wait_for("the shard took it into its ring", || {
             l.stats().total().accepted == 2 * round + 1
         });
+        let seen = Instant::now();
         floodgate_tests::reset_on_drop(&c);
         drop(c); // RST
         wait_for("the server end saw the reset", || {
             !tcp_socket_exists(port, cport)
         });
+        // The engine checks connections that sat in the ring at least 1 ms
+        // (a reset sooner is no different from one just after delivery):
+        // a lower bound on the wait, which load only lengthens.
+        wait_for("it sat in the ring", || seen.elapsed() >= Duration::from_millis(2));
         if let Some(conn) = l.try_accept().unwrap() {
             panic!("delivered dead: peer {:?}", conn.peer_addr());
         }

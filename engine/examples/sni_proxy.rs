@@ -7,7 +7,7 @@
 //! ```text
 //! cargo run --release -p floodgate --example sni_proxy -- \
 //!     --listen 127.0.0.1:8443 --route example.test=127.0.0.1:9443 [--route NAME=ADDR ...] \
-//!     [--max-seconds 60]
+//!     [--max-seconds 60] [--peek BYTES,MS]
 //! ```
 //!
 //! Unknown names and non-TLS bytes are reset. It prints its address, then
@@ -24,10 +24,13 @@ use std::time::Duration;
 use floodgate::conditions::Sni;
 use floodgate::{Listener, RelayOptions, Value, Verdict};
 
-fn parse() -> Result<(SocketAddr, HashMap<String, SocketAddr>, u64), String> {
+type Args = (SocketAddr, HashMap<String, SocketAddr>, u64, Option<(usize, u64)>);
+
+fn parse() -> Result<Args, String> {
     let mut listen = "127.0.0.1:0".parse().map_err(|e| format!("{e}"))?;
     let mut routes = HashMap::new();
     let mut max_seconds = 60;
+    let mut peek = None;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let value = args.next().ok_or(format!("{flag} needs a value"))?;
@@ -43,19 +46,33 @@ fn parse() -> Result<(SocketAddr, HashMap<String, SocketAddr>, u64), String> {
             "--max-seconds" => {
                 max_seconds = value.parse().map_err(|e| format!("--max-seconds: {e}"))?
             }
+            "--peek" => {
+                let (n, ms) = value
+                    .split_once(',')
+                    .ok_or("--peek: BYTES,MS".to_string())?;
+                let n = n.parse().map_err(|e| format!("--peek: {e}"))?;
+                let ms = ms.parse().map_err(|e| format!("--peek: {e}"))?;
+                peek = Some((n, ms));
+            }
             other => return Err(format!("unknown flag {other}")),
         }
     }
     if routes.is_empty() {
         return Err("at least one --route NAME=ADDR".into());
     }
-    Ok((listen, routes, max_seconds))
+    Ok((listen, routes, max_seconds, peek))
 }
 
 fn run() -> Result<(), Box<dyn Error>> {
-    let (listen, routes, max_seconds) = parse()?;
+    let (listen, routes, max_seconds, peek) = parse()?;
     let routes = Arc::new(routes);
-    let listener = Listener::builder(listen)
+    let mut builder = Listener::builder(listen);
+    if let Some((n, ms)) = peek {
+        // The fixed-prefix way (asked once n bytes or ms have passed), to
+        // compare with the default.
+        builder = builder.peek(n, Duration::from_millis(ms));
+    }
+    let listener = builder
         .condition(Sni::new(move |_req, name| {
             match name.and_then(|n| routes.get(n)) {
                 Some(up) => Verdict::accept_with(Value::new(*up)),
