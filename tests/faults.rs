@@ -1,7 +1,7 @@
 //! Faults: fd exhaustion makes the engine back off and recover; a kernel
 //! that refuses io_uring gets an error that names the cause.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
 
@@ -54,19 +54,56 @@ fn fd_exhaustion_backs_off_and_recovers_losing_nothing() {
     drop(clients);
 }
 
-#[test]
-fn io_uring_denied_by_seccomp_is_named() {
-    let _g = serial();
+/// Runs the seccomp probe with `errno` and returns its output.
+fn under_seccomp(errno: i32) -> String {
+    // Auto's own choice is under test: no operator override.
     let out = Command::new(PROBE)
-        .arg("seccomp")
+        .args(["seccomp", &errno.to_string()])
+        .env_remove(floodgate::BACKEND_ENV)
         .output()
         .expect("spawn probe");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
-        text.contains("seccomp"),
-        "the message names the cause: {text}"
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
     );
+    text
+}
+
+fn auto_served_on_epoll(text: &str, cause: &str) {
+    let auto = text
+        .lines()
+        .find(|l| l.starts_with("AUTO "))
+        .unwrap_or_else(|| panic!("no AUTO line: {text}"));
+    assert!(auto.contains("backend=epoll"), "{auto}");
+    assert!(auto.contains(cause), "the reason names the cause: {auto}");
+    assert!(
+        auto.contains("accepted=10000 delivered=10000 conserved=true"),
+        "{auto}"
+    );
+}
+
+#[test]
+fn under_dockers_seccomp_profile_strict_io_uring_is_named_and_auto_serves_on_epoll() {
+    let _g = serial();
+    let text = under_seccomp(libc::EPERM);
+    assert!(
+        text.contains("STRICT ") && text.contains("seccomp"),
+        "{text}"
+    );
+    auto_served_on_epoll(&text, "EPERM");
+}
+
+#[test]
+fn under_podmans_seccomp_profile_strict_io_uring_is_named_and_auto_serves_on_epoll() {
+    let _g = serial();
+    let text = under_seccomp(libc::ENOSYS);
+    assert!(
+        text.contains("STRICT ") && text.contains("ENOSYS"),
+        "{text}"
+    );
+    auto_served_on_epoll(&text, "ENOSYS");
 }
 
 /// Restores `kernel.io_uring_disabled` when dropped.
@@ -78,9 +115,24 @@ impl Drop for SysctlGuard {
     }
 }
 
+/// Set to 1 to run the test that flips the host-wide
+/// `kernel.io_uring_disabled` (root only; `.ci/run` sets it).
+const SYSCTL_ENV: &str = "FLOODGATE_TEST_SYSCTL";
+
 #[test]
-fn io_uring_disabled_by_sysctl_is_named() {
+fn io_uring_disabled_by_sysctl_is_named_and_auto_falls_back() {
     let _g = serial();
+    if std::env::var(SYSCTL_ENV).as_deref() != Ok("1") {
+        eprintln!("skipped: changes a host-wide sysctl; set {SYSCTL_ENV}=1 to run it");
+        return;
+    }
+    if std::env::var_os(floodgate::BACKEND_ENV).is_some() {
+        eprintln!(
+            "skipped: {} overrides Auto's choice, which this test checks",
+            floodgate::BACKEND_ENV
+        );
+        return;
+    }
     const PATH: &str = "/proc/sys/kernel/io_uring_disabled";
     let Ok(before) = std::fs::read_to_string(PATH) else {
         eprintln!("skipped: {PATH} does not exist (kernel < 6.6)");
@@ -91,11 +143,15 @@ fn io_uring_disabled_by_sysctl_is_named() {
         eprintln!("skipped: {PATH} is not writable (not root)");
         return;
     }
-    let r = Listener::builder("127.0.0.1:0".parse().unwrap())
+    let strict = Listener::builder("127.0.0.1:0".parse().unwrap())
+        .shards(1)
+        .backend(floodgate::Backend::IoUring)
+        .build();
+    let auto = Listener::builder("127.0.0.1:0".parse().unwrap())
         .shards(1)
         .build();
     drop(guard);
-    match r {
+    match strict {
         Err(
             e @ Error::UringUnavailable {
                 cause: UringUnavailable::DisabledBySysctl,
@@ -106,9 +162,20 @@ fn io_uring_disabled_by_sysctl_is_named() {
         }
         other => panic!("expected io_uring disabled by sysctl, got {other:?}"),
     }
-    // And it works again once re-enabled.
+    let auto = auto.expect("Auto falls back to epoll");
+    let b = auto.backend();
+    assert_eq!(b.backend, floodgate::Backend::Epoll, "{b}");
+    assert!(b.reason.contains("io_uring_disabled"), "{b}");
+    let mut c = connect(auto.local_addr()).unwrap();
+    let mut conn = auto.accept().unwrap();
+    conn.write_all(b"x").unwrap();
+    let mut b1 = [0u8; 1];
+    c.read_exact(&mut b1).unwrap();
+    drop(auto);
+    // And io_uring works again once re-enabled.
     Listener::builder("127.0.0.1:0".parse().unwrap())
         .shards(1)
+        .backend(floodgate::Backend::IoUring)
         .build()
         .expect("io_uring back");
 }

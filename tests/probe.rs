@@ -3,8 +3,11 @@
 //!
 //! - `emfile`: lowers RLIMIT_NOFILE so the shard runs out of descriptors,
 //!   and reports how the engine backed off and recovered.
-//! - `seccomp`: installs a seccomp filter that makes `io_uring_setup` fail
-//!   with EPERM (as container default profiles do) and prints the error.
+//! - `seccomp ERRNO`: installs a seccomp filter that makes the three
+//!   io_uring calls fail with ERRNO (1, EPERM, as Docker's and containerd's
+//!   default profiles do; 38, ENOSYS, as Podman's), checks that a strict
+//!   io_uring listener names the error and that `Auto` serves on epoll.
+//! - `seccomp-exec ERRNO CMD ARGS..`: runs CMD under that filter.
 //! - `connect-emfile PORT SPARE TOTAL`: runs TOTAL sequences against PORT
 //!   with RLIMIT_NOFILE lowered so that only SPARE sockets fit, and reports
 //!   how the connector classified the failures and backed off.
@@ -12,13 +15,14 @@
 use std::io::{BufRead, Write};
 use std::time::Duration;
 
-use floodgate::{Error, Listener, UringUnavailable};
+use floodgate::{Error, Listener};
 
 fn main() {
     let mode = std::env::args().nth(1).unwrap_or_default();
     let code = match mode.as_str() {
         "emfile" => emfile(),
         "seccomp" => seccomp(),
+        "seccomp-exec" => seccomp_exec(),
         "connect-emfile" => connect_emfile(),
         _ => {
             eprintln!("usage: floodgate-probe emfile|seccomp|connect-emfile PORT");
@@ -118,38 +122,35 @@ fn emfile() -> i32 {
     0
 }
 
-fn seccomp() -> i32 {
+/// Installs a seccomp filter on this process that makes `io_uring_setup`,
+/// `io_uring_enter` and `io_uring_register` fail with `errno`, as Docker's
+/// and containerd's default profiles do (EPERM) and Podman's (ENOSYS).
+fn deny_io_uring(errno: u32) -> Result<(), String> {
     const SECCOMP_RET_ALLOW: u32 = 0x7fff_0000;
     const SECCOMP_RET_ERRNO: u32 = 0x0005_0000;
     let ld = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
     let jeq = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
     let ret = (libc::BPF_RET | libc::BPF_K) as u16;
+    let stmt = |code: u16, k: u32| libc::sock_filter {
+        code,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let is = |nr: libc::c_long, jt: u8| libc::sock_filter {
+        code: jeq,
+        jt,
+        jf: 0,
+        k: nr as u32,
+    };
     let mut code = [
         // A = seccomp_data.nr
-        libc::sock_filter {
-            code: ld,
-            jt: 0,
-            jf: 0,
-            k: 0,
-        },
-        libc::sock_filter {
-            code: jeq,
-            jt: 0,
-            jf: 1,
-            k: libc::SYS_io_uring_setup as u32,
-        },
-        libc::sock_filter {
-            code: ret,
-            jt: 0,
-            jf: 0,
-            k: SECCOMP_RET_ERRNO | libc::EPERM as u32,
-        },
-        libc::sock_filter {
-            code: ret,
-            jt: 0,
-            jf: 0,
-            k: SECCOMP_RET_ALLOW,
-        },
+        stmt(ld, 0),
+        is(libc::SYS_io_uring_setup, 3),
+        is(libc::SYS_io_uring_enter, 2),
+        is(libc::SYS_io_uring_register, 1),
+        stmt(ret, SECCOMP_RET_ALLOW),
+        stmt(ret, SECCOMP_RET_ERRNO | errno),
     ];
     let prog = libc::sock_fprog {
         len: code.len() as u16,
@@ -158,11 +159,14 @@ fn seccomp() -> i32 {
     // SAFETY: prctl with integer arguments; PR_SET_NO_NEW_PRIVS is required
     // for an unprivileged filter and harmless here.
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-        eprintln!("prctl(NO_NEW_PRIVS): {}", std::io::Error::last_os_error());
-        return 1;
+        return Err(format!(
+            "prctl(NO_NEW_PRIVS): {}",
+            std::io::Error::last_os_error()
+        ));
     }
     // SAFETY: `prog` and `code` outlive the call; the kernel copies the
-    // filter. It applies to this process only (a child of the test).
+    // filter. It applies to this process (a child of the test) and what it
+    // executes.
     if unsafe {
         libc::prctl(
             libc::PR_SET_SECCOMP,
@@ -173,31 +177,111 @@ fn seccomp() -> i32 {
         )
     } != 0
     {
-        eprintln!("prctl(SECCOMP): {}", std::io::Error::last_os_error());
+        return Err(format!(
+            "prctl(SECCOMP): {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+/// `seccomp ERRNO`: under the filter, a strict io_uring listener must fail
+/// with the named error; `Auto` must build on epoll, say why, and serve
+/// 10,000 connections with conservation holding. Prints
+/// `STRICT <error>` then `AUTO backend=.. reason=<..> accepted=.. delivered=.. conserved=..`.
+fn seccomp() -> i32 {
+    let errno: u32 = std::env::args()
+        .nth(2)
+        .and_then(|e| e.parse().ok())
+        .unwrap_or(libc::EPERM as u32);
+    if let Err(e) = deny_io_uring(errno) {
+        eprintln!("{e}");
         return 1;
     }
     match Listener::builder("127.0.0.1:0".parse().unwrap())
         .shards(1)
+        .backend(floodgate::Backend::IoUring)
         .build()
     {
-        Err(
-            e @ Error::UringUnavailable {
-                cause: UringUnavailable::DeniedBySandbox,
-                ..
-            },
-        ) => {
-            println!("ERROR {e}");
-            0
-        }
+        Err(e @ Error::UringUnavailable { .. }) => println!("STRICT {e}"),
         Err(e) => {
             println!("UNEXPECTED {e}");
-            1
+            return 1;
         }
         Ok(_) => {
-            println!("UNEXPECTED built a listener");
-            1
+            println!("UNEXPECTED built a strict io_uring listener");
+            return 1;
         }
     }
+    const N: u64 = 10_000;
+    let l = match Listener::builder("127.0.0.1:0".parse().unwrap())
+        .pin(false)
+        .build()
+    {
+        Ok(l) => std::sync::Arc::new(l),
+        Err(e) => {
+            println!("UNEXPECTED auto failed: {e}");
+            return 1;
+        }
+    };
+    let addr = l.local_addr();
+    let clients: Vec<_> = (0..2)
+        .map(|_| {
+            std::thread::spawn(move || {
+                for _ in 0..N / 2 {
+                    if let Ok(mut s) = std::net::TcpStream::connect(addr) {
+                        let mut b = [0u8; 1];
+                        let _ = std::io::Read::read(&mut s, &mut b);
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut delivered = 0u64;
+    while delivered < N {
+        match l.accept() {
+            Ok(mut c) => {
+                let _ = c.write_all(b"x");
+                delivered += 1;
+            }
+            Err(e) => {
+                println!("UNEXPECTED accept: {e}");
+                return 1;
+            }
+        }
+    }
+    for c in clients {
+        let _ = c.join();
+    }
+    l.shutdown();
+    let t = l.stats().total();
+    let b = l.backend();
+    println!(
+        "AUTO backend={} reason=<{}> accepted={} delivered={} conserved={}",
+        b.backend,
+        b.reason,
+        t.accepted,
+        t.delivered,
+        l.stats().conserved()
+    );
+    0
+}
+
+/// `seccomp-exec ERRNO CMD ARGS..`: runs a command under the filter.
+fn seccomp_exec() -> i32 {
+    use std::os::unix::process::CommandExt;
+    let args: Vec<String> = std::env::args().skip(2).collect();
+    let (Some(errno), Some(cmd)) = (args.first().and_then(|e| e.parse().ok()), args.get(1)) else {
+        eprintln!("usage: floodgate-probe seccomp-exec ERRNO CMD [ARGS..]");
+        return 2;
+    };
+    if let Err(e) = deny_io_uring(errno) {
+        eprintln!("{e}");
+        return 1;
+    }
+    let e = std::process::Command::new(cmd).args(&args[2..]).exec();
+    eprintln!("exec {cmd}: {e}");
+    1
 }
 
 /// Prints `DONE total=.. ok=.. exhausted=.. backoffs=.. conserved=..

@@ -205,7 +205,9 @@ fn a_peer_that_resets_in_the_ring_is_withdrawn_not_delivered() {
         // The engine checks connections that sat in the ring at least 1 ms
         // (a reset sooner is no different from one just after delivery):
         // a lower bound on the wait, which load only lengthens.
-        wait_for("it sat in the ring", || seen.elapsed() >= Duration::from_millis(2));
+        wait_for("it sat in the ring", || {
+            seen.elapsed() >= Duration::from_millis(2)
+        });
         if let Some(conn) = l.try_accept().unwrap() {
             panic!("delivered dead: peer {:?}", conn.peer_addr());
         }

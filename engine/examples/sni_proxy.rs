@@ -24,7 +24,12 @@ use std::time::Duration;
 use floodgate::conditions::Sni;
 use floodgate::{Listener, RelayOptions, Value, Verdict};
 
-type Args = (SocketAddr, HashMap<String, SocketAddr>, u64, Option<(usize, u64)>);
+type Args = (
+    SocketAddr,
+    HashMap<String, SocketAddr>,
+    u64,
+    Option<(usize, u64)>,
+);
 
 fn parse() -> Result<Args, String> {
     let mut listen = "127.0.0.1:0".parse().map_err(|e| format!("{e}"))?;

@@ -220,6 +220,7 @@ pub struct Listener {
     pub(crate) inline: bool,
     pub(crate) next: AtomicUsize,
     pub(crate) setup: RingSetup,
+    pub(crate) backend: Option<crate::driver::BackendChoice>,
     pub(crate) pending_timeout: Duration,
 }
 
@@ -248,6 +249,18 @@ impl Listener {
     /// How the shards' rings were set up (the same for all).
     pub fn ring_setup(&self) -> RingSetup {
         self.setup
+    }
+
+    /// The backend the shards run on, and why it was chosen ("asked for",
+    /// "io_uring available", or the refusal that made `Auto` fall back to
+    /// epoll).
+    pub fn backend(&self) -> crate::driver::BackendChoice {
+        self.backend
+            .clone()
+            .unwrap_or(crate::driver::BackendChoice {
+                backend: crate::driver::Backend::IoUring,
+                reason: "no shard started".into(),
+            })
     }
 
     /// Takes the next pending connection from any shard, without waiting.

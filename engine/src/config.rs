@@ -80,6 +80,7 @@ pub struct ListenerBuilder {
     backlog: usize,
     ceiling: Option<usize>,
     pin: bool,
+    backend: crate::driver::Backend,
     steering: Steering,
     handler: Option<Arc<Handler>>,
     condition: Option<Arc<dyn Condition>>,
@@ -128,6 +129,7 @@ impl ListenerBuilder {
             backlog: DEFAULT_BACKLOG,
             ceiling: None,
             pin: true,
+            backend: crate::driver::Backend::Auto,
             steering: Steering::Cpu,
             handler: None,
             condition: None,
@@ -327,6 +329,14 @@ impl ListenerBuilder {
         self
     }
 
+    /// Which backend runs the shards (default [`Backend::Auto`](crate::Backend::Auto):
+    /// io_uring, or epoll where io_uring is denied; the choice and its
+    /// reason are in [`Listener::backend`](crate::Listener::backend)).
+    pub fn backend(mut self, b: crate::driver::Backend) -> Self {
+        self.backend = b;
+        self
+    }
+
     /// Pin shard `k` to core `k` (default on).
     pub fn pin(mut self, on: bool) -> Self {
         self.pin = on;
@@ -512,6 +522,7 @@ impl ListenerBuilder {
         let mut shards = Vec::with_capacity(n);
         let mut threads = Vec::with_capacity(n);
         let mut setup = None;
+        let mut backend = None;
         for (k, socket) in sockets.into_iter().enumerate() {
             let socket = Arc::new(socket);
             let started = ShardControl::new().and_then(|control| {
@@ -536,6 +547,7 @@ impl ListenerBuilder {
                 let placement = Placement {
                     index: k,
                     core: placements[k],
+                    backend: self.backend,
                 };
                 shard::spawn("floodgate", placement, control, acceptor).map(|(h, s)| (shared, h, s))
             });
@@ -543,7 +555,8 @@ impl ListenerBuilder {
                 Ok((shared, handle, s)) => {
                     shards.push(shared);
                     threads.push(handle);
-                    setup.get_or_insert(s);
+                    backend.get_or_insert(s.backend);
+                    setup.get_or_insert(s.setup);
                 }
                 Err(e) => {
                     // Stop what already runs; the rest of the sockets close
@@ -557,6 +570,7 @@ impl ListenerBuilder {
                         inline: self.handler.is_some(),
                         next: AtomicUsize::new(0),
                         setup: setup.unwrap_or_default(),
+                        backend: backend.clone(),
                         pending_timeout: self.pending_timeout,
                     };
                     partial.shutdown();
@@ -573,6 +587,7 @@ impl ListenerBuilder {
             inline: self.handler.is_some(),
             next: AtomicUsize::new(0),
             setup: setup.unwrap_or_default(),
+            backend,
             pending_timeout: self.pending_timeout,
         })
     }

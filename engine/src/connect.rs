@@ -2371,6 +2371,7 @@ impl Dialer {
 pub struct ConnectorBuilder {
     shards: Option<usize>,
     pin: bool,
+    backend: crate::driver::Backend,
     cores: Option<Vec<usize>>,
     sources: Vec<IpAddr>,
     timeout: Option<Duration>,
@@ -2383,6 +2384,7 @@ impl std::fmt::Debug for ConnectorBuilder {
         f.debug_struct("ConnectorBuilder")
             .field("shards", &self.shards)
             .field("pin", &self.pin)
+            .field("backend", &self.backend)
             .field("cores", &self.cores)
             .field("sources", &self.sources)
             .field("timeout", &self.timeout)
@@ -2397,6 +2399,7 @@ impl ConnectorBuilder {
         ConnectorBuilder {
             shards: None,
             pin: true,
+            backend: crate::driver::Backend::Auto,
             cores: None,
             sources: Vec::new(),
             timeout: Some(DEFAULT_CONNECT_TIMEOUT),
@@ -2421,6 +2424,13 @@ impl ConnectorBuilder {
     /// Number of shards. Default: one per core this process may run on.
     pub fn shards(mut self, n: usize) -> Self {
         self.shards = Some(n);
+        self
+    }
+
+    /// Which backend runs the shards (default [`Backend::Auto`](crate::Backend::Auto):
+    /// io_uring, or epoll where io_uring is denied).
+    pub fn backend(mut self, b: crate::driver::Backend) -> Self {
+        self.backend = b;
         self
     }
 
@@ -2536,6 +2546,7 @@ impl ConnectorBuilder {
             next_ticket: AtomicU64::new(1),
             run_lock: Mutex::new(()),
             setup: RingSetup::default(),
+            backend: None,
         };
         for (k, core) in placements.into_iter().enumerate() {
             let control = Arc::new(ShardControl::new()?);
@@ -2568,15 +2579,20 @@ impl ConnectorBuilder {
                 cap: None,
                 cap_successes: 0,
             };
-            let placement = Placement { index: k, core };
+            let placement = Placement {
+                index: k,
+                core,
+                backend: self.backend,
+            };
             match shard::spawn("floodgate-connect", placement, control, dialer) {
-                Ok((handle, setup)) => {
+                Ok((handle, started)) => {
                     connector.shards.push(shared);
                     if let Ok(mut t) = connector.threads.lock() {
                         t.push(handle);
                     }
                     if k == 0 {
-                        connector.setup = setup;
+                        connector.setup = started.setup;
+                        connector.backend = Some(started.backend);
                     }
                 }
                 Err(e) => {
@@ -2635,6 +2651,7 @@ pub struct Connector {
     next_ticket: AtomicU64,
     run_lock: Mutex<()>,
     setup: RingSetup,
+    backend: Option<crate::driver::BackendChoice>,
 }
 
 impl Connector {
@@ -2651,6 +2668,16 @@ impl Connector {
     /// How the shards' rings were set up.
     pub fn ring_setup(&self) -> RingSetup {
         self.setup
+    }
+
+    /// The backend the shards run on, and why it was chosen.
+    pub fn backend(&self) -> crate::driver::BackendChoice {
+        self.backend
+            .clone()
+            .unwrap_or(crate::driver::BackendChoice {
+                backend: crate::driver::Backend::IoUring,
+                reason: "no shard started".into(),
+            })
     }
 
     fn closed(&self) -> bool {

@@ -73,6 +73,8 @@ mod config;
 mod conn;
 mod connect;
 mod context;
+#[allow(unsafe_code)]
+mod driver;
 mod error;
 mod qos;
 mod register;
@@ -104,6 +106,7 @@ pub use connect::{
     MAX_IN_FLIGHT_PER_SHARD,
 };
 pub use context::ShardContext;
+pub use driver::{Backend, BackendChoice, RingSetup, BACKEND_ENV};
 pub use error::ConnectErrorKind;
 pub use error::{ConfigError, Error, UringUnavailable};
 pub use qos::Qos;
@@ -117,4 +120,3 @@ pub use shard::Coalesce;
 pub use stats::{
     Backoffs, KernelQueue, ListenerStats, Rejected, RelayStats, ShardStats, Withdrawn,
 };
-pub use sys::RingSetup;

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use crate::driver::{Backend, BackendChoice};
 use crate::error::Error;
 use crate::sys::{self, Cqe, RingSetup, Uring};
 
@@ -225,6 +226,15 @@ impl Default for Coalesce {
 pub(crate) struct Placement {
     pub index: usize,
     pub core: Option<core_affinity::CoreId>,
+    /// The backend asked for.
+    pub backend: Backend,
+}
+
+/// What a started shard runs on.
+#[derive(Debug, Clone)]
+pub(crate) struct Started {
+    pub setup: RingSetup,
+    pub backend: BackendChoice,
 }
 
 /// Starts a shard thread running `service` and waits until its ring is set
@@ -235,8 +245,8 @@ pub(crate) fn spawn<S: Service>(
     placement: Placement,
     control: Arc<ShardControl>,
     service: S,
-) -> Result<(JoinHandle<()>, RingSetup), Error> {
-    let (tx, rx) = mpsc::sync_channel::<Result<RingSetup, Error>>(1);
+) -> Result<(JoinHandle<()>, Started), Error> {
+    let (tx, rx) = mpsc::sync_channel::<Result<Started, Error>>(1);
     let handle = std::thread::Builder::new()
         .name(format!("{name}-{}", placement.index))
         .spawn(move || {
@@ -245,10 +255,15 @@ pub(crate) fn spawn<S: Service>(
                 // unpinned; steering still works, only locality is lost.
                 let _ = core_affinity::set_for_current(core);
             }
-            let mut ring = match Uring::new(RING_ENTRIES) {
+            let (mut ring, choice) = match Uring::new(RING_ENTRIES, placement.backend) {
                 Ok(r) => r,
                 Err(e) => {
-                    let _ = tx.send(Err(Error::setup("io_uring_setup", e)));
+                    let op = if placement.backend == Backend::Epoll {
+                        "epoll_create1"
+                    } else {
+                        "io_uring_setup"
+                    };
+                    let _ = tx.send(Err(Error::setup(op, e)));
                     return;
                 }
             };
@@ -263,13 +278,16 @@ pub(crate) fn spawn<S: Service>(
                 let _ = tx.send(Err(Error::setup("io_uring submit", e)));
                 return;
             }
-            let _ = tx.send(Ok(ring.setup()));
+            let _ = tx.send(Ok(Started {
+                setup: ring.setup(),
+                backend: choice,
+            }));
             run(&mut ring, &control, &mut service);
             service.finish();
         })
         .map_err(|e| Error::setup("thread spawn", e))?;
     match rx.recv() {
-        Ok(Ok(setup)) => Ok((handle, setup)),
+        Ok(Ok(started)) => Ok((handle, started)),
         Ok(Err(e)) => {
             let _ = handle.join();
             Err(e)

@@ -82,11 +82,14 @@ pub fn main(a: DemoArgs) -> Result<ExitCode, String> {
         .map_err(|e| format!("cannot start the connector: {e}"))?;
     crate::emit(&format!(
         "flood demo: engine on {target} ({} shards, backlog {}), flooding it for {:.1} s \
-         from 127.0.0.2-127.0.0.17, {} in flight; {REFUSED_SOURCE} is refused",
+         from 127.0.0.2-127.0.0.17, {} in flight; {REFUSED_SOURCE} is refused\n\
+         flood demo: backend: engine {}, client {}",
         listener.shards(),
         listener.backlog().effective,
         a.duration.as_secs_f64(),
-        a.concurrency
+        a.concurrency,
+        listener.backend(),
+        connector.backend()
     ));
     let plan = SequencePlan::new(target)
         .concurrency(a.concurrency as usize)

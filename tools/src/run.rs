@@ -2,6 +2,7 @@
 //! close) run on the connector's shards, on their rings; this thread only
 //! draws the progress bar and reports.
 
+use std::io::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -367,6 +368,12 @@ pub fn main(a: RunArgs) -> Result<ExitCode, String> {
     let connector = builder
         .build()
         .map_err(|e| format!("cannot start the connector: {e}"))?;
+    // On stderr: stdout may be --json.
+    let _ = writeln!(
+        std::io::stderr(),
+        "flood run: backend {}",
+        connector.backend()
+    );
     let plan = a.plan();
     if !a.warmup.is_zero() {
         execute(&connector, &a.base_plan().duration(a.warmup), "warm-up")?;

@@ -83,6 +83,9 @@ pub struct ServeArgs {
 pub struct ServeStats {
     /// The address it listened on.
     pub listen: String,
+    /// The backend its shards ran on, and why (`epoll (io_uring_setup
+    /// denied (EPERM): …)`).
+    pub backend: String,
     /// Shards.
     pub shards: usize,
     /// Connections taken from the kernel.
@@ -172,6 +175,7 @@ pub fn final_stats(
     (
         ServeStats {
             listen: listener.local_addr().to_string(),
+            backend: listener.backend().to_string(),
             shards: listener.shards(),
             accepted: t.accepted,
             delivered: t.delivered,
@@ -210,6 +214,12 @@ pub fn main(a: ServeArgs) -> Result<ExitCode, String> {
         let _ = writeln!(out, "LISTENING {}", listener.local_addr());
         let _ = out.flush();
     }
+    // A closed stderr is not a reason to stop serving.
+    let _ = writeln!(
+        std::io::stderr(),
+        "flood serve: backend {}",
+        listener.backend()
+    );
     if a.exit_on_eof {
         let stop = stop.clone();
         std::thread::spawn(move || {

@@ -645,3 +645,74 @@ fn a_closed_stderr_is_not_a_crash() {
     let status = child.wait().expect("wait flood serve");
     assert!(status.success(), "flood serve exited with {status}");
 }
+
+/// Installs, in a child about to exec, a seccomp filter that makes the
+/// three io_uring calls fail with `errno`, as container default profiles do.
+fn deny_io_uring_in_child(cmd: &mut Command, errno: u32) {
+    use std::os::unix::process::CommandExt;
+    const SECCOMP_RET_ALLOW: u32 = 0x7fff_0000;
+    const SECCOMP_RET_ERRNO: u32 = 0x0005_0000;
+    let ld = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+    let jeq = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+    let ret = (libc::BPF_RET | libc::BPF_K) as u16;
+    let f = |code: u16, jt: u8, k: u32| libc::sock_filter { code, jt, jf: 0, k };
+    let code = [
+        f(ld, 0, 0),
+        f(jeq, 3, libc::SYS_io_uring_setup as u32),
+        f(jeq, 2, libc::SYS_io_uring_enter as u32),
+        f(jeq, 1, libc::SYS_io_uring_register as u32),
+        f(ret, 0, SECCOMP_RET_ALLOW),
+        f(ret, 0, SECCOMP_RET_ERRNO | errno),
+    ];
+    // SAFETY: the closure runs in the forked child before exec and makes
+    // only two prctl syscalls (async-signal-safe) on data it owns.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut code = code;
+            let prog = libc::sock_fprog {
+                len: code.len() as u16,
+                filter: code.as_mut_ptr(),
+            };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER,
+                    &prog as *const _,
+                    0,
+                    0,
+                ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+#[test]
+fn demo_completes_on_epoll_under_container_seccomp_profiles() {
+    for (errno, cause) in [
+        (libc::EPERM as u32, "EPERM"),
+        (libc::ENOSYS as u32, "ENOSYS"),
+    ] {
+        let mut cmd = Command::new(FLOOD);
+        cmd.args(["demo", "--duration", "500ms"]);
+        deny_io_uring_in_child(&mut cmd, errno);
+        let out = cmd.output().expect("run flood demo");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let line = text
+            .lines()
+            .find(|l| l.contains("backend:"))
+            .unwrap_or_else(|| panic!("no backend line: {text}"));
+        assert!(
+            line.contains("engine epoll") && line.contains(cause),
+            "{line}"
+        );
+        assert!(text.contains("-> holds"), "conservation: {text}");
+    }
+}

@@ -294,6 +294,13 @@ fn goals(t: &Table) -> Vec<Value> {
         true,
     );
     check(
+        "saturated server µs/conn, epoll backend vs epoll loop with MSG_MORE",
+        get(t, "saturated", "floodgate_epoll").map(|f| f.server_us),
+        get(t, "saturated", "epoll_msg_more").map(|f| ("epoll_msg_more", f.server_us)),
+        1.05,
+        true,
+    );
+    check(
         "saturated server µs/conn, trivial condition vs none",
         get(t, "saturated", "floodgate_trivial").map(|f| f.server_us),
         get(t, "saturated", "floodgate_handler").map(|f| ("floodgate_handler", f.server_us)),
@@ -309,6 +316,7 @@ fn main() -> ExitCode {
     let mut servers = vec![
         Server::peer(b, "peer_std", "peer_std", &[]),
         Server::peer(b, "peer_epoll", "peer_epoll", &[]),
+        Server::peer(b, "epoll_msg_more", "peer_epoll", &["--msg-more"]),
         Server::peer(b, "peer_tokio", "peer_tokio", &[]),
         Server::peer(b, "peer_uring", "peer_uring", &[]),
         Server::peer(
@@ -340,6 +348,12 @@ fn main() -> ExitCode {
         "floodgate_handler",
         "peer_floodgate",
         &["--mode", "handler"],
+    ));
+    servers.push(Server::peer(
+        b,
+        "floodgate_epoll",
+        "peer_floodgate",
+        &["--mode", "handler", "--backend", "epoll"],
     ));
     servers.push(Server::peer(
         b,

@@ -20,6 +20,12 @@ const LISTENER: Token = Token(0);
 struct Cli {
     #[command(flatten)]
     peer: PeerArgs,
+
+    /// Send the byte with MSG_MORE, so it leaves in the same segment as the
+    /// FIN of the close that follows (the lever Floodgate's reply-and-close
+    /// uses).
+    #[arg(long)]
+    msg_more: bool,
 }
 
 fn main() {
@@ -52,16 +58,20 @@ fn main() {
         }
         for event in events.iter() {
             if event.token() == LISTENER {
-                drain_accept(&listener);
+                drain_accept(&listener, cli.msg_more);
             }
         }
     }
 }
 
 /// Accepts until `WouldBlock` (mio registers edge-triggered), replying to each connection.
-fn drain_accept(listener: &TcpListener) {
+fn drain_accept(listener: &TcpListener, msg_more: bool) {
     loop {
         match listener.accept() {
+            Ok((mut stream, _)) if msg_more => {
+                let _ = socket2::SockRef::from(&stream).send_with_flags(REPLY, libc::MSG_MORE);
+                let _ = stream.flush();
+            }
             Ok((mut stream, _)) => {
                 // One byte into an empty send buffer: succeeds unless the peer is gone.
                 let _ = stream.write(REPLY);

@@ -61,6 +61,17 @@ struct Cli {
     /// (`ListenerBuilder::replies_at_once`).
     #[arg(long)]
     replies_at_once: bool,
+
+    /// The engine's backend.
+    #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
+    backend: BackendArg,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum BackendArg {
+    Auto,
+    IoUring,
+    Epoll,
 }
 
 fn trivial(_req: &ConnectRequest<'_>) -> Verdict {
@@ -84,7 +95,12 @@ fn main() {
         .pin(false)
         .backlog(backlog)
         .coalesce(cli.coalesce.then(Coalesce::default))
-        .replies_at_once(cli.replies_at_once);
+        .replies_at_once(cli.replies_at_once)
+        .backend(match cli.backend {
+            BackendArg::Auto => floodgate::Backend::Auto,
+            BackendArg::IoUring => floodgate::Backend::IoUring,
+            BackendArg::Epoll => floodgate::Backend::Epoll,
+        });
     if cli.condition == Cond::Trivial {
         builder = builder.condition(trivial);
     }
