@@ -29,7 +29,7 @@ use std::mem::size_of;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Instant;
 
-use super::{Cqe, Desc, Op, OpMemory, F_MORE};
+use super::{Cqe, Desc, KeyMap, Op, OpMemory, F_MORE};
 
 /// Connections one multishot accept takes per turn before the turn runs
 /// (HAProxy's `tune.maxaccept` is 64 per wake-up too).
@@ -105,11 +105,13 @@ pub(crate) struct Epoll {
     sq: Vec<(u64, Op, bool)>,
     cq: VecDeque<Cqe>,
     next_id: u64,
-    nodes: HashMap<u64, Node>,
-    /// Ids of the nodes with each user data, oldest first (a cancel takes
-    /// the first, as io_uring's does).
-    by_ud: HashMap<u64, Vec<u64>>,
-    fds: HashMap<RawFd, FdState>,
+    nodes: KeyMap<Node>,
+    /// The id of the oldest node with each user data, for a cancel (which
+    /// takes the first, as io_uring's does). Later nodes with the same
+    /// user data (the engine's cancels all share one) are not listed: no
+    /// one cancels them.
+    by_ud: KeyMap<u64>,
+    fds: HashMap<RawFd, FdState, std::hash::BuildHasherDefault<super::KeyHasher>>,
     timers: BinaryHeap<Reverse<(Instant, u64)>>,
     /// Listening sockets whose accept ran out of budget: tried again
     /// before the next wait, which then does not sleep.
@@ -130,9 +132,9 @@ impl Epoll {
             sq: Vec::new(),
             cq: VecDeque::new(),
             next_id: 0,
-            nodes: HashMap::new(),
-            by_ud: HashMap::new(),
-            fds: HashMap::new(),
+            nodes: KeyMap::default(),
+            by_ud: KeyMap::default(),
+            fds: HashMap::default(),
             timers: BinaryHeap::new(),
             ready: Vec::new(),
             events: vec![libc::epoll_event { events: 0, u64: 0 }; 256],
@@ -146,7 +148,7 @@ impl Epoll {
     }
 
     /// Links and starts everything posted since the last submit.
-    pub fn submit(&mut self, mem: &mut HashMap<u64, OpMemory>) -> io::Result<usize> {
+    pub fn submit(&mut self, mem: &mut KeyMap<OpMemory>) -> io::Result<usize> {
         let sq = std::mem::take(&mut self.sq);
         let n = sq.len();
         let mut heads = Vec::new();
@@ -195,7 +197,7 @@ impl Epoll {
                     pred = link.then_some(id);
                 }
             }
-            self.by_ud.entry(ud).or_default().push(id);
+            self.by_ud.entry(ud).or_insert(id);
             self.nodes.insert(id, node);
         }
         for id in heads {
@@ -208,7 +210,7 @@ impl Epoll {
     pub fn submit_and_wait(
         &mut self,
         want: usize,
-        mem: &mut HashMap<u64, OpMemory>,
+        mem: &mut KeyMap<OpMemory>,
     ) -> io::Result<()> {
         self.submit(mem)?;
         loop {
@@ -278,7 +280,7 @@ impl Epoll {
     }
 
     /// Fires every timer due at `now`.
-    fn expire(&mut self, now: Instant, mem: &mut HashMap<u64, OpMemory>) {
+    fn expire(&mut self, now: Instant, mem: &mut KeyMap<OpMemory>) {
         while let Some(at) = self.next_deadline() {
             if at > now {
                 return;
@@ -310,11 +312,8 @@ impl Epoll {
     /// Removes node `id` from the tables (not from a descriptor's list).
     fn take_node(&mut self, id: &u64) -> Option<Node> {
         let node = self.nodes.remove(id)?;
-        if let Some(ids) = self.by_ud.get_mut(&node.ud) {
-            ids.retain(|i| i != id);
-            if ids.is_empty() {
-                self.by_ud.remove(&node.ud);
-            }
+        if self.by_ud.get(&node.ud) == Some(id) {
+            self.by_ud.remove(&node.ud);
         }
         Some(node)
     }
@@ -331,7 +330,7 @@ impl Epoll {
     }
 
     /// Starts operation `ud`: tries it, and completes it or parks it.
-    fn start(&mut self, ud: u64, mem: &mut HashMap<u64, OpMemory>) {
+    fn start(&mut self, ud: u64, mem: &mut KeyMap<OpMemory>) {
         let Some(node) = self.nodes.get(&ud) else {
             return;
         };
@@ -345,7 +344,7 @@ impl Epoll {
             }
         }
         if let Some(Op::Cancel { target }) = self.nodes.get(&ud).map(|n| n.op.clone()) {
-            let first = self.by_ud.get(&target).and_then(|ids| ids.first().copied());
+            let first = self.by_ud.get(&target).copied();
             let res = match first.and_then(|id| self.unlink(id)) {
                 Some(t) if t.guards.is_none() => {
                     let id = first.unwrap_or_default();
@@ -375,7 +374,7 @@ impl Epoll {
     }
 
     /// Tries the syscall of started operation `ud` once more.
-    fn attempt(&mut self, ud: u64, mem: &mut HashMap<u64, OpMemory>) {
+    fn attempt(&mut self, ud: u64, mem: &mut KeyMap<OpMemory>) {
         let outcome = self.try_op(ud, mem);
         match outcome {
             Try::Done(res) => {
@@ -436,7 +435,7 @@ impl Epoll {
                 // operation would.
                 st.waiting.retain(|w| *w != ud);
                 if let Some(node) = self.take_node(&ud) {
-                    let mut none = HashMap::new();
+                    let mut none = KeyMap::default();
                     self.finish(ud, node, -errno(&e), 0, &mut none);
                 }
             }
@@ -444,7 +443,7 @@ impl Epoll {
     }
 
     /// `fd` is ready for `bits`: try again what waits on it for them.
-    fn readiness(&mut self, fd: RawFd, bits: u32, mem: &mut HashMap<u64, OpMemory>) {
+    fn readiness(&mut self, fd: RawFd, bits: u32, mem: &mut KeyMap<OpMemory>) {
         let Some(st) = self.fds.get_mut(&fd) else {
             return;
         };
@@ -488,7 +487,7 @@ impl Epoll {
         node: Node,
         res: i32,
         flags: u32,
-        mem: &mut HashMap<u64, OpMemory>,
+        mem: &mut KeyMap<OpMemory>,
     ) {
         if let (Some(f), Op::Connect { desc: Desc::Fd(fd) }) = (node.restore_flags, &node.op) {
             // SAFETY: fcntl on a descriptor number with an integer argument.
@@ -523,14 +522,14 @@ impl Epoll {
     }
 
     /// Completes `ud` and everything linked after it with -ECANCELED.
-    fn cancel_chain(&mut self, ud: u64, mem: &mut HashMap<u64, OpMemory>) {
+    fn cancel_chain(&mut self, ud: u64, mem: &mut KeyMap<OpMemory>) {
         if let Some(node) = self.unlink(ud) {
             self.finish(ud, node, -libc::ECANCELED, 0, mem);
         }
     }
 
     /// One non-blocking try of operation `ud`'s syscall.
-    fn try_op(&mut self, ud: u64, mem: &mut HashMap<u64, OpMemory>) -> Try {
+    fn try_op(&mut self, ud: u64, mem: &mut KeyMap<OpMemory>) -> Try {
         let Some(node) = self.nodes.get_mut(&ud) else {
             return Try::Done(-libc::ECANCELED);
         };

@@ -25,6 +25,31 @@ use std::time::Duration;
 pub(crate) mod epoll;
 pub(crate) mod uring;
 
+/// A hasher for the driver's u64 keys (user data, node ids): one multiply
+/// (Fibonacci hashing) instead of SipHash, on maps touched several times
+/// per connection. Keys are the engine's own, not an attacker's.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (n ^ (n >> 29)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+/// A map keyed by u64 with [`KeyHasher`].
+pub(crate) type KeyMap<V> = HashMap<u64, V, std::hash::BuildHasherDefault<KeyHasher>>;
+
 /// `IORING_CQE_F_MORE`: more completions follow for a multishot operation.
 /// The epoll backend sets the same bit.
 pub(crate) const F_MORE: u32 = 1 << 1;
@@ -211,7 +236,7 @@ pub(crate) struct Driver {
     imp: Imp,
     /// Memory referenced by in-flight operations, by user data. An entry is
     /// removed only by [`Driver::release`] after the operation's final CQE.
-    memory: HashMap<u64, OpMemory>,
+    memory: KeyMap<OpMemory>,
 }
 
 impl std::fmt::Debug for Driver {
@@ -308,7 +333,7 @@ impl Driver {
     fn with(imp: Imp) -> Self {
         Driver {
             imp,
-            memory: HashMap::new(),
+            memory: KeyMap::default(),
         }
     }
 
