@@ -257,10 +257,7 @@ impl Listener {
     pub fn backend(&self) -> crate::driver::BackendChoice {
         self.backend
             .clone()
-            .unwrap_or(crate::driver::BackendChoice {
-                backend: crate::driver::Backend::IoUring,
-                reason: "no shard started".into(),
-            })
+            .unwrap_or_else(crate::driver::BackendChoice::none_started)
     }
 
     /// Takes the next pending connection from any shard, without waiting.

@@ -2674,10 +2674,7 @@ impl Connector {
     pub fn backend(&self) -> crate::driver::BackendChoice {
         self.backend
             .clone()
-            .unwrap_or(crate::driver::BackendChoice {
-                backend: crate::driver::Backend::IoUring,
-                reason: "no shard started".into(),
-            })
+            .unwrap_or_else(crate::driver::BackendChoice::none_started)
     }
 
     fn closed(&self) -> bool {

@@ -207,11 +207,7 @@ impl Epoll {
     }
 
     /// Submits, then waits until at least `want` completions are queued.
-    pub fn submit_and_wait(
-        &mut self,
-        want: usize,
-        mem: &mut KeyMap<OpMemory>,
-    ) -> io::Result<()> {
+    pub fn submit_and_wait(&mut self, want: usize, mem: &mut KeyMap<OpMemory>) -> io::Result<()> {
         self.submit(mem)?;
         loop {
             let now = Instant::now();
@@ -481,14 +477,7 @@ impl Epoll {
 
     /// Completes `ud` with `res`, then starts its successor (on success) or
     /// cancels the rest of its chain.
-    fn finish(
-        &mut self,
-        ud: u64,
-        node: Node,
-        res: i32,
-        flags: u32,
-        mem: &mut KeyMap<OpMemory>,
-    ) {
+    fn finish(&mut self, ud: u64, node: Node, res: i32, flags: u32, mem: &mut KeyMap<OpMemory>) {
         if let (Some(f), Op::Connect { desc: Desc::Fd(fd) }) = (node.restore_flags, &node.op) {
             // SAFETY: fcntl on a descriptor number with an integer argument.
             let _ = unsafe { libc::fcntl(*fd, libc::F_SETFL, f) };

@@ -120,6 +120,16 @@ pub struct BackendChoice {
     pub reason: String,
 }
 
+impl BackendChoice {
+    /// What a listener or connector reports when no shard started.
+    pub(crate) fn none_started() -> Self {
+        BackendChoice {
+            backend: Backend::IoUring,
+            reason: "no shard started".into(),
+        }
+    }
+}
+
 impl std::fmt::Display for BackendChoice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} ({})", self.backend, self.reason)
