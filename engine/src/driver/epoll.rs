@@ -117,6 +117,10 @@ pub(crate) struct Epoll {
     /// before the next wait, which then does not sleep.
     ready: Vec<RawFd>,
     events: Vec<libc::epoll_event>,
+    /// Spare vectors, reused each turn instead of reallocated.
+    spare_sq: Vec<(u64, Op, bool)>,
+    spare_ids: Vec<u64>,
+    spare_wait: Vec<u64>,
 }
 
 impl Epoll {
@@ -138,6 +142,9 @@ impl Epoll {
             timers: BinaryHeap::new(),
             ready: Vec::new(),
             events: vec![libc::epoll_event { events: 0, u64: 0 }; 256],
+            spare_sq: Vec::new(),
+            spare_ids: Vec::new(),
+            spare_wait: Vec::new(),
         })
     }
 
@@ -149,11 +156,12 @@ impl Epoll {
 
     /// Links and starts everything posted since the last submit.
     pub fn submit(&mut self, mem: &mut KeyMap<OpMemory>) -> io::Result<usize> {
-        let sq = std::mem::take(&mut self.sq);
+        let mut sq = std::mem::replace(&mut self.sq, std::mem::take(&mut self.spare_sq));
         let n = sq.len();
-        let mut heads = Vec::new();
+        let mut heads = std::mem::take(&mut self.spare_ids);
+        heads.clear();
         let mut pred: Option<u64> = None;
-        for (ud, op, link) in sq {
+        for (ud, op, link) in sq.drain(..) {
             let id = self.next_id;
             self.next_id += 1;
             let is_lt = matches!(op, Op::LinkTimeout { .. });
@@ -200,9 +208,11 @@ impl Epoll {
             self.by_ud.entry(ud).or_insert(id);
             self.nodes.insert(id, node);
         }
-        for id in heads {
+        self.spare_sq = sq;
+        for &id in &heads {
             self.start(id, mem);
         }
+        self.spare_ids = heads;
         Ok(n)
     }
 
@@ -443,8 +453,9 @@ impl Epoll {
         let Some(st) = self.fds.get_mut(&fd) else {
             return;
         };
-        let waiting = std::mem::take(&mut st.waiting);
-        for ud in waiting {
+        let spare = std::mem::take(&mut self.spare_wait);
+        let mut waiting = std::mem::replace(&mut st.waiting, spare);
+        for &ud in &waiting {
             let Some(node) = self.nodes.get(&ud) else {
                 continue;
             };
@@ -473,6 +484,8 @@ impl Epoll {
             self.fds.entry(fd).or_default().waiting.push(ud);
             self.attempt(ud, mem);
         }
+        waiting.clear();
+        self.spare_wait = waiting;
     }
 
     /// Completes `ud` with `res`, then starts its successor (on success) or
