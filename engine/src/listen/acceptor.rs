@@ -18,15 +18,15 @@ use std::time::{Duration, Instant};
 
 use socket2::Socket;
 
-use crate::accept::{Delivery, ShardShared};
 use crate::admit::{Admission, AdmissionConfig};
-use crate::backlog::Pending;
-use crate::conn::Admitted;
-use crate::context::{Replies, ShardContext};
+use crate::driver::sys::{self, Cqe, Uring};
+use crate::listen::accept::{Delivery, ShardShared};
+use crate::listen::backlog::Pending;
+use crate::listen::conn::Admitted;
+use crate::relay::context::{Replies, ShardContext};
 use crate::relay::Relays;
 use crate::shard::{user_data, Coalesce, Service, Tag};
 use crate::stats::Counters;
-use crate::sys::{self, Cqe, Uring};
 
 /// First backoff after a resource-exhaustion error.
 pub(crate) const MIN_BACKOFF: Duration = Duration::from_millis(1);
@@ -105,7 +105,7 @@ pub(crate) struct Acceptor {
     coalesce: Option<Coalesce>,
     accepted_this_turn: usize,
     /// Event registrations, when the listener declares them.
-    registry: Option<crate::register::Registry>,
+    registry: Option<crate::admit::register::Registry>,
     /// Older connections are withdrawn at the head of the ring.
     pending_timeout: Duration,
 }
@@ -162,8 +162,8 @@ impl Acceptor {
     }
 
     /// Registers admitted connections for the listener's declared events.
-    pub fn with_registration(mut self, r: Option<crate::register::Registration>) -> Self {
-        self.registry = r.map(|r| crate::register::Registry::new(r, self.index));
+    pub fn with_registration(mut self, r: Option<crate::admit::register::Registration>) -> Self {
+        self.registry = r.map(|r| crate::admit::register::Registry::new(r, self.index));
         self
     }
 
@@ -506,7 +506,7 @@ impl Service for Acceptor {
             && self
                 .registry
                 .as_ref()
-                .map_or(true, crate::register::Registry::idle)
+                .map_or(true, crate::admit::register::Registry::idle)
             && self.admission.as_ref().map_or(true, Admission::idle)
     }
 

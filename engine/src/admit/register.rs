@@ -41,11 +41,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::backlog::Pending;
-use crate::conn::Admitted;
+use crate::driver::sys::{Cqe, Uring};
+use crate::listen::backlog::Pending;
+use crate::listen::conn::Admitted;
 use crate::shard::{user_data, Tag};
 use crate::stats::Counters;
-use crate::sys::{Cqe, Uring};
 
 const POLLIN: u32 = libc::POLLIN as u32;
 const POLLOUT: u32 = libc::POLLOUT as u32;

@@ -3,10 +3,10 @@
 use std::io;
 use std::os::fd::OwnedFd;
 
-use crate::conn::Admitted;
+use crate::driver::sys::{Cqe, Uring};
+use crate::listen::conn::Admitted;
 use crate::relay::{OnEnd, RelayOptions, RelayOutcome, Relays};
 use crate::shard::{user_data, Tag};
-use crate::sys::{Cqe, Uring};
 
 /// The shard an inline handler runs on, and its io_uring.
 ///
@@ -203,7 +203,7 @@ impl<'a> ShardContext<'a> {
     /// As [`ShardContext::reply_and_close`].
     pub fn drain_reply_and_close(&mut self, conn: Admitted, reply: &[u8]) -> io::Result<()> {
         use std::os::fd::AsFd;
-        crate::sys::discard_now(conn.as_fd());
+        crate::driver::sys::discard_now(conn.as_fd());
         self.reply_and_close(conn, reply)
     }
 }

@@ -10,7 +10,6 @@
 //!   anything else can fail;
 //! - the few socket options and calls that socket2 lacks (a reuseport cBPF
 //!   program, `TCP_INFO` of a listener, `TCP_SAVED_SYN`, `poll(2)`).
-#![allow(unsafe_code)]
 // Operations for admission (peek, poll, saved SYN) and the connect side are
 // used as those land; until then some are not called.
 #![allow(dead_code)]

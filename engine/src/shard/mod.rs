@@ -14,9 +14,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use crate::driver::sys::{self, Cqe, RingSetup, Uring};
 use crate::driver::{Backend, BackendChoice};
 use crate::error::Error;
-use crate::sys::{self, Cqe, RingSetup, Uring};
 
 /// Submission-queue slots per shard ring.
 const RING_ENTRIES: u32 = 256;

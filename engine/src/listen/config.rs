@@ -9,16 +9,16 @@ use std::sync::{Arc, Mutex};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::accept::{BacklogLength, Delivery, Listener, ShardShared};
-use crate::acceptor::{Acceptor, Handler};
+use crate::admit::attrs::SocketAttrs;
+use crate::admit::condition::Condition;
 use crate::admit::AdmissionConfig;
-use crate::attrs::SocketAttrs;
-use crate::condition::Condition;
-use crate::conn::Admitted;
-use crate::context::ShardContext;
+use crate::driver::sys;
 use crate::error::{ConfigError, Error};
+use crate::listen::accept::{BacklogLength, Delivery, Listener, ShardShared};
+use crate::listen::acceptor::{Acceptor, Handler};
+use crate::listen::conn::Admitted;
+use crate::relay::context::ShardContext;
 use crate::shard::{self, Coalesce, Placement, ShardControl};
-use crate::sys;
 
 /// The ceiling used when `net.core.somaxconn` cannot be read (the kernel's
 /// own default since 5.4).
@@ -92,7 +92,7 @@ pub struct ListenerBuilder {
     attrs: SocketAttrs,
     coalesce: Option<Coalesce>,
     replies_at_once: bool,
-    registration: Option<crate::register::Registration>,
+    registration: Option<crate::admit::register::Registration>,
     relay_limits: crate::relay::RelayLimits,
 }
 
@@ -225,14 +225,14 @@ impl ListenerBuilder {
     /// assert_eq!(&back, b"ping");
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
-    pub fn register<F>(mut self, interest: crate::register::Interest, handler: F) -> Self
+    pub fn register<F>(mut self, interest: crate::admit::register::Interest, handler: F) -> Self
     where
-        F: Fn(&mut crate::register::Registered<'_>, crate::register::Events)
+        F: Fn(&mut crate::admit::register::Registered<'_>, crate::admit::register::Events)
             + Send
             + Sync
             + 'static,
     {
-        self.registration = Some(crate::register::Registration {
+        self.registration = Some(crate::admit::register::Registration {
             interest,
             handler: Arc::new(handler),
         });

@@ -39,6 +39,8 @@
 //! CLOSE operation, or by dropping its `OwnedFd` when the CLOSE could not be
 //! posted).
 
+pub(crate) mod context;
+
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
@@ -50,9 +52,9 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, Type};
 
+use crate::driver::sys::{self, Cqe, Released, Uring};
 use crate::shard::{user_data, Tag};
 use crate::stats::{Counters, RelayCounters};
-use crate::sys::{self, Cqe, Released, Uring};
 
 /// Default size of each direction's buffer: 64 KiB.
 pub const DEFAULT_RELAY_BUFFER: usize = 64 * 1024;
@@ -1009,7 +1011,7 @@ fn strip_proxy_header(fd: &OwnedFd) -> io::Result<()> {
     // beyond a few hundred bytes do not occur in practice.
     const PEEK: usize = 1024;
     let head = sys::peek_now(fd.as_fd(), PEEK)?;
-    if let Ok(h) = crate::proxy_protocol::parse(&head) {
+    if let Ok(h) = crate::conditions::proxy_protocol::parse(&head) {
         let consumed = sys::consume_now(fd.as_fd(), h.header_len)?;
         if consumed != h.header_len {
             return Err(io::Error::other("PROXY header vanished while consumed"));

@@ -56,11 +56,11 @@ use std::time::{Duration, Instant};
 use crossbeam_queue::SegQueue;
 use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, Type};
 
-use crate::accept::Delivery;
-use crate::attrs::SocketAttrs;
+use crate::admit::attrs::SocketAttrs;
+use crate::driver::sys::{self, Cqe, Desc, RingSetup, Uring};
 use crate::error::{ConfigError, ConnectErrorKind, Error};
+use crate::listen::accept::Delivery;
 use crate::shard::{self, user_data, Placement, Service, ShardControl, Tag};
-use crate::sys::{self, Cqe, Desc, RingSetup, Uring};
 
 /// The connect timeout used when none is configured.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -576,7 +576,7 @@ impl Connected {
     }
 }
 
-crate::conn::stream_owner!(Connected);
+crate::listen::conn::stream_owner!(Connected);
 
 /// A snapshot of one connect shard's counters.
 ///

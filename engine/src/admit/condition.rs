@@ -17,8 +17,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::qos::Qos;
-use crate::syn::SynInfo;
+use crate::admit::qos::Qos;
+use crate::conditions::syn::SynInfo;
 
 /// What the shard knows of a pending connection.
 #[derive(Debug, Clone, Copy)]

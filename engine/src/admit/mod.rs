@@ -12,6 +12,11 @@
 //! Waiting connections are withdrawn when the peer goes away or their
 //! pending timeout passes.
 
+pub(crate) mod attrs;
+pub(crate) mod condition;
+pub(crate) mod qos;
+pub(crate) mod register;
+
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
@@ -21,14 +26,14 @@ use std::time::{Duration, Instant};
 
 use socket2::SockRef;
 
-use crate::attrs::SocketAttrs;
-use crate::backlog::Pending;
-use crate::condition::{Condition, ConnectRequest, Marks, RejectHow, Verdict};
-use crate::config::MAX_PEEK;
-use crate::context::Replies;
+use crate::admit::attrs::SocketAttrs;
+use crate::admit::condition::{Condition, ConnectRequest, Marks, RejectHow, Verdict};
+use crate::driver::sys::{self, Cqe, Uring};
+use crate::listen::backlog::Pending;
+use crate::listen::config::MAX_PEEK;
+use crate::relay::context::Replies;
 use crate::shard::{user_data, Tag};
 use crate::stats::Counters;
-use crate::sys::{self, Cqe, Uring};
 
 /// A listener's admission settings.
 pub(crate) struct AdmissionConfig {
@@ -74,7 +79,7 @@ struct Waiting {
     pending: Pending,
     peer: SocketAddr,
     local: SocketAddr,
-    syn: Option<crate::syn::SynInfo>,
+    syn: Option<crate::conditions::syn::SynInfo>,
     deferrals: u32,
     /// The token of its poll while one is in flight and current. Every poll
     /// gets a token of its own, so a cancelled poll's completion can never
@@ -186,7 +191,7 @@ impl Admission {
         let syn = if self.cfg.save_syn {
             sys::saved_syn(p.fd.as_fd())
                 .ok()
-                .and_then(|b| crate::syn::parse_saved_syn(&b).ok())
+                .and_then(|b| crate::conditions::syn::parse_saved_syn(&b).ok())
         } else {
             None
         };
@@ -476,7 +481,7 @@ impl Admission {
     fn finish_accept(
         &self,
         w: &mut Waiting,
-        qos: Option<crate::qos::Qos>,
+        qos: Option<crate::admit::qos::Qos>,
         reply: Option<&[u8]>,
     ) -> io::Result<()> {
         let fd = w.pending.fd.as_fd();
