@@ -28,7 +28,7 @@ use socket2::SockRef;
 
 use crate::admit::attrs::SocketAttrs;
 use crate::admit::condition::{Condition, ConnectRequest, Marks, RejectHow, Verdict};
-use crate::driver::sys::{self, Cqe, Uring};
+use crate::driver::{sys, Cqe, Driver};
 use crate::listen::backlog::Pending;
 use crate::listen::config::MAX_PEEK;
 use crate::relay::context::Replies;
@@ -170,7 +170,7 @@ impl Admission {
     pub fn admit(
         &mut self,
         p: Pending,
-        ring: &mut Uring,
+        ring: &mut Driver,
         replies: &mut Replies,
         c: &Counters,
         now: Instant,
@@ -222,7 +222,7 @@ impl Admission {
         &mut self,
         mut w: Waiting,
         mut force: bool,
-        ring: &mut Uring,
+        ring: &mut Driver,
         replies: &mut Replies,
         c: &Counters,
         now: Instant,
@@ -332,7 +332,7 @@ impl Admission {
     /// Parks `w` in a slot with a poll of its own: for POLLIN once `need`
     /// bytes are there (SO_RCVLOWAT) when it waits for bytes, else only for
     /// the peer leaving; none once the peer has finished.
-    fn park(&mut self, mut w: Waiting, have: usize, ring: &mut Uring, c: &Counters) {
+    fn park(&mut self, mut w: Waiting, have: usize, ring: &mut Driver, c: &Counters) {
         let wants_bytes = w.need > have;
         let lowat = if wants_bytes { w.need.max(1) } else { 1 };
         if lowat != w.lowat
@@ -383,7 +383,7 @@ impl Admission {
     }
 
     /// Cancels the poll of the connection in `slot`, if one is current.
-    fn cancel_poll(ring: &mut Uring, slot: usize, w: &mut Waiting) {
+    fn cancel_poll(ring: &mut Driver, slot: usize, w: &mut Waiting) {
         if let Some(token) = w.poll.take() {
             let ud = user_data(Tag::Poll, payload(slot, token));
             let _ = ring.cancel(ud, user_data(Tag::Cancel, 0));
@@ -393,7 +393,7 @@ impl Admission {
     /// A poll on a waiting connection completed.
     pub fn polled(
         &mut self,
-        ring: &mut Uring,
+        ring: &mut Driver,
         replies: &mut Replies,
         c: &Counters,
         pl: u64,
@@ -441,7 +441,7 @@ impl Admission {
     /// The admission timer fired.
     pub fn timer(
         &mut self,
-        ring: &mut Uring,
+        ring: &mut Driver,
         replies: &mut Replies,
         c: &Counters,
         cqe: Cqe,
@@ -516,7 +516,7 @@ impl Admission {
     }
 
     /// Arms the timer for the earliest deadline if none is armed for it.
-    pub fn arm_timer(&mut self, ring: &mut Uring, now: Instant) {
+    pub fn arm_timer(&mut self, ring: &mut Driver, now: Instant) {
         let Some(earliest) = self
             .slots
             .iter()
@@ -541,7 +541,7 @@ impl Admission {
     }
 
     /// Shutdown: cancel every poll and timer.
-    pub fn stop(&mut self, ring: &mut Uring) {
+    pub fn stop(&mut self, ring: &mut Driver) {
         self.stopping = true;
         for (slot, w) in self.slots.iter_mut().enumerate() {
             if let Some(w) = w {

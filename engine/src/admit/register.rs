@@ -41,7 +41,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::driver::sys::{Cqe, Uring};
+use crate::driver::{Cqe, Driver};
 use crate::listen::backlog::Pending;
 use crate::listen::conn::Admitted;
 use crate::shard::{user_data, Tag};
@@ -342,7 +342,7 @@ impl Registry {
     }
 
     /// Posts a multishot poll for each connection that entered.
-    pub fn arm_incoming(&mut self, ring: &mut Uring, c: &Counters) {
+    pub fn arm_incoming(&mut self, ring: &mut Driver, c: &Counters) {
         while let Some(p) = self.incoming.pop() {
             let stream = TcpStream::from(p.fd);
             let was_nonblocking = socket2::SockRef::from(&stream)
@@ -385,7 +385,7 @@ impl Registry {
         }
     }
 
-    fn post(&mut self, ring: &mut Uring, slot: usize, s: &mut Slot) -> io::Result<()> {
+    fn post(&mut self, ring: &mut Driver, slot: usize, s: &mut Slot) -> io::Result<()> {
         let ud = user_data(Tag::RegPoll, payload(slot, s.generation));
         let events = self.reg.interest.bits();
         ring.poll(s.conn.as_raw_fd(), events, true, ud)?;
@@ -394,7 +394,7 @@ impl Registry {
         Ok(())
     }
 
-    fn cancel(ring: &mut Uring, slot: usize, generation: u32, armed: bool) {
+    fn cancel(ring: &mut Driver, slot: usize, generation: u32, armed: bool) {
         if armed {
             let ud = user_data(Tag::RegPoll, payload(slot, generation));
             let _ = ring.cancel(ud, user_data(Tag::Cancel, 0));
@@ -408,7 +408,7 @@ impl Registry {
     }
 
     /// A poll completion.
-    pub fn event(&mut self, ring: &mut Uring, pl: u64, cqe: Cqe, stopping: bool, c: &Counters) {
+    pub fn event(&mut self, ring: &mut Driver, pl: u64, cqe: Cqe, stopping: bool, c: &Counters) {
         if !cqe.more() {
             self.in_flight = self.in_flight.saturating_sub(1);
         }
@@ -501,7 +501,7 @@ impl Registry {
     }
 
     /// Cancels every armed poll (shutdown).
-    pub fn stop(&mut self, ring: &mut Uring) {
+    pub fn stop(&mut self, ring: &mut Driver) {
         for (i, s) in self.slots.iter().enumerate() {
             if let Some(s) = s {
                 Self::cancel(ring, i, s.generation, s.armed);

@@ -57,7 +57,7 @@ use crossbeam_queue::SegQueue;
 use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, Type};
 
 use crate::admit::attrs::SocketAttrs;
-use crate::driver::sys::{self, Cqe, Desc, RingSetup, Uring};
+use crate::driver::{op, sys, Cqe, Desc, Driver, RingSetup};
 use crate::error::{ConfigError, ConnectErrorKind, Error};
 use crate::listen::accept::Delivery;
 use crate::shard::{self, user_data, Placement, Service, ShardControl, Tag};
@@ -1197,7 +1197,7 @@ const DIRECT_TABLE_SIZES: [u32; 3] = [4_096, 1_024, 128];
 /// Registers a direct-descriptor table on a fresh ring and checks that
 /// sockets can live in it (SOCKET into a slot, disconnect, CLOSE). Returns
 /// its size, or 0 when load sequences must use plain descriptors.
-fn direct_table(ring: &mut Uring) -> u32 {
+fn direct_table(ring: &mut Driver) -> u32 {
     let Some(size) = DIRECT_TABLE_SIZES
         .into_iter()
         .find(|&n| ring.register_direct_table(n).is_ok())
@@ -1218,7 +1218,7 @@ fn direct_table(ring: &mut Uring) -> u32 {
 /// Sets in `ops` the bit of each operation posted, also when one fails.
 /// The caller reserved room for the whole chain.
 fn post_chain(
-    ring: &mut Uring,
+    ring: &mut Driver,
     fd: Desc,
     plan: &SequencePlan,
     p: u64,
@@ -1305,7 +1305,7 @@ impl Dialer {
 
     /// Posts a single connect: its socket first (an io_uring SOCKET where
     /// the kernel has it, else socket(2)), then the CONNECT chain.
-    fn start_connect(&mut self, ring: &mut Uring, job: ConnectJob, now: Instant) {
+    fn start_connect(&mut self, ring: &mut Driver, job: ConnectJob, now: Instant) {
         let source = job.source.or_else(|| self.pick_source());
         let i = self.alloc(now);
         {
@@ -1340,7 +1340,7 @@ impl Dialer {
 
     /// Posts the io_uring SOCKET of slot `i`; its completion continues with
     /// [`Dialer::socket_opened`].
-    fn open_on_ring(&mut self, ring: &mut Uring, i: usize, now: Instant) {
+    fn open_on_ring(&mut self, ring: &mut Driver, i: usize, now: Instant) {
         let domain = if self.slots[i].addr.is_ipv4() {
             libc::AF_INET
         } else {
@@ -1357,7 +1357,7 @@ impl Dialer {
     }
 
     /// The io_uring SOCKET of slot `i` completed with `res`.
-    fn socket_opened(&mut self, ring: &mut Uring, i: usize, res: i32, now: Instant) {
+    fn socket_opened(&mut self, ring: &mut Driver, i: usize, res: i32, now: Instant) {
         self.slots[i].ops &= !OP_SOCKET;
         let Some(opening) = self.slots[i].opening.take() else {
             return;
@@ -1400,7 +1400,7 @@ impl Dialer {
     /// Posts the CONNECT (+ LINK_TIMEOUT) of a single connect on `fd`.
     fn post_connect(
         &mut self,
-        ring: &mut Uring,
+        ring: &mut Driver,
         i: usize,
         fd: OwnedFd,
         timeout: Option<Duration>,
@@ -1437,7 +1437,7 @@ impl Dialer {
     }
 
     /// Starts one sequence of the current run.
-    fn start_sequence(&mut self, ring: &mut Uring, intended: Instant, now: Instant) {
+    fn start_sequence(&mut self, ring: &mut Driver, intended: Instant, now: Instant) {
         let Some(run) = self.run.as_mut() else {
             return;
         };
@@ -1511,7 +1511,7 @@ impl Dialer {
     /// disconnect that keeps the socket, or a CLOSE (see [`PlainSocket`]).
     fn post_sequence(
         &mut self,
-        ring: &mut Uring,
+        ring: &mut Driver,
         i: usize,
         fd: OwnedFd,
         plan: &SequencePlan,
@@ -1577,7 +1577,7 @@ impl Dialer {
     /// freed per connection), with FIN close a CLOSE of the slot.
     fn post_direct_sequence(
         &mut self,
-        ring: &mut Uring,
+        ring: &mut Driver,
         i: usize,
         plan: &SequencePlan,
         now: Instant,
@@ -1647,7 +1647,7 @@ impl Dialer {
     /// chain, the chain broke before it, or stopping): with RST close a
     /// disconnect first (the RST; the socket is then kept), else or if that
     /// fails a CLOSE. Returns whether an operation was posted.
-    fn end_socket(&mut self, ring: &mut Uring, i: usize) -> bool {
+    fn end_socket(&mut self, ring: &mut Driver, i: usize) -> bool {
         // Stopping too: the RST is what RST close promises the server.
         let s = &mut self.slots[i];
         if s.reset && !s.disconnect_tried && !s.parkable {
@@ -1670,7 +1670,7 @@ impl Dialer {
     }
 
     /// Lets go of a kept socket that the slot's next sequence cannot use.
-    fn discard_parked(&mut self, ring: &mut Uring, i: usize, parked: Parked) {
+    fn discard_parked(&mut self, ring: &mut Driver, i: usize, parked: Parked) {
         match parked {
             Parked::Fd { fd, .. } => {
                 drop(fd);
@@ -1687,7 +1687,7 @@ impl Dialer {
 
     /// Closes the sockets kept in direct slots (at the end of a run, or on
     /// stop); each CLOSE completes as [`Tag::ConnectUnpark`].
-    fn close_parked(&mut self, ring: &mut Uring) {
+    fn close_parked(&mut self, ring: &mut Driver) {
         if self.parked_count == 0 {
             return;
         }
@@ -1712,7 +1712,7 @@ impl Dialer {
 
     /// Posts the CLOSE of a sequence's direct slot whose chain did not
     /// close it (no CLOSE in the chain, or the chain broke before it).
-    fn post_close_direct(&mut self, ring: &mut Uring, i: usize) {
+    fn post_close_direct(&mut self, ring: &mut Driver, i: usize) {
         let Some(slot) = self.slots[i].direct else {
             return;
         };
@@ -1768,7 +1768,7 @@ impl Dialer {
     }
 
     /// Posts the CLOSE of a sequence whose chain did not include one.
-    fn post_close(&mut self, ring: &mut Uring, i: usize) {
+    fn post_close(&mut self, ring: &mut Driver, i: usize) {
         let Some(fd) = self.slots[i].fd.take() else {
             return;
         };
@@ -1780,7 +1780,7 @@ impl Dialer {
 
     /// Cancels what a slot has in flight (the kernel cancels the rest of a
     /// chain with its head).
-    fn cancel_slot(&mut self, ring: &mut Uring, i: usize, why: Cancel) {
+    fn cancel_slot(&mut self, ring: &mut Driver, i: usize, why: Cancel) {
         let s = &mut self.slots[i];
         if s.cancel != Cancel::No {
             if why == Cancel::Shutdown {
@@ -1856,7 +1856,7 @@ impl Dialer {
 
     /// Every operation of the slot has completed: account for it, hand its
     /// result over, free it.
-    fn finish_slot(&mut self, ring: &mut Uring, i: usize, now: Instant) {
+    fn finish_slot(&mut self, ring: &mut Driver, i: usize, now: Instant) {
         let holds_socket = self.slots[i].direct_open
             || (self.slots[i].job.is_none() && self.slots[i].fd.is_some());
         if holds_socket {
@@ -1988,7 +1988,7 @@ impl Dialer {
         }
     }
 
-    fn on_cqe(&mut self, ring: &mut Uring, tag: Tag, i: usize, cqe: Cqe, now: Instant) {
+    fn on_cqe(&mut self, ring: &mut Driver, tag: Tag, i: usize, cqe: Cqe, now: Instant) {
         let res = cqe.result;
         match tag {
             Tag::ConnectSocket if self.slots[i].direct.is_some() => {
@@ -2091,7 +2091,7 @@ impl Dialer {
     }
 
     /// Checks the deadlines of the sequences in flight.
-    fn scan(&mut self, ring: &mut Uring, now: Instant) {
+    fn scan(&mut self, ring: &mut Driver, now: Instant) {
         for i in 0..self.slots.len() {
             let s = &self.slots[i];
             let overdue = s.deadline.is_some_and(|d| d <= now)
@@ -2106,7 +2106,7 @@ impl Dialer {
         }
     }
 
-    fn take_jobs(&mut self, ring: &mut Uring, now: Instant) {
+    fn take_jobs(&mut self, ring: &mut Driver, now: Instant) {
         while let Some(job) = self.shared.queue.pop() {
             if self.stopping {
                 refuse(job, self.index, &self.shared.counters, &self.common);
@@ -2141,7 +2141,7 @@ impl Dialer {
     }
 
     /// Starts what the run allows now.
-    fn drive_run(&mut self, ring: &mut Uring) {
+    fn drive_run(&mut self, ring: &mut Driver) {
         let Some(run) = self.run.as_ref() else {
             return;
         };
@@ -2193,7 +2193,7 @@ impl Dialer {
 
     /// Keeps one timer posted for the earliest thing the shard must do by
     /// itself: an open-loop start or a deadline scan.
-    fn arm_timer(&mut self, ring: &mut Uring, now: Instant) {
+    fn arm_timer(&mut self, ring: &mut Driver, now: Instant) {
         let mut want: Option<Instant> = None;
         if let Some(run) = &self.run {
             if run.in_flight < run.job.concurrency && run.may_start(now) {
@@ -2235,15 +2235,15 @@ impl Dialer {
 }
 
 impl Service for Dialer {
-    fn start(&mut self, ring: &mut Uring) -> io::Result<()> {
-        if !ring.supports(sys::op::CONNECT) {
+    fn start(&mut self, ring: &mut Driver) -> io::Result<()> {
+        if !ring.supports(op::CONNECT) {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
                 "io_uring CONNECT is not supported by this kernel (needs Linux 5.5+)",
             ));
         }
         // SOCKET needs 5.19; older kernels get socket(2), the same socket.
-        self.uring_socket = ring.supports(sys::op::SOCKET);
+        self.uring_socket = ring.supports(op::SOCKET);
         self.direct_slots = if self.uring_socket {
             direct_table(ring)
         } else {
@@ -2261,7 +2261,7 @@ impl Service for Dialer {
         Ok(())
     }
 
-    fn complete(&mut self, ring: &mut Uring, tag: Tag, payload: u64, cqe: Cqe, now: Instant) {
+    fn complete(&mut self, ring: &mut Driver, tag: Tag, payload: u64, cqe: Cqe, now: Instant) {
         if tag == Tag::ConnectTimer {
             ring.release(cqe.user_data);
             self.timer_armed = None;
@@ -2282,7 +2282,7 @@ impl Service for Dialer {
         }
     }
 
-    fn turn(&mut self, ring: &mut Uring, now: Instant) {
+    fn turn(&mut self, ring: &mut Driver, now: Instant) {
         self.take_jobs(ring, now);
         if !self.stopping {
             self.drive_run(ring);
@@ -2299,7 +2299,7 @@ impl Service for Dialer {
         }
     }
 
-    fn stop(&mut self, ring: &mut Uring) {
+    fn stop(&mut self, ring: &mut Driver) {
         self.stopping = true;
         while let Some(job) = self.shared.queue.pop() {
             refuse(job, self.index, &self.shared.counters, &self.common);

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use socket2::Socket;
 
-use crate::driver::sys::{self, RingSetup};
+use crate::driver::{sys, RingSetup};
 use crate::error::Error;
 use crate::listen::backlog::Backlog;
 use crate::listen::conn::Admitted;

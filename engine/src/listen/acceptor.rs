@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use socket2::Socket;
 
 use crate::admit::{Admission, AdmissionConfig};
-use crate::driver::sys::{self, Cqe, Uring};
+use crate::driver::{sys, Cqe, Driver};
 use crate::listen::accept::{Delivery, ShardShared};
 use crate::listen::backlog::Pending;
 use crate::listen::conn::Admitted;
@@ -191,7 +191,7 @@ impl Acceptor {
         &self.shard.counters
     }
 
-    fn arm(&mut self, ring: &mut Uring) -> io::Result<()> {
+    fn arm(&mut self, ring: &mut Driver) -> io::Result<()> {
         let Some(socket) = &self.socket else {
             return Ok(());
         };
@@ -210,7 +210,7 @@ impl Acceptor {
         Ok(())
     }
 
-    fn cancel(&mut self, ring: &mut Uring) {
+    fn cancel(&mut self, ring: &mut Driver) {
         if self.arm == Arm::Armed
             && ring
                 .cancel(user_data(Tag::Accept, 0), user_data(Tag::Cancel, 0))
@@ -220,7 +220,7 @@ impl Acceptor {
         }
     }
 
-    fn start_backoff(&mut self, ring: &mut Uring) {
+    fn start_backoff(&mut self, ring: &mut Driver) {
         if self.backoff_timer {
             return;
         }
@@ -234,7 +234,7 @@ impl Acceptor {
     }
 
     /// Takes ownership of a freshly accepted socket.
-    fn accepted(&mut self, ring: &mut Uring, fd: i32, now: Instant) {
+    fn accepted(&mut self, ring: &mut Driver, fd: i32, now: Instant) {
         let pending = Pending::new(sys::adopt_fd(fd), now);
         Counters::add(&self.counters().accepted, 1);
         self.accepted_this_turn += 1;
@@ -290,7 +290,7 @@ impl Acceptor {
         }
     }
 
-    fn deliver_inline(&mut self, ring: &mut Uring) {
+    fn deliver_inline(&mut self, ring: &mut Driver) {
         let Some(handler) = self.handler.clone() else {
             return;
         };
@@ -328,7 +328,7 @@ impl Acceptor {
 }
 
 impl Service for Acceptor {
-    fn start(&mut self, ring: &mut Uring) -> io::Result<()> {
+    fn start(&mut self, ring: &mut Driver) -> io::Result<()> {
         if let Some(c) = self.coalesce {
             // Pauses must be as short as asked: the default 50 µs slack
             // would double them. A refusal only costs precision.
@@ -337,7 +337,7 @@ impl Service for Acceptor {
         self.arm(ring)
     }
 
-    fn complete(&mut self, ring: &mut Uring, tag: Tag, payload: u64, cqe: Cqe, now: Instant) {
+    fn complete(&mut self, ring: &mut Driver, tag: Tag, payload: u64, cqe: Cqe, now: Instant) {
         match tag {
             Tag::Accept => {
                 if !cqe.more() {
@@ -429,7 +429,7 @@ impl Service for Acceptor {
         }
     }
 
-    fn turn(&mut self, ring: &mut Uring, now: Instant) {
+    fn turn(&mut self, ring: &mut Driver, now: Instant) {
         if let Some(a) = &mut self.admission {
             if !self.stopping {
                 a.arm_timer(ring, now);
@@ -483,7 +483,7 @@ impl Service for Acceptor {
         }
     }
 
-    fn stop(&mut self, ring: &mut Uring) {
+    fn stop(&mut self, ring: &mut Driver) {
         self.stopping = true;
         self.cancel(ring);
         self.relays.stop(ring);

@@ -3,7 +3,7 @@
 use std::io;
 use std::os::fd::OwnedFd;
 
-use crate::driver::sys::{Cqe, Uring};
+use crate::driver::{Cqe, Driver};
 use crate::listen::conn::Admitted;
 use crate::relay::{OnEnd, RelayOptions, RelayOutcome, Relays};
 use crate::shard::{user_data, Tag};
@@ -15,7 +15,7 @@ use crate::shard::{user_data, Tag};
 #[derive(Debug)]
 pub struct ShardContext<'a> {
     shard: usize,
-    ring: &'a mut Uring,
+    ring: &'a mut Driver,
     replies: &'a mut Replies,
     relays: &'a mut Relays,
 }
@@ -23,7 +23,7 @@ pub struct ShardContext<'a> {
 impl<'a> ShardContext<'a> {
     pub(crate) fn new(
         shard: usize,
-        ring: &'a mut Uring,
+        ring: &'a mut Driver,
         replies: &'a mut Replies,
         relays: &'a mut Relays,
     ) -> Self {
@@ -223,7 +223,7 @@ pub(crate) struct Replies {
 }
 
 impl Replies {
-    pub(crate) fn post(&mut self, ring: &mut Uring, fd: OwnedFd, reply: &[u8]) -> io::Result<()> {
+    pub(crate) fn post(&mut self, ring: &mut Driver, fd: OwnedFd, reply: &[u8]) -> io::Result<()> {
         use std::os::fd::AsRawFd;
         self.next = self.next.wrapping_add(1) & ((1 << 48) - 1);
         let id = self.next;
@@ -242,7 +242,7 @@ impl Replies {
         Ok(())
     }
 
-    pub(crate) fn complete(&mut self, ring: &mut Uring, tag: Tag, cqe: Cqe) {
+    pub(crate) fn complete(&mut self, ring: &mut Driver, tag: Tag, cqe: Cqe) {
         match tag {
             Tag::ReplySend => {
                 ring.release(cqe.user_data);

@@ -8,7 +8,7 @@
 //! buffer: RECV into it, SEND exactly the bytes received (resumed from the
 //! same buffer after a short send), RECV again. The buffer moves into the
 //! ring with each operation and comes back with its completion
-//! ([`Uring::release`]): no copy, no reallocation.
+//! ([`Driver::release`]): no copy, no reallocation.
 //!
 //! Ends (each reported as a [`RelayEnd`] in the relay's [`RelayOutcome`]):
 //! - end of stream on one side (FIN) shuts the other side's write half
@@ -52,7 +52,7 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, Type};
 
-use crate::driver::sys::{self, Cqe, Released, Uring};
+use crate::driver::{sys, Cqe, Driver, Released};
 use crate::shard::{user_data, Tag};
 use crate::stats::{Counters, RelayCounters};
 
@@ -529,7 +529,7 @@ impl Relays {
     /// flight, `client` is reset, and `on_end` has been called.
     pub(crate) fn start(
         &mut self,
-        ring: &mut Uring,
+        ring: &mut Driver,
         client: OwnedFd,
         upstream: SocketAddr,
         opts: RelayOptions,
@@ -592,7 +592,7 @@ impl Relays {
     /// completions to come. On error nothing was posted and no slot taken.
     fn open(
         &mut self,
-        ring: &mut Uring,
+        ring: &mut Driver,
         client: &OwnedFd,
         upstream: SocketAddr,
         opts: RelayOptions,
@@ -701,7 +701,7 @@ impl Relays {
     /// One completion of a relay operation (or of the idle-scan timer).
     pub(crate) fn complete(
         &mut self,
-        ring: &mut Uring,
+        ring: &mut Driver,
         tag: Tag,
         payload: u64,
         cqe: Cqe,
@@ -859,7 +859,7 @@ impl Relays {
 
     /// Makes sure an idle-scan timer fires by `at + slack`: posts one for
     /// `at` unless one already in flight fires by then.
-    fn arm_idle(&mut self, ring: &mut Uring, now: Instant, at: Instant, slack: Duration) {
+    fn arm_idle(&mut self, ring: &mut Driver, now: Instant, at: Instant, slack: Duration) {
         if self.stopping {
             return;
         }
@@ -884,7 +884,7 @@ impl Relays {
     /// every relay idle for its timeout, then re-arms for the earliest
     /// deadline left, at least 1/16 of the shortest idle timeout from now,
     /// so that scans stay a bounded number per timeout.
-    fn timer(&mut self, ring: &mut Uring, id: u64, cqe: Cqe, now: Instant) {
+    fn timer(&mut self, ring: &mut Driver, id: u64, cqe: Cqe, now: Instant) {
         ring.release(cqe.user_data);
         self.timers.retain(|(t, _)| *t != id);
         if self.stopping {
@@ -922,7 +922,7 @@ impl Relays {
     /// Closes a relay's sockets once nothing of it is in flight, and frees
     /// its slot once both closes completed; then its outcome goes to its
     /// callback.
-    fn settle(&mut self, ring: &mut Uring, idx: usize) {
+    fn settle(&mut self, ring: &mut Driver, idx: usize) {
         let Some(slot) = self.slots.get_mut(idx) else {
             return;
         };
@@ -964,7 +964,7 @@ impl Relays {
 
     /// Shutdown: no new relays; every live one is torn down; the idle-scan
     /// timers are cancelled.
-    pub(crate) fn stop(&mut self, ring: &mut Uring) {
+    pub(crate) fn stop(&mut self, ring: &mut Driver) {
         self.stopping = true;
         for (id, _) in &self.timers {
             let _ = ring.cancel(user_data(Tag::RelayTimer, *id), user_data(Tag::Cancel, 0));
@@ -1031,7 +1031,7 @@ impl Relay {
         }
     }
 
-    fn recv(&mut self, ring: &mut Uring, idx: usize, gen: u32, d: usize, buf: Box<[u8]>) {
+    fn recv(&mut self, ring: &mut Driver, idx: usize, gen: u32, d: usize, buf: Box<[u8]>) {
         if self.end.is_some() {
             self.bufs[d] = Some(buf);
             return;
@@ -1057,7 +1057,7 @@ impl Relay {
     #[allow(clippy::too_many_arguments)]
     fn send(
         &mut self,
-        ring: &mut Uring,
+        ring: &mut Driver,
         idx: usize,
         gen: u32,
         d: usize,
@@ -1090,7 +1090,14 @@ impl Relay {
     /// Starts tearing the relay down as `end`, `side` being the side at
     /// fault if any: cancels what is in flight; the sockets are closed once
     /// every completion is in (`settle`).
-    fn fail(&mut self, ring: &mut Uring, idx: usize, gen: u32, end: RelayEnd, side: Option<usize>) {
+    fn fail(
+        &mut self,
+        ring: &mut Driver,
+        idx: usize,
+        gen: u32,
+        end: RelayEnd,
+        side: Option<usize>,
+    ) {
         if self.end.is_some() {
             return;
         }

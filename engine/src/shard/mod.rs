@@ -14,8 +14,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use crate::driver::sys::{self, Cqe, RingSetup, Uring};
-use crate::driver::{Backend, BackendChoice};
+use crate::driver::{sys, Backend, BackendChoice, Cqe, Driver, RingSetup};
 use crate::error::Error;
 
 /// Submission-queue slots per shard ring.
@@ -177,13 +176,13 @@ impl ShardControl {
 /// handed their completions.
 pub(crate) trait Service: Send + 'static {
     /// Posts the service's first operations.
-    fn start(&mut self, ring: &mut Uring) -> io::Result<()>;
+    fn start(&mut self, ring: &mut Driver) -> io::Result<()>;
     /// One completion of an operation the service posted.
-    fn complete(&mut self, ring: &mut Uring, tag: Tag, payload: u64, cqe: Cqe, now: Instant);
+    fn complete(&mut self, ring: &mut Driver, tag: Tag, payload: u64, cqe: Cqe, now: Instant);
     /// After each batch of completions and after each wake-up.
-    fn turn(&mut self, ring: &mut Uring, now: Instant);
+    fn turn(&mut self, ring: &mut Driver, now: Instant);
     /// Stop: cancel what is in flight; `idle` must become true eventually.
-    fn stop(&mut self, ring: &mut Uring);
+    fn stop(&mut self, ring: &mut Driver);
     /// Whether no operation of the service is in flight.
     fn idle(&self) -> bool;
     /// Last thing on the shard thread, after `idle`: release what is held.
@@ -255,7 +254,7 @@ pub(crate) fn spawn<S: Service>(
                 // unpinned; steering still works, only locality is lost.
                 let _ = core_affinity::set_for_current(core);
             }
-            let (mut ring, choice) = match Uring::new(RING_ENTRIES, placement.backend) {
+            let (mut ring, choice) = match Driver::new(RING_ENTRIES, placement.backend) {
                 Ok(r) => r,
                 Err(e) => {
                     let op = if placement.backend == Backend::Epoll {
@@ -303,7 +302,7 @@ pub(crate) fn spawn<S: Service>(
 }
 
 /// The run loop: one `io_uring_enter` per turn.
-fn run<S: Service>(ring: &mut Uring, control: &ShardControl, service: &mut S) {
+fn run<S: Service>(ring: &mut Driver, control: &ShardControl, service: &mut S) {
     let mut batch = Vec::with_capacity(256);
     let mut wake_armed = true;
     let mut stopping = false;
@@ -369,7 +368,7 @@ fn run<S: Service>(ring: &mut Uring, control: &ShardControl, service: &mut S) {
 }
 
 /// Used when start failed: wait for whatever was posted to finish.
-fn drive_to_idle<S: Service>(ring: &mut Uring, service: &mut S) {
+fn drive_to_idle<S: Service>(ring: &mut Driver, service: &mut S) {
     let mut batch = Vec::new();
     let now = Instant::now();
     while !service.idle() {
