@@ -83,7 +83,9 @@ mod stats;
 pub use conditions::{cidr, proxy_protocol, rate_limit, sni, syn};
 
 pub use admit::attrs::{Attr, Keepalive, SocketAttrs, INHERITED};
-pub use admit::condition::{Condition, ConnectRequest, Mark, Marks, RejectHow, Value, Verdict};
+pub use admit::condition::{
+    Condition, ConnectRequest, Mark, Marks, RejectHow, Value, Verdict, MAX_PEEK,
+};
 pub use admit::qos::Qos;
 pub use admit::register::{Events, Interest, RegisterHandler, Registered};
 pub use connect::{
@@ -99,7 +101,7 @@ pub use listen::accept::{BacklogLength, Listener};
 pub use listen::acceptor::Handler;
 pub use listen::config::{
     kernel_somaxconn, ListenerBuilder, Steering, DEFAULT_BACKLOG, DEFAULT_CEILING,
-    DEFAULT_PENDING_TIMEOUT, MAX_CEILING, MAX_PEEK,
+    DEFAULT_PENDING_TIMEOUT, MAX_CEILING,
 };
 pub use listen::conn::Admitted;
 pub use relay::context::ShardContext;

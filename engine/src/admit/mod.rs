@@ -27,10 +27,9 @@ use std::time::{Duration, Instant};
 use socket2::SockRef;
 
 use crate::admit::attrs::SocketAttrs;
-use crate::admit::condition::{Condition, ConnectRequest, Marks, RejectHow, Verdict};
+use crate::admit::condition::{Condition, ConnectRequest, Marks, RejectHow, Verdict, MAX_PEEK};
 use crate::driver::{sys, Cqe, Driver};
 use crate::listen::backlog::Pending;
-use crate::listen::config::MAX_PEEK;
 use crate::relay::context::Replies;
 use crate::shard::{user_data, Tag};
 use crate::stats::Counters;

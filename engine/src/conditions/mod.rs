@@ -33,7 +33,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use crate::admit::condition::{Condition, ConnectRequest, RejectHow, Verdict};
+use crate::admit::condition::{Condition, ConnectRequest, RejectHow, Verdict, MAX_PEEK};
 use cidr::CidrList;
 use proxy_protocol::{ProxyError, ProxyHeader};
 use rate_limit::{RateLimitError, RateLimiter};
@@ -297,7 +297,7 @@ type ProxiedFn = dyn Fn(&Proxied<'_>) -> Verdict + Send + Sync;
 /// signature's bytes, then for what the header declares (the v2 length
 /// field; a v1 line up to its CRLF) with [`Verdict::NeedBytes`], so it is
 /// decided as soon as the header is there, however long it is (up to
-/// [`MAX_PEEK`](crate::MAX_PEEK)). With a listener `peek(n, wait)` it works
+/// [`MAX_PEEK`]). With a listener `peek(n, wait)` it works
 /// the same way, starting from `n` bytes.
 ///
 /// - A header not complete yet: [`Verdict::NeedBytes`] for what it lacks;
@@ -405,7 +405,7 @@ impl Condition for ProxyProtocol {
                 let b = req.first_bytes;
                 let known = b.len() >= 12 || b.starts_with(b"PROXY ");
                 let need = if known { needed_at_least } else { b.len() + 1 };
-                if need > crate::MAX_PEEK {
+                if need > MAX_PEEK {
                     self.refusal.verdict()
                 } else {
                     Verdict::NeedBytes(need)
@@ -432,7 +432,7 @@ type SniFn = dyn Fn(&ConnectRequest<'_>, Option<&str>) -> Verdict + Send + Sync;
 /// ([`sni::needed_len`], with [`Verdict::NeedBytes`]), so it decides as soon
 /// as the whole ClientHello is there, whatever its size (OpenSSL pads to
 /// 517 bytes; post-quantum key shares make 1.2 KiB and more), up to
-/// [`MAX_PEEK`](crate::MAX_PEEK). Bytes that are not TLS, a malformed
+/// [`MAX_PEEK`]. Bytes that are not TLS, a malformed
 /// ClientHello, or one that cannot fit: refused (reset, by default; see
 /// [`Sni::refuse`]), or passed to the inner decision with `None` with
 /// [`Sni::pass_non_tls`].
@@ -502,7 +502,7 @@ impl Condition for Sni {
             Ok(name) => (self.inner)(req, name.as_deref()),
             Err(SniError::Incomplete) if !req.peer_finished => {
                 let need = sni::needed_len(req.first_bytes);
-                if need <= crate::MAX_PEEK {
+                if need <= MAX_PEEK {
                     return Verdict::NeedBytes(need);
                 }
                 if self.pass_non_tls {

@@ -225,12 +225,6 @@ pub struct Listener {
 }
 
 impl Listener {
-    /// Starts configuring a listener on `addr` (IPv4 or IPv6; port 0 picks
-    /// a free port shared by every shard).
-    pub fn builder(addr: SocketAddr) -> crate::listen::config::ListenerBuilder {
-        crate::listen::config::ListenerBuilder::new(addr)
-    }
-
     /// The address the shards listen on (the real port when 0 was asked).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::admit::attrs::SocketAttrs;
-use crate::admit::condition::Condition;
+use crate::admit::condition::{Condition, MAX_PEEK};
 use crate::admit::AdmissionConfig;
 use crate::driver::sys;
 use crate::error::{ConfigError, Error};
@@ -34,9 +34,6 @@ pub const DEFAULT_BACKLOG: usize = 1024;
 /// How long a connection may stay pending (in admission or in the ring)
 /// before it is withdrawn, unless the application says otherwise.
 pub const DEFAULT_PENDING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// The most first bytes a condition may ask to see.
-pub const MAX_PEEK: usize = 16 * 1024;
 
 /// How the kernel picks the shard for a new connection among the shards'
 /// `SO_REUSEPORT` sockets.
@@ -94,6 +91,16 @@ pub struct ListenerBuilder {
     replies_at_once: bool,
     registration: Option<crate::admit::register::Registration>,
     relay_limits: crate::relay::RelayLimits,
+}
+
+impl Listener {
+    /// Starts configuring a listener on `addr` (IPv4 or IPv6; port 0 picks
+    /// a free port shared by every shard).
+    // Here rather than beside the rest of `Listener` in `accept`: the
+    // builder builds the listener, so `accept` need not know the builder.
+    pub fn builder(addr: SocketAddr) -> ListenerBuilder {
+        ListenerBuilder::new(addr)
+    }
 }
 
 impl std::fmt::Debug for ListenerBuilder {
