@@ -88,12 +88,13 @@ pub use admit::condition::{
 };
 pub use admit::qos::Qos;
 pub use admit::register::{Events, Interest, RegisterHandler, Registered};
-pub use connect::{
-    CloseMode, Completion, ConnectHandler, ConnectShardStats, Connected, Connector,
-    ConnectorBuilder, ConnectorStats, Dial, Load, OutcomeCounts, RunSummary, SequenceOutcome,
-    SequencePlan, SequenceRecord, Ticket, DEFAULT_CONNECT_TIMEOUT, DEFAULT_IO_TIMEOUT,
-    MAX_IN_FLIGHT_PER_SHARD,
+pub use connect::connector::{Connector, ConnectorBuilder};
+pub use connect::dial::{Completion, ConnectHandler, Connected, Dial, Ticket};
+pub use connect::load::{
+    CloseMode, Load, OutcomeCounts, RunSummary, SequenceOutcome, SequencePlan, SequenceRecord,
 };
+pub use connect::stats::{ConnectShardStats, ConnectorStats};
+pub use connect::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_IO_TIMEOUT, MAX_IN_FLIGHT_PER_SHARD};
 pub use driver::{Backend, BackendChoice, RingSetup, BACKEND_ENV};
 pub use error::ConnectErrorKind;
 pub use error::{ConfigError, Error, UringUnavailable};
