@@ -115,3 +115,55 @@ pub use shard::Coalesce;
 pub use stats::{
     Backoffs, KernelQueue, ListenerStats, Rejected, RelayStats, ShardStats, Withdrawn,
 };
+
+#[cfg(test)]
+mod tests {
+    use crate::admit::register::RegisterOp;
+    use crate::admit::AdmitOp;
+    use crate::connect::dialer::ConnectOp;
+    use crate::listen::acceptor::AcceptOp;
+    use crate::relay::context::ReplyOp;
+    use crate::relay::RelayOp;
+    use crate::shard::ShardOp;
+
+    /// Each owner of operations on a shard's ring names its own kinds (the
+    /// top byte of their user data); the shard routes by them without
+    /// knowing them. They must never collide, or a completion would be
+    /// taken for another owner's; nor be 0, which no operation uses.
+    #[test]
+    fn operation_kinds_are_unique_across_services() {
+        let mut kinds: Vec<(u8, String)> = Vec::new();
+        let mut add = |byte: u8, name: String| kinds.push((byte, name));
+        ShardOp::ALL
+            .iter()
+            .for_each(|&k| add(k.into(), format!("{k:?}")));
+        AcceptOp::ALL
+            .iter()
+            .for_each(|&k| add(k.into(), format!("{k:?}")));
+        ReplyOp::ALL
+            .iter()
+            .for_each(|&k| add(k.into(), format!("{k:?}")));
+        AdmitOp::ALL
+            .iter()
+            .for_each(|&k| add(k.into(), format!("{k:?}")));
+        RegisterOp::ALL
+            .iter()
+            .for_each(|&k| add(k.into(), format!("{k:?}")));
+        RelayOp::ALL
+            .iter()
+            .for_each(|&k| add(k.into(), format!("{k:?}")));
+        ConnectOp::ALL
+            .iter()
+            .for_each(|&k| add(k.into(), format!("{k:?}")));
+        kinds.sort();
+        for pair in kinds.windows(2) {
+            assert_ne!(
+                pair[0].0, pair[1].0,
+                "{} and {} share a kind",
+                pair[0].1, pair[1].1
+            );
+        }
+        assert!(kinds.iter().all(|(b, _)| *b != 0), "kind 0 is used");
+        assert_eq!(kinds.len(), 25);
+    }
+}

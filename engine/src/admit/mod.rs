@@ -31,8 +31,19 @@ use crate::admit::condition::{Condition, ConnectRequest, Marks, RejectHow, Verdi
 use crate::driver::{sys, Cqe, Driver};
 use crate::listen::backlog::Pending;
 use crate::relay::context::Replies;
-use crate::shard::{user_data, Tag};
+use crate::shard::{op_kinds, user_data, ShardOp};
 use crate::stats::Counters;
+
+op_kinds! {
+    /// The operations of admission.
+    pub(crate) enum AdmitOp {
+        /// The shard's deadline timer (pending timeouts, defers).
+        Timer = 8,
+        /// A poll on a pending connection (its first bytes, or its peer
+        /// going away).
+        Poll = 9,
+    }
+}
 
 /// A listener's admission settings.
 pub(crate) struct AdmissionConfig {
@@ -360,7 +371,7 @@ impl Admission {
                 POLLRDHUP
             };
             self.token = self.token.wrapping_add(1);
-            let ud = user_data(Tag::Poll, payload(slot, self.token));
+            let ud = user_data(AdmitOp::Poll, payload(slot, self.token));
             if ring
                 .poll(w.pending.fd.as_raw_fd(), events, false, ud)
                 .is_ok()
@@ -384,8 +395,8 @@ impl Admission {
     /// Cancels the poll of the connection in `slot`, if one is current.
     fn cancel_poll(ring: &mut Driver, slot: usize, w: &mut Waiting) {
         if let Some(token) = w.poll.take() {
-            let ud = user_data(Tag::Poll, payload(slot, token));
-            let _ = ring.cancel(ud, user_data(Tag::Cancel, 0));
+            let ud = user_data(AdmitOp::Poll, payload(slot, token));
+            let _ = ring.cancel(ud, user_data(ShardOp::Cancel, 0));
         }
     }
 
@@ -532,7 +543,7 @@ impl Admission {
         let after = earliest.saturating_duration_since(now);
         self.next_timer = (self.next_timer + 1) & 0xffff_ffff;
         if ring
-            .timeout(after, user_data(Tag::AdmitTimer, self.next_timer))
+            .timeout(after, user_data(AdmitOp::Timer, self.next_timer))
             .is_ok()
         {
             self.timers.push((self.next_timer, earliest));
@@ -548,7 +559,7 @@ impl Admission {
             }
         }
         for (t, _) in &self.timers {
-            let _ = ring.cancel(user_data(Tag::AdmitTimer, *t), user_data(Tag::Cancel, 0));
+            let _ = ring.cancel(user_data(AdmitOp::Timer, *t), user_data(ShardOp::Cancel, 0));
         }
     }
 

@@ -44,8 +44,16 @@ use std::time::Instant;
 use crate::driver::{Cqe, Driver};
 use crate::listen::backlog::Pending;
 use crate::listen::conn::Admitted;
-use crate::shard::{user_data, Tag};
+use crate::shard::{op_kinds, user_data, ShardOp};
 use crate::stats::Counters;
+
+op_kinds! {
+    /// The operations of event registrations.
+    pub(crate) enum RegisterOp {
+        /// The multishot poll on a registered connection.
+        Poll = 48,
+    }
+}
 
 const POLLIN: u32 = libc::POLLIN as u32;
 const POLLOUT: u32 = libc::POLLOUT as u32;
@@ -386,7 +394,7 @@ impl Registry {
     }
 
     fn post(&mut self, ring: &mut Driver, slot: usize, s: &mut Slot) -> io::Result<()> {
-        let ud = user_data(Tag::RegPoll, payload(slot, s.generation));
+        let ud = user_data(RegisterOp::Poll, payload(slot, s.generation));
         let events = self.reg.interest.bits();
         ring.poll(s.conn.as_raw_fd(), events, true, ud)?;
         s.armed = true;
@@ -396,8 +404,8 @@ impl Registry {
 
     fn cancel(ring: &mut Driver, slot: usize, generation: u32, armed: bool) {
         if armed {
-            let ud = user_data(Tag::RegPoll, payload(slot, generation));
-            let _ = ring.cancel(ud, user_data(Tag::Cancel, 0));
+            let ud = user_data(RegisterOp::Poll, payload(slot, generation));
+            let _ = ring.cancel(ud, user_data(ShardOp::Cancel, 0));
         }
     }
 

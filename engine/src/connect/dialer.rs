@@ -19,7 +19,7 @@ use crate::admit::attrs::SocketAttrs;
 use crate::driver::{op, sys, Cqe, Driver};
 use crate::error::Error;
 use crate::listen::accept::Delivery;
-use crate::shard::{user_data, Service, ShardControl, Tag};
+use crate::shard::{op_kinds, user_data, Service, ShardControl, ShardOp};
 
 use super::dial::{Completion, ConnectHandler, Connected, Ticket};
 use super::load::{CloseMode, OutcomeCounts, SequencePlan, SequenceRecord};
@@ -30,6 +30,31 @@ use super::slot::{
 };
 use super::socket::{configure_socket, errno_of, open_socket};
 use super::stats::{add, sub, Counters};
+
+op_kinds! {
+    /// The operations of the connect side.
+    pub(crate) enum ConnectOp {
+        /// SOCKET creation.
+        Socket = 16,
+        /// The CONNECT operation.
+        Connect = 17,
+        /// The LINK_TIMEOUT linked to a CONNECT.
+        Timeout = 18,
+        /// A SEND of a connection's payload.
+        Send = 19,
+        /// A RECV of a connection's response.
+        Recv = 20,
+        /// A CLOSE.
+        Close = 21,
+        /// The shard's timer.
+        Timer = 22,
+        /// A CONNECT to AF_UNSPEC that ends a sequence (RST) and keeps its
+        /// socket for the next one.
+        Disconnect = 24,
+        /// The CLOSE of a kept socket at the end of a run.
+        Unpark = 25,
+    }
+}
 
 /// How often a shard with sequences in flight checks their deadlines.
 const SCAN_INTERVAL: Duration = Duration::from_millis(10);
@@ -269,7 +294,7 @@ impl Dialer {
         } else {
             libc::AF_INET6
         };
-        match ring.socket(domain, user_data(Tag::ConnectSocket, i as u64)) {
+        match ring.socket(domain, user_data(ConnectOp::Socket, i as u64)) {
             Ok(()) => self.slots[i].ops = OP_SOCKET,
             Err(e) => {
                 self.slots[i].opening = None;
@@ -338,14 +363,14 @@ impl Dialer {
             s.fd = Some(fd);
         }
         let p = i as u64;
-        let t = timeout.map(|d| (d, user_data(Tag::ConnectTimeout, p)));
+        let t = timeout.map(|d| (d, user_data(ConnectOp::Timeout, p)));
         let posted = ring.reserve(2).and_then(|()| {
             ring.connect_chain(
                 raw,
                 SockAddr::from(addr),
                 t,
                 false,
-                user_data(Tag::Connect, p),
+                user_data(ConnectOp::Connect, p),
             )
         });
         match posted {
@@ -359,10 +384,10 @@ impl Dialer {
         }
     }
 
-    fn on_cqe(&mut self, ring: &mut Driver, tag: Tag, i: usize, cqe: Cqe, now: Instant) {
+    fn on_cqe(&mut self, ring: &mut Driver, tag: ConnectOp, i: usize, cqe: Cqe, now: Instant) {
         let res = cqe.result;
         match tag {
-            Tag::ConnectSocket if self.slots[i].direct.is_some() => {
+            ConnectOp::Socket if self.slots[i].direct.is_some() => {
                 let s = &mut self.slots[i];
                 s.ops &= !OP_SOCKET;
                 if res < 0 {
@@ -373,15 +398,15 @@ impl Dialer {
                     add(&self.counters().sockets_created, 1);
                 }
             }
-            Tag::ConnectSocket => return self.socket_opened(ring, i, res, now),
-            Tag::ConnectDisconnect => {
+            ConnectOp::Socket => return self.socket_opened(ring, i, res, now),
+            ConnectOp::Disconnect => {
                 let s = &mut self.slots[i];
                 s.ops &= !OP_DISCONNECT;
                 // Otherwise (cancelled with a broken chain, or refused) the
                 // socket is still in the slot and finish_slot ends it.
                 s.parkable = res == 0;
             }
-            Tag::Connect => {
+            ConnectOp::Connect => {
                 ring.release(cqe.user_data);
                 let s = &mut self.slots[i];
                 s.ops &= !OP_CONNECT;
@@ -394,7 +419,7 @@ impl Dialer {
                     s.connect_at = Some(now);
                 }
             }
-            Tag::ConnectTimeout => {
+            ConnectOp::Timeout => {
                 ring.release(cqe.user_data);
                 let s = &mut self.slots[i];
                 s.ops &= !OP_TIMEOUT;
@@ -402,7 +427,7 @@ impl Dialer {
                     s.timeout_fired = true;
                 }
             }
-            Tag::ConnectSend => {
+            ConnectOp::Send => {
                 ring.release(cqe.user_data);
                 let s = &mut self.slots[i];
                 s.ops &= !OP_SEND;
@@ -411,7 +436,7 @@ impl Dialer {
                     s.sent += res as usize;
                 }
             }
-            Tag::ConnectRecv => {
+            ConnectOp::Recv => {
                 ring.release(cqe.user_data);
                 let s = &mut self.slots[i];
                 s.ops &= !OP_RECV;
@@ -432,14 +457,14 @@ impl Dialer {
                     let len = (s.expect - s.received).min(RECV_CHUNK);
                     let (desc, p) = (Self::desc_of(s), i as u64);
                     if ring
-                        .recv_linked(desc, len, 0, false, user_data(Tag::ConnectRecv, p))
+                        .recv_linked(desc, len, 0, false, user_data(ConnectOp::Recv, p))
                         .is_ok()
                     {
                         self.slots[i].ops |= OP_RECV;
                     }
                 }
             }
-            Tag::ConnectClose if self.slots[i].direct.is_some() => {
+            ConnectOp::Close if self.slots[i].direct.is_some() => {
                 let s = &mut self.slots[i];
                 s.ops &= !OP_CLOSE;
                 // -ECANCELED: the chain broke before its CLOSE ran; the
@@ -449,7 +474,7 @@ impl Dialer {
                     sub(&self.counters().open_sockets, 1);
                 }
             }
-            Tag::ConnectClose => {
+            ConnectOp::Close => {
                 ring.finish_close(cqe.user_data, res);
                 self.slots[i].ops &= !OP_CLOSE;
                 sub(&self.counters().open_sockets, 1);
@@ -537,13 +562,16 @@ impl Dialer {
         match self.timer_armed {
             None => {
                 let after = want.saturating_duration_since(now).max(MIN_TIMER);
-                if ring.timeout(after, user_data(Tag::ConnectTimer, 0)).is_ok() {
+                if ring.timeout(after, user_data(ConnectOp::Timer, 0)).is_ok() {
                     self.timer_armed = Some(now + after);
                 }
             }
             Some(until) if !self.timer_cancelling && want + MIN_TIMER < until => {
                 if ring
-                    .cancel(user_data(Tag::ConnectTimer, 0), user_data(Tag::Cancel, 0))
+                    .cancel(
+                        user_data(ConnectOp::Timer, 0),
+                        user_data(ShardOp::Cancel, 0),
+                    )
                     .is_ok()
                 {
                     self.timer_cancelling = true;
@@ -581,14 +609,17 @@ impl Service for Dialer {
         Ok(())
     }
 
-    fn complete(&mut self, ring: &mut Driver, tag: Tag, payload: u64, cqe: Cqe, now: Instant) {
-        if tag == Tag::ConnectTimer {
+    fn complete(&mut self, ring: &mut Driver, kind: u8, payload: u64, cqe: Cqe, now: Instant) {
+        let Some(tag) = ConnectOp::from_byte(kind) else {
+            return;
+        };
+        if tag == ConnectOp::Timer {
             ring.release(cqe.user_data);
             self.timer_armed = None;
             self.timer_cancelling = false;
             return;
         }
-        if tag == Tag::ConnectUnpark {
+        if tag == ConnectOp::Unpark {
             // A plain descriptor's CLOSE holds it until here (nothing for a
             // direct slot's).
             ring.finish_close(cqe.user_data, cqe.result);
@@ -634,7 +665,10 @@ impl Service for Dialer {
         }
         self.close_parked(ring);
         if self.timer_armed.is_some() && !self.timer_cancelling {
-            let _ = ring.cancel(user_data(Tag::ConnectTimer, 0), user_data(Tag::Cancel, 0));
+            let _ = ring.cancel(
+                user_data(ConnectOp::Timer, 0),
+                user_data(ShardOp::Cancel, 0),
+            );
             self.timer_cancelling = true;
         }
         // A run with nothing in flight ends now; one with sequences in

@@ -65,7 +65,7 @@
 
 pub(crate) mod connector;
 pub(crate) mod dial;
-mod dialer;
+pub(crate) mod dialer;
 pub(crate) mod load;
 mod sequence;
 mod slot;

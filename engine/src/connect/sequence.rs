@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 use socket2::SockAddr;
 
 use crate::driver::{Desc, Driver};
-use crate::shard::{user_data, Tag};
+use crate::shard::user_data;
 
-use super::dialer::{Dialer, RunJob};
+use super::dialer::{ConnectOp, Dialer, RunJob};
 use super::load::{CloseMode, OutcomeCounts, SequencePlan};
 use super::slot::{Opening, OP_CLOSE, OP_CONNECT, OP_DISCONNECT, OP_RECV, OP_SEND, OP_SOCKET};
 use super::socket::{errno_of, open_socket};
@@ -130,7 +130,7 @@ fn post_chain(
         SockAddr::from(plan.target),
         None,
         send || recv || end_linked,
-        user_data(Tag::Connect, p),
+        user_data(ConnectOp::Connect, p),
     )?;
     *ops |= OP_CONNECT;
     if send {
@@ -141,17 +141,17 @@ fn post_chain(
             bytes,
             flags,
             recv || end_linked,
-            user_data(Tag::ConnectSend, p),
+            user_data(ConnectOp::Send, p),
         )?;
         *ops |= OP_SEND;
     }
     if recv {
         let len = plan.expect.min(RECV_CHUNK);
-        ring.recv_linked(fd, len, 0, end_linked, user_data(Tag::ConnectRecv, p))?;
+        ring.recv_linked(fd, len, 0, end_linked, user_data(ConnectOp::Recv, p))?;
         *ops |= OP_RECV;
     }
     if end_linked && keep {
-        ring.disconnect(fd, user_data(Tag::ConnectDisconnect, p))?;
+        ring.disconnect(fd, user_data(ConnectOp::Disconnect, p))?;
         *ops |= OP_DISCONNECT;
     }
     Ok(())
@@ -268,7 +268,7 @@ impl Dialer {
         s.reset = reset;
         match posted {
             Ok(()) if close_linked && !reset => {
-                match ring.close(fd, user_data(Tag::ConnectClose, p)) {
+                match ring.close(fd, user_data(ConnectOp::Close, p)) {
                     Ok(()) => s.ops |= OP_CLOSE,
                     Err(_) => {
                         // `close` consumed the descriptor either way.
@@ -337,12 +337,12 @@ impl Dialer {
             ring.reserve(n)?;
             if !reuse {
                 let domain = if v4 { libc::AF_INET } else { libc::AF_INET6 };
-                ring.socket_direct(domain, slot, true, user_data(Tag::ConnectSocket, p))?;
+                ring.socket_direct(domain, slot, true, user_data(ConnectOp::Socket, p))?;
                 ops |= OP_SOCKET;
             }
             post_chain(ring, fixed, plan, p, reset, &mut ops)?;
             if close_linked && !reset {
-                ring.close_direct(slot, user_data(Tag::ConnectClose, p))?;
+                ring.close_direct(slot, user_data(ConnectOp::Close, p))?;
                 ops |= OP_CLOSE;
             }
             Ok(())
@@ -376,7 +376,7 @@ impl Dialer {
             s.disconnect_tried = true;
             let desc = Self::desc_of(s);
             if ring
-                .disconnect(desc, user_data(Tag::ConnectDisconnect, i as u64))
+                .disconnect(desc, user_data(ConnectOp::Disconnect, i as u64))
                 .is_ok()
             {
                 s.ops |= OP_DISCONNECT;
@@ -396,7 +396,7 @@ impl Dialer {
         let Some(fd) = self.slots[i].fd.take() else {
             return;
         };
-        match ring.close(fd, user_data(Tag::ConnectClose, i as u64)) {
+        match ring.close(fd, user_data(ConnectOp::Close, i as u64)) {
             Ok(()) => self.slots[i].ops |= OP_CLOSE,
             Err(_) => sub(&self.counters().open_sockets, 1),
         }
@@ -408,7 +408,7 @@ impl Dialer {
         let Some(slot) = self.slots[i].direct else {
             return;
         };
-        match ring.close_direct(slot, user_data(Tag::ConnectClose, i as u64)) {
+        match ring.close_direct(slot, user_data(ConnectOp::Close, i as u64)) {
             Ok(()) => self.slots[i].ops |= OP_CLOSE,
             Err(_) => {
                 // The next SOCKET into this slot replaces (and closes) it.
@@ -426,7 +426,7 @@ impl Dialer {
                 sub(&self.counters().open_sockets, 1);
             }
             Parked::Direct { .. } => {
-                match ring.close_direct(i as u32, user_data(Tag::ConnectUnpark, i as u64)) {
+                match ring.close_direct(i as u32, user_data(ConnectOp::Unpark, i as u64)) {
                     Ok(()) => self.unparking += 1,
                     Err(_) => sub(&self.counters().open_sockets, 1),
                 }
@@ -435,7 +435,7 @@ impl Dialer {
     }
 
     /// Closes the sockets kept in direct slots (at the end of a run, or on
-    /// stop); each CLOSE completes as [`Tag::ConnectUnpark`].
+    /// stop); each CLOSE completes as [`ConnectOp::Unpark`].
     pub(super) fn close_parked(&mut self, ring: &mut Driver) {
         if self.parked_count == 0 {
             return;
@@ -445,7 +445,7 @@ impl Dialer {
                 continue;
             };
             self.parked_count -= 1;
-            let ud = user_data(Tag::ConnectUnpark, i as u64);
+            let ud = user_data(ConnectOp::Unpark, i as u64);
             let posted = match parked {
                 Parked::Direct { .. } => ring.close_direct(i as u32, ud),
                 Parked::Fd { fd, .. } => ring.close(fd, ud),

@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 use crate::admit::attrs::SocketAttrs;
 use crate::driver::{Desc, Driver};
 use crate::error::{ConnectErrorKind, Error};
-use crate::shard::{user_data, Tag};
+use crate::shard::{user_data, ShardOp};
 
 use super::dial::{Completion, Connected, Ticket};
-use super::dialer::{Dialer, Reply};
+use super::dialer::{ConnectOp, Dialer, Reply};
 use super::load::{SequenceOutcome, SequencePlan, SequenceRecord};
 use super::sequence::Parked;
 use super::stats::{add, sub};
@@ -176,12 +176,12 @@ impl Dialer {
         s.cancel = why;
         let p = i as u64;
         for (bit, tag) in [
-            (OP_CONNECT, Tag::Connect),
-            (OP_SEND, Tag::ConnectSend),
-            (OP_RECV, Tag::ConnectRecv),
+            (OP_CONNECT, ConnectOp::Connect),
+            (OP_SEND, ConnectOp::Send),
+            (OP_RECV, ConnectOp::Recv),
         ] {
             if s.ops & bit != 0 {
-                let _ = ring.cancel(user_data(tag, p), user_data(Tag::Cancel, p));
+                let _ = ring.cancel(user_data(tag, p), user_data(ShardOp::Cancel, p));
             }
         }
     }

@@ -18,15 +18,27 @@ use std::time::{Duration, Instant};
 
 use socket2::Socket;
 
-use crate::admit::{Admission, AdmissionConfig};
+use crate::admit::register::RegisterOp;
+use crate::admit::{Admission, AdmissionConfig, AdmitOp};
 use crate::driver::{sys, Cqe, Driver};
 use crate::listen::accept::{Delivery, ShardShared};
 use crate::listen::backlog::Pending;
 use crate::listen::conn::Admitted;
-use crate::relay::context::{Replies, ShardContext};
-use crate::relay::Relays;
-use crate::shard::{user_data, Coalesce, Service, Tag};
+use crate::relay::context::{Replies, ReplyOp, ShardContext};
+use crate::relay::{RelayOp, Relays};
+use crate::shard::{op_kinds, user_data, Coalesce, Service, ShardOp};
 use crate::stats::Counters;
+
+op_kinds! {
+    /// The acceptor's own operations (its hosted parts, admission,
+    /// registrations, replies and relays, name theirs).
+    pub(crate) enum AcceptOp {
+        /// The listener's accept operation.
+        Accept = 2,
+        /// The accept backoff timer.
+        Backoff = 4,
+    }
+}
 
 /// First backoff after a resource-exhaustion error.
 pub(crate) const MIN_BACKOFF: Duration = Duration::from_millis(1);
@@ -196,7 +208,7 @@ impl Acceptor {
             return Ok(());
         };
         let fd = socket.as_raw_fd();
-        let ud = user_data(Tag::Accept, 0);
+        let ud = user_data(AcceptOp::Accept, 0);
         if self.multishot {
             ring.accept_multi(fd, ud)?;
         } else {
@@ -213,7 +225,10 @@ impl Acceptor {
     fn cancel(&mut self, ring: &mut Driver) {
         if self.arm == Arm::Armed
             && ring
-                .cancel(user_data(Tag::Accept, 0), user_data(Tag::Cancel, 0))
+                .cancel(
+                    user_data(AcceptOp::Accept, 0),
+                    user_data(ShardOp::Cancel, 0),
+                )
                 .is_ok()
         {
             self.arm = Arm::Cancelling;
@@ -225,7 +240,7 @@ impl Acceptor {
             return;
         }
         if ring
-            .timeout(self.backoff_step, user_data(Tag::Backoff, 0))
+            .timeout(self.backoff_step, user_data(AcceptOp::Backoff, 0))
             .is_ok()
         {
             self.backoff_timer = true;
@@ -327,6 +342,49 @@ impl Acceptor {
     }
 }
 
+impl Acceptor {
+    /// A completion of an operation one of the parts the acceptor hosts
+    /// posted, routed by the kinds each part names.
+    fn complete_hosted(
+        &mut self,
+        ring: &mut Driver,
+        kind: u8,
+        payload: u64,
+        cqe: Cqe,
+        now: Instant,
+    ) {
+        if let Some(op) = ReplyOp::from_byte(kind) {
+            self.replies.complete(ring, op, cqe);
+        } else if let Some(op) = RelayOp::from_byte(kind) {
+            self.relays.complete(ring, op, payload, cqe, now);
+        } else if let Some(RegisterOp::Poll) = RegisterOp::from_byte(kind) {
+            if let Some(r) = &mut self.registry {
+                r.event(ring, payload, cqe, self.stopping, &self.shard.counters);
+                for p in std::mem::take(&mut r.taken) {
+                    self.enqueue_ring(p);
+                }
+            }
+        } else if let Some(op) = AdmitOp::from_byte(kind) {
+            if let Some(a) = &mut self.admission {
+                match op {
+                    AdmitOp::Poll => a.polled(
+                        ring,
+                        &mut self.replies,
+                        &self.shard.counters,
+                        payload,
+                        cqe,
+                        now,
+                    ),
+                    AdmitOp::Timer => {
+                        a.timer(ring, &mut self.replies, &self.shard.counters, cqe, now)
+                    }
+                }
+            }
+            self.take_admitted();
+        }
+    }
+}
+
 impl Service for Acceptor {
     fn start(&mut self, ring: &mut Driver) -> io::Result<()> {
         if let Some(c) = self.coalesce {
@@ -337,9 +395,9 @@ impl Service for Acceptor {
         self.arm(ring)
     }
 
-    fn complete(&mut self, ring: &mut Driver, tag: Tag, payload: u64, cqe: Cqe, now: Instant) {
-        match tag {
-            Tag::Accept => {
+    fn complete(&mut self, ring: &mut Driver, kind: u8, payload: u64, cqe: Cqe, now: Instant) {
+        match AcceptOp::from_byte(kind) {
+            Some(AcceptOp::Accept) => {
                 if !cqe.more() {
                     self.arm = Arm::Idle;
                 }
@@ -388,44 +446,11 @@ impl Service for Acceptor {
                     }
                 }
             }
-            Tag::Backoff => {
+            Some(AcceptOp::Backoff) => {
                 ring.release(cqe.user_data);
                 self.backoff_timer = false;
             }
-            Tag::ReplySend | Tag::ReplyClose => self.replies.complete(ring, tag, cqe),
-            Tag::RelayConnect
-            | Tag::RelayConnectTimeout
-            | Tag::RelayRecv
-            | Tag::RelaySend
-            | Tag::RelayShutdown
-            | Tag::RelayClose
-            | Tag::RelayTimer => self.relays.complete(ring, tag, payload, cqe, now),
-            Tag::RegPoll => {
-                if let Some(r) = &mut self.registry {
-                    r.event(ring, payload, cqe, self.stopping, &self.shard.counters);
-                    for p in std::mem::take(&mut r.taken) {
-                        self.enqueue_ring(p);
-                    }
-                }
-            }
-            Tag::Poll | Tag::AdmitTimer => {
-                if let Some(a) = &mut self.admission {
-                    if tag == Tag::Poll {
-                        a.polled(
-                            ring,
-                            &mut self.replies,
-                            &self.shard.counters,
-                            payload,
-                            cqe,
-                            now,
-                        );
-                    } else {
-                        a.timer(ring, &mut self.replies, &self.shard.counters, cqe, now);
-                    }
-                }
-                self.take_admitted();
-            }
-            _ => {}
+            None => self.complete_hosted(ring, kind, payload, cqe, now),
         }
     }
 
@@ -494,7 +519,10 @@ impl Service for Acceptor {
             a.stop(ring);
         }
         if self.backoff_timer {
-            let _ = ring.cancel(user_data(Tag::Backoff, 0), user_data(Tag::Cancel, 0));
+            let _ = ring.cancel(
+                user_data(AcceptOp::Backoff, 0),
+                user_data(ShardOp::Cancel, 0),
+            );
         }
     }
 

@@ -6,7 +6,17 @@ use std::os::fd::OwnedFd;
 use crate::driver::{Cqe, Driver};
 use crate::listen::conn::Admitted;
 use crate::relay::{OnEnd, RelayOptions, RelayOutcome, Relays};
-use crate::shard::{user_data, Tag};
+use crate::shard::{op_kinds, user_data};
+
+op_kinds! {
+    /// The operations of replies (`reply_and_close`).
+    pub(crate) enum ReplyOp {
+        /// A linked reply SEND.
+        Send = 5,
+        /// The CLOSE linked after a reply.
+        Close = 6,
+    }
+}
 
 /// The shard an inline handler runs on, and its io_uring.
 ///
@@ -235,24 +245,23 @@ impl Replies {
             libc::MSG_MORE | libc::MSG_NOSIGNAL
         };
         ring.reserve(2)?;
-        ring.send(raw, bytes, flags, true, user_data(Tag::ReplySend, id))?;
+        ring.send(raw, bytes, flags, true, user_data(ReplyOp::Send, id))?;
         self.sends += 1;
-        ring.close(fd, user_data(Tag::ReplyClose, id))?;
+        ring.close(fd, user_data(ReplyOp::Close, id))?;
         self.closes += 1;
         Ok(())
     }
 
-    pub(crate) fn complete(&mut self, ring: &mut Driver, tag: Tag, cqe: Cqe) {
-        match tag {
-            Tag::ReplySend => {
+    pub(crate) fn complete(&mut self, ring: &mut Driver, op: ReplyOp, cqe: Cqe) {
+        match op {
+            ReplyOp::Send => {
                 ring.release(cqe.user_data);
                 self.sends = self.sends.saturating_sub(1);
             }
-            Tag::ReplyClose => {
+            ReplyOp::Close => {
                 ring.finish_close(cqe.user_data, cqe.result);
                 self.closes = self.closes.saturating_sub(1);
             }
-            _ => {}
         }
     }
 

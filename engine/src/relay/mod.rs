@@ -53,8 +53,28 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, Type};
 
 use crate::driver::{sys, Cqe, Driver, Released};
-use crate::shard::{user_data, Tag};
+use crate::shard::{op_kinds, user_data, ShardOp};
 use crate::stats::{Counters, RelayCounters};
+
+op_kinds! {
+    /// The operations of relays.
+    pub(crate) enum RelayOp {
+        /// The CONNECT of a relay's upstream socket.
+        Connect = 40,
+        /// The LINK_TIMEOUT linked to a relay's CONNECT.
+        ConnectTimeout = 41,
+        /// A RECV of one direction of a relay.
+        Recv = 42,
+        /// A SEND of one direction of a relay.
+        Send = 43,
+        /// A SHUTDOWN(SHUT_WR) ending one direction of a relay.
+        Shutdown = 44,
+        /// The CLOSE of one of a relay's sockets.
+        Close = 45,
+        /// The shard's idle-scan timer.
+        Timer = 46,
+    }
+}
 
 /// Default size of each direction's buffer: 64 KiB.
 pub const DEFAULT_RELAY_BUFFER: usize = 64 * 1024;
@@ -415,11 +435,11 @@ enum Step {
 }
 
 impl Step {
-    fn in_flight(self) -> Option<Tag> {
+    fn in_flight(self) -> Option<RelayOp> {
         match self {
-            Step::Recv => Some(Tag::RelayRecv),
-            Step::Send { .. } => Some(Tag::RelaySend),
-            Step::Shutdown => Some(Tag::RelayShutdown),
+            Step::Recv => Some(RelayOp::Recv),
+            Step::Send { .. } => Some(RelayOp::Send),
+            Step::Shutdown => Some(RelayOp::Shutdown),
             Step::Idle | Step::Done => None,
         }
     }
@@ -681,14 +701,14 @@ impl Relays {
         let timeout = (!opts.connect_timeout().is_zero()).then(|| {
             (
                 opts.connect_timeout(),
-                user_data(Tag::RelayConnectTimeout, pack(idx, gen, UPSTREAM)),
+                user_data(RelayOp::ConnectTimeout, pack(idx, gen, UPSTREAM)),
             )
         });
         let posted = ring.connect(
             up.as_raw_fd(),
             SockAddr::from(upstream),
             timeout,
-            user_data(Tag::RelayConnect, pack(idx, gen, UPSTREAM)),
+            user_data(RelayOp::Connect, pack(idx, gen, UPSTREAM)),
         );
         if let Err(e) = posted {
             // Nothing was posted: the upstream socket closes here.
@@ -702,16 +722,16 @@ impl Relays {
     pub(crate) fn complete(
         &mut self,
         ring: &mut Driver,
-        tag: Tag,
+        tag: RelayOp,
         payload: u64,
         cqe: Cqe,
         now: Instant,
     ) {
-        if tag == Tag::RelayTimer {
+        if tag == RelayOp::Timer {
             return self.timer(ring, payload, cqe, now);
         }
         let (idx, gen, side) = decode(payload);
-        let released = if tag == Tag::RelayClose {
+        let released = if tag == RelayOp::Close {
             ring.finish_close(cqe.user_data, cqe.result);
             Released::Nothing
         } else {
@@ -727,7 +747,7 @@ impl Relays {
         let Some(r) = slot.relay.as_mut() else {
             return;
         };
-        if tag == Tag::RelayClose {
+        if tag == RelayOp::Close {
             r.closes = r.closes.saturating_sub(1);
         } else {
             r.ops = r.ops.saturating_sub(1);
@@ -735,8 +755,8 @@ impl Relays {
         let result = cqe.result;
         let mut idle_deadline = None;
         match tag {
-            Tag::RelayConnectTimeout | Tag::RelayClose => {}
-            Tag::RelayConnect => {
+            RelayOp::ConnectTimeout | RelayOp::Close => {}
+            RelayOp::Connect => {
                 r.connecting = false;
                 if r.end.is_none() {
                     if result < 0 {
@@ -754,7 +774,7 @@ impl Relays {
                     }
                 }
             }
-            Tag::RelayRecv => {
+            RelayOp::Recv => {
                 let d = side;
                 r.steps[d] = Step::Idle;
                 let Released::Bytes(buf) = released else {
@@ -772,7 +792,7 @@ impl Relays {
                     // every byte before the FIN has already been sent.
                     r.bufs[d] = Some(buf);
                     r.first.get_or_insert(d);
-                    let ud = user_data(Tag::RelayShutdown, pack(idx, gen, d));
+                    let ud = user_data(RelayOp::Shutdown, pack(idx, gen, d));
                     match ring.shutdown(r.raw[1 - d], libc::SHUT_WR, ud) {
                         Ok(()) => {
                             r.steps[d] = Step::Shutdown;
@@ -793,7 +813,7 @@ impl Relays {
                     r.fail(ring, idx, gen, peer_end(d, -result), Some(d));
                 }
             }
-            Tag::RelaySend => {
+            RelayOp::Send => {
                 let d = side;
                 let Step::Send { start, end } = r.steps[d] else {
                     r.steps[d] = Step::Idle;
@@ -831,7 +851,7 @@ impl Relays {
                     r.fail(ring, idx, gen, peer_end(1 - d, -result), Some(1 - d));
                 }
             }
-            Tag::RelayShutdown => {
+            RelayOp::Shutdown => {
                 let d = side;
                 if r.steps[d] == Step::Shutdown {
                     r.steps[d] = Step::Done;
@@ -875,7 +895,7 @@ impl Relays {
         let after = at.saturating_duration_since(now);
         // A refused timer (the ring is broken) only delays idle teardown
         // until the next relay connects and arms one.
-        if ring.timeout(after, user_data(Tag::RelayTimer, id)).is_ok() {
+        if ring.timeout(after, user_data(RelayOp::Timer, id)).is_ok() {
             self.timers.push((id, at));
         }
     }
@@ -941,7 +961,7 @@ impl Relays {
                     // should report a reset or a failure of the far side.
                     let _ = SockRef::from(&fd).set_linger(Some(Duration::ZERO));
                 }
-                let ud = user_data(Tag::RelayClose, pack(idx, gen, side));
+                let ud = user_data(RelayOp::Close, pack(idx, gen, side));
                 // On error the descriptor was dropped, hence closed, by
                 // `close` itself: closed once either way.
                 if ring.close(fd, ud).is_ok() {
@@ -967,7 +987,10 @@ impl Relays {
     pub(crate) fn stop(&mut self, ring: &mut Driver) {
         self.stopping = true;
         for (id, _) in &self.timers {
-            let _ = ring.cancel(user_data(Tag::RelayTimer, *id), user_data(Tag::Cancel, 0));
+            let _ = ring.cancel(
+                user_data(RelayOp::Timer, *id),
+                user_data(ShardOp::Cancel, 0),
+            );
         }
         for idx in 0..self.slots.len() {
             let gen = self.slots[idx].gen;
@@ -1036,7 +1059,7 @@ impl Relay {
             self.bufs[d] = Some(buf);
             return;
         }
-        let ud = user_data(Tag::RelayRecv, pack(idx, gen, d));
+        let ud = user_data(RelayOp::Recv, pack(idx, gen, d));
         match ring.recv_into(self.raw[d], buf, ud) {
             Ok(()) => {
                 self.steps[d] = Step::Recv;
@@ -1069,7 +1092,7 @@ impl Relay {
             self.bufs[d] = Some(buf);
             return;
         }
-        let ud = user_data(Tag::RelaySend, pack(idx, gen, d));
+        let ud = user_data(RelayOp::Send, pack(idx, gen, d));
         match ring.send_range(self.raw[1 - d], buf, start..end, libc::MSG_NOSIGNAL, ud) {
             Ok(()) => {
                 self.steps[d] = Step::Send { start, end };
@@ -1105,9 +1128,9 @@ impl Relay {
         if self.first.is_none() {
             self.first = side;
         }
-        let cancel = user_data(Tag::Cancel, 0);
+        let cancel = user_data(ShardOp::Cancel, 0);
         if self.connecting {
-            let target = user_data(Tag::RelayConnect, pack(idx, gen, UPSTREAM));
+            let target = user_data(RelayOp::Connect, pack(idx, gen, UPSTREAM));
             let _ = ring.cancel(target, cancel);
         }
         for d in [CLIENT, UPSTREAM] {
