@@ -1,12 +1,13 @@
 //! The backlog ring alone: push/pop throughput of crossbeam's `ArrayQueue` with the engine's
 //! backpressure bookkeeping, against a bare `ArrayQueue`.
 //!
-//! The engine's `Backlog` (engine/src/backlog.rs) is `pub(crate)`, so [`Bookkept`] replicates its
-//! bookkeeping faithfully: after each successful push, the depth (`len()`) is compared with a
-//! high-water mark (Relaxed load, store when deeper); after each pop, the `paused` flag is read
-//! with SeqCst and, when set, the depth is compared with the low-water mark (half the
-//! capacity). The items mirror the engine's `Pending { fd: OwnedFd, accepted_at: Instant }`
-//! with a plain `i32` for the fd (no real descriptors are opened or closed here).
+//! The engine's `Backlog` (engine/src/listen/backlog.rs) is `pub(crate)`, so [`Bookkept`]
+//! replicates its bookkeeping faithfully: after each successful push, the depth (`len()`) is
+//! compared with a high-water mark (Relaxed load, store when deeper); after each pop, the
+//! `paused` flag is read with SeqCst and, when set, the depth is compared with the low-water
+//! mark (half the capacity). The items mirror the engine's
+//! `Pending { fd: OwnedFd, accepted_at: Instant }` with a plain `i32` for the fd (no real
+//! descriptors are opened or closed here).
 //!
 //! Two shapes: one thread pushing a batch then popping it (the ring's own cost), and one
 //! producer thread with one consumer thread (the shard and the application), bounded in count.

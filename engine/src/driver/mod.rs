@@ -10,7 +10,13 @@
 //!   results, flags and order guarantees (a linked SEND then its CLOSE; a
 //!   CONNECT and its LINK_TIMEOUT; cancellation), the way monoio's legacy
 //!   driver and Seastar's epoll backend work. It runs where io_uring is
-//!   denied (container seccomp profiles, `kernel.io_uring_disabled`).
+//!   denied (container seccomp profiles, `kernel.io_uring_disabled`);
+//! - [`sys`]: the few direct syscalls the services make themselves
+//!   (eventfds, `poll(2)`, socket options socket2 lacks, adopting a
+//!   descriptor a completion returned).
+//!
+//! This folder is the engine's one thin unsafe layer: the crate root allows
+//! `unsafe_code` here and nowhere else.
 //!
 //! [`Driver`] owns the memory every in-flight operation points at (buffers,
 //! addresses, the descriptor a CLOSE is closing), keyed by user data, and
@@ -23,6 +29,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 pub(crate) mod epoll;
+pub(crate) mod sys;
 pub(crate) mod uring;
 
 /// A hasher for the driver's u64 keys (user data, node ids): one multiply

@@ -3,10 +3,20 @@
 use std::io;
 use std::os::fd::OwnedFd;
 
-use crate::conn::Admitted;
+use crate::driver::{Cqe, Driver};
+use crate::listen::conn::Admitted;
 use crate::relay::{OnEnd, RelayOptions, RelayOutcome, Relays};
-use crate::shard::{user_data, Tag};
-use crate::sys::{Cqe, Uring};
+use crate::shard::{op_kinds, user_data};
+
+op_kinds! {
+    /// The operations of replies (`reply_and_close`).
+    pub(crate) enum ReplyOp {
+        /// A linked reply SEND.
+        Send = 5,
+        /// The CLOSE linked after a reply.
+        Close = 6,
+    }
+}
 
 /// The shard an inline handler runs on, and its io_uring.
 ///
@@ -15,7 +25,7 @@ use crate::sys::{Cqe, Uring};
 #[derive(Debug)]
 pub struct ShardContext<'a> {
     shard: usize,
-    ring: &'a mut Uring,
+    ring: &'a mut Driver,
     replies: &'a mut Replies,
     relays: &'a mut Relays,
 }
@@ -23,7 +33,7 @@ pub struct ShardContext<'a> {
 impl<'a> ShardContext<'a> {
     pub(crate) fn new(
         shard: usize,
-        ring: &'a mut Uring,
+        ring: &'a mut Driver,
         replies: &'a mut Replies,
         relays: &'a mut Relays,
     ) -> Self {
@@ -203,7 +213,7 @@ impl<'a> ShardContext<'a> {
     /// As [`ShardContext::reply_and_close`].
     pub fn drain_reply_and_close(&mut self, conn: Admitted, reply: &[u8]) -> io::Result<()> {
         use std::os::fd::AsFd;
-        crate::sys::discard_now(conn.as_fd());
+        crate::driver::sys::discard_now(conn.as_fd());
         self.reply_and_close(conn, reply)
     }
 }
@@ -223,7 +233,7 @@ pub(crate) struct Replies {
 }
 
 impl Replies {
-    pub(crate) fn post(&mut self, ring: &mut Uring, fd: OwnedFd, reply: &[u8]) -> io::Result<()> {
+    pub(crate) fn post(&mut self, ring: &mut Driver, fd: OwnedFd, reply: &[u8]) -> io::Result<()> {
         use std::os::fd::AsRawFd;
         self.next = self.next.wrapping_add(1) & ((1 << 48) - 1);
         let id = self.next;
@@ -235,24 +245,23 @@ impl Replies {
             libc::MSG_MORE | libc::MSG_NOSIGNAL
         };
         ring.reserve(2)?;
-        ring.send(raw, bytes, flags, true, user_data(Tag::ReplySend, id))?;
+        ring.send(raw, bytes, flags, true, user_data(ReplyOp::Send, id))?;
         self.sends += 1;
-        ring.close(fd, user_data(Tag::ReplyClose, id))?;
+        ring.close(fd, user_data(ReplyOp::Close, id))?;
         self.closes += 1;
         Ok(())
     }
 
-    pub(crate) fn complete(&mut self, ring: &mut Uring, tag: Tag, cqe: Cqe) {
-        match tag {
-            Tag::ReplySend => {
+    pub(crate) fn complete(&mut self, ring: &mut Driver, op: ReplyOp, cqe: Cqe) {
+        match op {
+            ReplyOp::Send => {
                 ring.release(cqe.user_data);
                 self.sends = self.sends.saturating_sub(1);
             }
-            Tag::ReplyClose => {
+            ReplyOp::Close => {
                 ring.finish_close(cqe.user_data, cqe.result);
                 self.closes = self.closes.saturating_sub(1);
             }
-            _ => {}
         }
     }
 

@@ -4,8 +4,8 @@ use std::io;
 use std::net::{SocketAddr, TcpStream};
 use std::time::Instant;
 
-use crate::backlog::Pending;
-use crate::condition::Value;
+use crate::admit::condition::Value;
+use crate::listen::backlog::Pending;
 
 /// A connection accepted by a shard and delivered to the application.
 ///

@@ -5,6 +5,11 @@
 //! One turn of the loop is one `io_uring_enter`: submit what the services
 //! queued, wait for at least one completion, drain every completion, let
 //! the services act on the batch, repeat.
+//!
+//! A completion is routed by the top byte of its user data, the kind of its
+//! operation: the shard keeps its wake-up read and cancels ([`ShardOp`]) and
+//! hands every other kind to its service, which names its own kinds
+//! ([`op_kinds!`]) and routes them to its parts.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -14,125 +19,80 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use crate::driver::{Backend, BackendChoice};
+use crate::driver::{sys, Backend, BackendChoice, Cqe, Driver, RingSetup};
 use crate::error::Error;
-use crate::sys::{self, Cqe, RingSetup, Uring};
 
 /// Submission-queue slots per shard ring.
 const RING_ENTRIES: u32 = 256;
 
-/// User data layout: the top byte is the [`Tag`]; the rest is the service's.
-const TAG_SHIFT: u32 = 56;
+/// User data layout: the top byte is the operation's kind; the other 56
+/// bits are the payload of whoever posted it.
+const KIND_SHIFT: u32 = 56;
 
-/// What an operation belongs to, in the top byte of its user data.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub(crate) enum Tag {
-    /// The shard's own wake-up eventfd read.
-    Wake = 1,
-    /// The listener's accept operation.
-    Accept = 2,
-    /// A cancel the shard posted (its result is not interesting).
-    Cancel = 3,
-    /// The accept backoff timer.
-    Backoff = 4,
-    /// A linked reply SEND posted by `reply_and_close`.
-    ReplySend = 5,
-    /// The CLOSE linked after a reply.
-    ReplyClose = 6,
-    /// Admission: MSG_PEEK of a pending connection's first bytes.
-    Peek = 7,
-    /// Admission: the shard's deadline timer (pending timeouts, defers).
-    AdmitTimer = 8,
-    /// Admission: a poll on a pending or registered connection.
-    Poll = 9,
-    /// Admission: a reply SEND before accept or reject.
-    AdmitSend = 10,
-    /// Admission: a CLOSE after a reject.
-    AdmitClose = 11,
-    /// Connect side: SOCKET creation.
-    ConnectSocket = 16,
-    /// Connect side: the CONNECT operation.
-    Connect = 17,
-    /// Connect side: the LINK_TIMEOUT linked to a CONNECT.
-    ConnectTimeout = 18,
-    /// Connect side: a SEND of a connection's payload.
-    ConnectSend = 19,
-    /// Connect side: a RECV of a connection's response.
-    ConnectRecv = 20,
-    /// Connect side: a CLOSE.
-    ConnectClose = 21,
-    /// Connect side: a timer.
-    ConnectTimer = 22,
-    /// Connect side: a CONNECT to AF_UNSPEC that ends a sequence (RST) and
-    /// keeps its socket for the next one.
-    ConnectDisconnect = 24,
-    /// Connect side: the CLOSE of a kept socket at the end of a run.
-    ConnectUnpark = 25,
-    /// Relay: the CONNECT of a relay's upstream socket.
-    RelayConnect = 40,
-    /// Relay: the LINK_TIMEOUT linked to a relay's CONNECT.
-    RelayConnectTimeout = 41,
-    /// Relay: a RECV of one direction of a relay.
-    RelayRecv = 42,
-    /// Relay: a SEND of one direction of a relay.
-    RelaySend = 43,
-    /// Relay: a SHUTDOWN(SHUT_WR) ending one direction of a relay.
-    RelayShutdown = 44,
-    /// Relay: the CLOSE of one of a relay's sockets.
-    RelayClose = 45,
-    /// Relay: the shard's idle-scan timer.
-    RelayTimer = 46,
-    /// Registrations: the multishot poll on a registered connection.
-    RegPoll = 48,
+/// Defines the kinds of operation one owner posts: a `#[repr(u8)]` enum
+/// whose values are the top byte of their user data. The shard knows only
+/// its own ([`ShardOp`]); each service defines its own next to the code that
+/// posts them, with values no other owner uses (the crate's tests check
+/// that every kind is unique).
+macro_rules! op_kinds {
+    (
+        $(#[$meta:meta])*
+        $vis:vis enum $name:ident {
+            $($(#[$vmeta:meta])* $variant:ident = $value:literal,)+
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        #[repr(u8)]
+        $vis enum $name {
+            $($(#[$vmeta])* $variant = $value,)+
+        }
+
+        impl $name {
+            /// Every kind, for the uniqueness test.
+            #[cfg(test)]
+            pub(crate) const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The kind whose value is `byte`, if it is one of these.
+            pub(crate) fn from_byte(byte: u8) -> Option<Self> {
+                match byte {
+                    $($value => Some($name::$variant),)+
+                    _ => None,
+                }
+            }
+        }
+
+        impl From<$name> for u8 {
+            fn from(kind: $name) -> u8 {
+                kind as u8
+            }
+        }
+    };
 }
+pub(crate) use op_kinds;
 
-impl Tag {
-    fn from_u8(v: u8) -> Option<Tag> {
-        const ALL: [Tag; 28] = [
-            Tag::Wake,
-            Tag::Accept,
-            Tag::Cancel,
-            Tag::Backoff,
-            Tag::ReplySend,
-            Tag::ReplyClose,
-            Tag::Peek,
-            Tag::AdmitTimer,
-            Tag::Poll,
-            Tag::AdmitSend,
-            Tag::AdmitClose,
-            Tag::ConnectSocket,
-            Tag::Connect,
-            Tag::ConnectTimeout,
-            Tag::ConnectSend,
-            Tag::ConnectRecv,
-            Tag::ConnectClose,
-            Tag::ConnectTimer,
-            Tag::ConnectDisconnect,
-            Tag::ConnectUnpark,
-            Tag::RelayConnect,
-            Tag::RelayConnectTimeout,
-            Tag::RelayRecv,
-            Tag::RelaySend,
-            Tag::RelayShutdown,
-            Tag::RelayClose,
-            Tag::RelayTimer,
-            Tag::RegPoll,
-        ];
-        ALL.into_iter().find(|t| *t as u8 == v)
+op_kinds! {
+    /// The operations the shard itself tells apart: everything else goes to
+    /// its service, which routes it by its own kinds.
+    pub(crate) enum ShardOp {
+        /// The shard's own wake-up eventfd read.
+        Wake = 1,
+        /// A cancel (posted by the shard or a service; its result is not
+        /// interesting).
+        Cancel = 3,
     }
 }
 
-/// Builds user data from a tag and a 56-bit payload.
-pub(crate) fn user_data(tag: Tag, payload: u64) -> u64 {
-    ((tag as u64) << TAG_SHIFT) | (payload & ((1 << TAG_SHIFT) - 1))
+/// Builds user data from an operation kind and a 56-bit payload.
+pub(crate) fn user_data(kind: impl Into<u8>, payload: u64) -> u64 {
+    ((kind.into() as u64) << KIND_SHIFT) | (payload & ((1 << KIND_SHIFT) - 1))
 }
 
-/// Splits user data into its tag and payload.
-pub(crate) fn split(user_data: u64) -> (Option<Tag>, u64) {
+/// Splits user data into its kind and payload.
+pub(crate) fn split(user_data: u64) -> (u8, u64) {
     (
-        Tag::from_u8((user_data >> TAG_SHIFT) as u8),
-        user_data & ((1 << TAG_SHIFT) - 1),
+        (user_data >> KIND_SHIFT) as u8,
+        user_data & ((1 << KIND_SHIFT) - 1),
     )
 }
 
@@ -177,13 +137,15 @@ impl ShardControl {
 /// handed their completions.
 pub(crate) trait Service: Send + 'static {
     /// Posts the service's first operations.
-    fn start(&mut self, ring: &mut Uring) -> io::Result<()>;
-    /// One completion of an operation the service posted.
-    fn complete(&mut self, ring: &mut Uring, tag: Tag, payload: u64, cqe: Cqe, now: Instant);
+    fn start(&mut self, ring: &mut Driver) -> io::Result<()>;
+    /// One completion of an operation the service posted: `kind` is the
+    /// top byte of its user data, one of the service's own kinds (a kind it
+    /// does not know is ignored), `payload` the rest.
+    fn complete(&mut self, ring: &mut Driver, kind: u8, payload: u64, cqe: Cqe, now: Instant);
     /// After each batch of completions and after each wake-up.
-    fn turn(&mut self, ring: &mut Uring, now: Instant);
+    fn turn(&mut self, ring: &mut Driver, now: Instant);
     /// Stop: cancel what is in flight; `idle` must become true eventually.
-    fn stop(&mut self, ring: &mut Uring);
+    fn stop(&mut self, ring: &mut Driver);
     /// Whether no operation of the service is in flight.
     fn idle(&self) -> bool;
     /// Last thing on the shard thread, after `idle`: release what is held.
@@ -255,7 +217,7 @@ pub(crate) fn spawn<S: Service>(
                 // unpinned; steering still works, only locality is lost.
                 let _ = core_affinity::set_for_current(core);
             }
-            let (mut ring, choice) = match Uring::new(RING_ENTRIES, placement.backend) {
+            let (mut ring, choice) = match Driver::new(RING_ENTRIES, placement.backend) {
                 Ok(r) => r,
                 Err(e) => {
                     let op = if placement.backend == Backend::Epoll {
@@ -269,7 +231,7 @@ pub(crate) fn spawn<S: Service>(
             };
             let mut service = service;
             let started = service.start(&mut ring).and_then(|()| {
-                ring.read_counter(control.wake.as_raw_fd(), user_data(Tag::Wake, 0))
+                ring.read_counter(control.wake.as_raw_fd(), user_data(ShardOp::Wake, 0))
             });
             if let Err(e) = started {
                 service.stop(&mut ring);
@@ -303,7 +265,7 @@ pub(crate) fn spawn<S: Service>(
 }
 
 /// The run loop: one `io_uring_enter` per turn.
-fn run<S: Service>(ring: &mut Uring, control: &ShardControl, service: &mut S) {
+fn run<S: Service>(ring: &mut Driver, control: &ShardControl, service: &mut S) {
     let mut batch = Vec::with_capacity(256);
     let mut wake_armed = true;
     let mut stopping = false;
@@ -325,15 +287,15 @@ fn run<S: Service>(ring: &mut Uring, control: &ShardControl, service: &mut S) {
         ring.drain(&mut batch);
         let now = Instant::now();
         for cqe in batch.drain(..) {
-            match split(cqe.user_data) {
-                (Some(Tag::Wake), _) => {
+            let (kind, payload) = split(cqe.user_data);
+            match ShardOp::from_byte(kind) {
+                Some(ShardOp::Wake) => {
                     ring.release(cqe.user_data);
                     wake_armed = false;
                     control.wake_pending.store(false, Ordering::Release);
                 }
-                (Some(Tag::Cancel), _) => {}
-                (Some(tag), payload) => service.complete(ring, tag, payload, cqe, now),
-                (None, _) => {}
+                Some(ShardOp::Cancel) => {}
+                None => service.complete(ring, kind, payload, cqe, now),
             }
         }
         if !stopping && control.stop_requested() {
@@ -342,14 +304,14 @@ fn run<S: Service>(ring: &mut Uring, control: &ShardControl, service: &mut S) {
             // Take the wake-up read back so the loop can end.
             if wake_armed
                 && ring
-                    .cancel(user_data(Tag::Wake, 0), user_data(Tag::Cancel, 0))
+                    .cancel(user_data(ShardOp::Wake, 0), user_data(ShardOp::Cancel, 0))
                     .is_err()
             {
                 return;
             }
         }
         if !stopping && !wake_armed {
-            match ring.read_counter(control.wake.as_raw_fd(), user_data(Tag::Wake, 0)) {
+            match ring.read_counter(control.wake.as_raw_fd(), user_data(ShardOp::Wake, 0)) {
                 Ok(()) => wake_armed = true,
                 Err(_) => {
                     stopping = true;
@@ -369,7 +331,7 @@ fn run<S: Service>(ring: &mut Uring, control: &ShardControl, service: &mut S) {
 }
 
 /// Used when start failed: wait for whatever was posted to finish.
-fn drive_to_idle<S: Service>(ring: &mut Uring, service: &mut S) {
+fn drive_to_idle<S: Service>(ring: &mut Driver, service: &mut S) {
     let mut batch = Vec::new();
     let now = Instant::now();
     while !service.idle() {
@@ -379,10 +341,9 @@ fn drive_to_idle<S: Service>(ring: &mut Uring, service: &mut S) {
         batch.clear();
         ring.drain(&mut batch);
         for cqe in batch.drain(..) {
-            if let (Some(tag), payload) = split(cqe.user_data) {
-                if !matches!(tag, Tag::Wake | Tag::Cancel) {
-                    service.complete(ring, tag, payload, cqe, now);
-                }
+            let (kind, payload) = split(cqe.user_data);
+            if ShardOp::from_byte(kind).is_none() {
+                service.complete(ring, kind, payload, cqe, now);
             }
         }
     }

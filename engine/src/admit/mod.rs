@@ -12,6 +12,11 @@
 //! Waiting connections are withdrawn when the peer goes away or their
 //! pending timeout passes.
 
+pub(crate) mod attrs;
+pub(crate) mod condition;
+pub(crate) mod qos;
+pub(crate) mod register;
+
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
@@ -21,14 +26,24 @@ use std::time::{Duration, Instant};
 
 use socket2::SockRef;
 
-use crate::attrs::SocketAttrs;
-use crate::backlog::Pending;
-use crate::condition::{Condition, ConnectRequest, Marks, RejectHow, Verdict};
-use crate::config::MAX_PEEK;
-use crate::context::Replies;
-use crate::shard::{user_data, Tag};
+use crate::admit::attrs::SocketAttrs;
+use crate::admit::condition::{Condition, ConnectRequest, Marks, RejectHow, Verdict, MAX_PEEK};
+use crate::driver::{sys, Cqe, Driver};
+use crate::listen::backlog::Pending;
+use crate::relay::context::Replies;
+use crate::shard::{op_kinds, user_data, ShardOp};
 use crate::stats::Counters;
-use crate::sys::{self, Cqe, Uring};
+
+op_kinds! {
+    /// The operations of admission.
+    pub(crate) enum AdmitOp {
+        /// The shard's deadline timer (pending timeouts, defers).
+        Timer = 8,
+        /// A poll on a pending connection (its first bytes, or its peer
+        /// going away).
+        Poll = 9,
+    }
+}
 
 /// A listener's admission settings.
 pub(crate) struct AdmissionConfig {
@@ -74,7 +89,7 @@ struct Waiting {
     pending: Pending,
     peer: SocketAddr,
     local: SocketAddr,
-    syn: Option<crate::syn::SynInfo>,
+    syn: Option<crate::conditions::syn::SynInfo>,
     deferrals: u32,
     /// The token of its poll while one is in flight and current. Every poll
     /// gets a token of its own, so a cancelled poll's completion can never
@@ -165,7 +180,7 @@ impl Admission {
     pub fn admit(
         &mut self,
         p: Pending,
-        ring: &mut Uring,
+        ring: &mut Driver,
         replies: &mut Replies,
         c: &Counters,
         now: Instant,
@@ -186,7 +201,7 @@ impl Admission {
         let syn = if self.cfg.save_syn {
             sys::saved_syn(p.fd.as_fd())
                 .ok()
-                .and_then(|b| crate::syn::parse_saved_syn(&b).ok())
+                .and_then(|b| crate::conditions::syn::parse_saved_syn(&b).ok())
         } else {
             None
         };
@@ -217,7 +232,7 @@ impl Admission {
         &mut self,
         mut w: Waiting,
         mut force: bool,
-        ring: &mut Uring,
+        ring: &mut Driver,
         replies: &mut Replies,
         c: &Counters,
         now: Instant,
@@ -327,7 +342,7 @@ impl Admission {
     /// Parks `w` in a slot with a poll of its own: for POLLIN once `need`
     /// bytes are there (SO_RCVLOWAT) when it waits for bytes, else only for
     /// the peer leaving; none once the peer has finished.
-    fn park(&mut self, mut w: Waiting, have: usize, ring: &mut Uring, c: &Counters) {
+    fn park(&mut self, mut w: Waiting, have: usize, ring: &mut Driver, c: &Counters) {
         let wants_bytes = w.need > have;
         let lowat = if wants_bytes { w.need.max(1) } else { 1 };
         if lowat != w.lowat
@@ -356,7 +371,7 @@ impl Admission {
                 POLLRDHUP
             };
             self.token = self.token.wrapping_add(1);
-            let ud = user_data(Tag::Poll, payload(slot, self.token));
+            let ud = user_data(AdmitOp::Poll, payload(slot, self.token));
             if ring
                 .poll(w.pending.fd.as_raw_fd(), events, false, ud)
                 .is_ok()
@@ -378,17 +393,17 @@ impl Admission {
     }
 
     /// Cancels the poll of the connection in `slot`, if one is current.
-    fn cancel_poll(ring: &mut Uring, slot: usize, w: &mut Waiting) {
+    fn cancel_poll(ring: &mut Driver, slot: usize, w: &mut Waiting) {
         if let Some(token) = w.poll.take() {
-            let ud = user_data(Tag::Poll, payload(slot, token));
-            let _ = ring.cancel(ud, user_data(Tag::Cancel, 0));
+            let ud = user_data(AdmitOp::Poll, payload(slot, token));
+            let _ = ring.cancel(ud, user_data(ShardOp::Cancel, 0));
         }
     }
 
     /// A poll on a waiting connection completed.
     pub fn polled(
         &mut self,
-        ring: &mut Uring,
+        ring: &mut Driver,
         replies: &mut Replies,
         c: &Counters,
         pl: u64,
@@ -436,7 +451,7 @@ impl Admission {
     /// The admission timer fired.
     pub fn timer(
         &mut self,
-        ring: &mut Uring,
+        ring: &mut Driver,
         replies: &mut Replies,
         c: &Counters,
         cqe: Cqe,
@@ -476,7 +491,7 @@ impl Admission {
     fn finish_accept(
         &self,
         w: &mut Waiting,
-        qos: Option<crate::qos::Qos>,
+        qos: Option<crate::admit::qos::Qos>,
         reply: Option<&[u8]>,
     ) -> io::Result<()> {
         let fd = w.pending.fd.as_fd();
@@ -511,7 +526,7 @@ impl Admission {
     }
 
     /// Arms the timer for the earliest deadline if none is armed for it.
-    pub fn arm_timer(&mut self, ring: &mut Uring, now: Instant) {
+    pub fn arm_timer(&mut self, ring: &mut Driver, now: Instant) {
         let Some(earliest) = self
             .slots
             .iter()
@@ -528,7 +543,7 @@ impl Admission {
         let after = earliest.saturating_duration_since(now);
         self.next_timer = (self.next_timer + 1) & 0xffff_ffff;
         if ring
-            .timeout(after, user_data(Tag::AdmitTimer, self.next_timer))
+            .timeout(after, user_data(AdmitOp::Timer, self.next_timer))
             .is_ok()
         {
             self.timers.push((self.next_timer, earliest));
@@ -536,7 +551,7 @@ impl Admission {
     }
 
     /// Shutdown: cancel every poll and timer.
-    pub fn stop(&mut self, ring: &mut Uring) {
+    pub fn stop(&mut self, ring: &mut Driver) {
         self.stopping = true;
         for (slot, w) in self.slots.iter_mut().enumerate() {
             if let Some(w) = w {
@@ -544,7 +559,7 @@ impl Admission {
             }
         }
         for (t, _) in &self.timers {
-            let _ = ring.cancel(user_data(Tag::AdmitTimer, *t), user_data(Tag::Cancel, 0));
+            let _ = ring.cancel(user_data(AdmitOp::Timer, *t), user_data(ShardOp::Cancel, 0));
         }
     }
 

@@ -5,7 +5,7 @@ use std::os::fd::AsFd;
 
 use socket2::SockRef;
 
-use crate::sys;
+use crate::driver::sys;
 
 /// Marking and pacing for one connection (Winsock's flow spec, the Linux
 /// way). Each field left `None` is not touched.

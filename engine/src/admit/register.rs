@@ -41,11 +41,19 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::backlog::Pending;
-use crate::conn::Admitted;
-use crate::shard::{user_data, Tag};
+use crate::driver::{Cqe, Driver};
+use crate::listen::backlog::Pending;
+use crate::listen::conn::Admitted;
+use crate::shard::{op_kinds, user_data, ShardOp};
 use crate::stats::Counters;
-use crate::sys::{Cqe, Uring};
+
+op_kinds! {
+    /// The operations of event registrations.
+    pub(crate) enum RegisterOp {
+        /// The multishot poll on a registered connection.
+        Poll = 48,
+    }
+}
 
 const POLLIN: u32 = libc::POLLIN as u32;
 const POLLOUT: u32 = libc::POLLOUT as u32;
@@ -342,7 +350,7 @@ impl Registry {
     }
 
     /// Posts a multishot poll for each connection that entered.
-    pub fn arm_incoming(&mut self, ring: &mut Uring, c: &Counters) {
+    pub fn arm_incoming(&mut self, ring: &mut Driver, c: &Counters) {
         while let Some(p) = self.incoming.pop() {
             let stream = TcpStream::from(p.fd);
             let was_nonblocking = socket2::SockRef::from(&stream)
@@ -385,8 +393,8 @@ impl Registry {
         }
     }
 
-    fn post(&mut self, ring: &mut Uring, slot: usize, s: &mut Slot) -> io::Result<()> {
-        let ud = user_data(Tag::RegPoll, payload(slot, s.generation));
+    fn post(&mut self, ring: &mut Driver, slot: usize, s: &mut Slot) -> io::Result<()> {
+        let ud = user_data(RegisterOp::Poll, payload(slot, s.generation));
         let events = self.reg.interest.bits();
         ring.poll(s.conn.as_raw_fd(), events, true, ud)?;
         s.armed = true;
@@ -394,10 +402,10 @@ impl Registry {
         Ok(())
     }
 
-    fn cancel(ring: &mut Uring, slot: usize, generation: u32, armed: bool) {
+    fn cancel(ring: &mut Driver, slot: usize, generation: u32, armed: bool) {
         if armed {
-            let ud = user_data(Tag::RegPoll, payload(slot, generation));
-            let _ = ring.cancel(ud, user_data(Tag::Cancel, 0));
+            let ud = user_data(RegisterOp::Poll, payload(slot, generation));
+            let _ = ring.cancel(ud, user_data(ShardOp::Cancel, 0));
         }
     }
 
@@ -408,7 +416,7 @@ impl Registry {
     }
 
     /// A poll completion.
-    pub fn event(&mut self, ring: &mut Uring, pl: u64, cqe: Cqe, stopping: bool, c: &Counters) {
+    pub fn event(&mut self, ring: &mut Driver, pl: u64, cqe: Cqe, stopping: bool, c: &Counters) {
         if !cqe.more() {
             self.in_flight = self.in_flight.saturating_sub(1);
         }
@@ -501,7 +509,7 @@ impl Registry {
     }
 
     /// Cancels every armed poll (shutdown).
-    pub fn stop(&mut self, ring: &mut Uring) {
+    pub fn stop(&mut self, ring: &mut Driver) {
         for (i, s) in self.slots.iter().enumerate() {
             if let Some(s) = s {
                 Self::cancel(ring, i, s.generation, s.armed);

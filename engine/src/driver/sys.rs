@@ -1,16 +1,14 @@
-//! Every `unsafe` operation of the engine lives here, behind safe functions.
+//! The driver's direct syscalls, behind safe functions: what the services
+//! call themselves, beside the operations they post through
+//! [`Driver`](super::Driver) (which owns the memory of those operations
+//! until their final completion).
 //!
-//! Three kinds of thing need it:
-//! - the io_uring submission queue: an SQE may point at memory the kernel
-//!   reads or writes until the operation completes. [`Uring`] owns every such
-//!   buffer, keyed by the operation's user data, and frees it only when the
-//!   final completion of that operation has been reaped (or leaks it if the
-//!   ring is dropped with the operation still in flight);
+//! Two kinds of thing need `unsafe` here:
 //! - raw descriptors from completions, which become [`OwnedFd`] here, before
 //!   anything else can fail;
-//! - the few socket options and calls that socket2 lacks (a reuseport cBPF
-//!   program, `TCP_INFO` of a listener, `TCP_SAVED_SYN`, `poll(2)`).
-#![allow(unsafe_code)]
+//! - eventfds, `poll(2)`, and the few socket options and calls that socket2
+//!   lacks (a reuseport cBPF program, `TCP_INFO` of a listener,
+//!   `TCP_SAVED_SYN`).
 // Operations for admission (peek, poll, saved SYN) and the connect side are
 // used as those land; until then some are not called.
 #![allow(dead_code)]
@@ -19,8 +17,6 @@ use std::io;
 use std::mem::{size_of, MaybeUninit};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::time::Duration;
-
-pub(crate) use crate::driver::{op, Cqe, Desc, Driver as Uring, Released, RingSetup};
 
 /// Adopts a descriptor the kernel just returned in a CQE.
 ///

@@ -17,8 +17,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::qos::Qos;
-use crate::syn::SynInfo;
+use crate::admit::qos::Qos;
+use crate::conditions::syn::SynInfo;
+
+/// The most first bytes a condition may ask to see.
+pub const MAX_PEEK: usize = 16 * 1024;
 
 /// What the shard knows of a pending connection.
 #[derive(Debug, Clone, Copy)]
@@ -40,7 +43,7 @@ pub struct ConnectRequest<'a> {
     /// Whether `first_bytes` stops at the most that was peeked for this
     /// connection, not at what the caller sent: more may have arrived. A
     /// condition that needs more returns [`Verdict::NeedBytes`]; at
-    /// [`MAX_PEEK`](crate::MAX_PEEK) it has everything it can get.
+    /// [`MAX_PEEK`] it has everything it can get.
     pub peek_full: bool,
     /// Whether the caller has half-closed (sent FIN) after `first_bytes`:
     /// nothing more will arrive.
@@ -204,7 +207,7 @@ pub enum Verdict {
     /// Ask again once at least this many first bytes have arrived, or the
     /// caller half-closed; withdrawn at the pending timeout otherwise. The
     /// way a condition asks for what it needs, e.g. a TLS record's length
-    /// from its header. Clamped to [`MAX_PEEK`](crate::MAX_PEEK); asking for
+    /// from its header. Clamped to [`MAX_PEEK`]; asking for
     /// no more than it was given (with `peek_full` false: all that arrived)
     /// is taken as [`Verdict::Defer`].
     NeedBytes(usize),

@@ -18,15 +18,27 @@ use std::time::{Duration, Instant};
 
 use socket2::Socket;
 
-use crate::accept::{Delivery, ShardShared};
-use crate::admit::{Admission, AdmissionConfig};
-use crate::backlog::Pending;
-use crate::conn::Admitted;
-use crate::context::{Replies, ShardContext};
-use crate::relay::Relays;
-use crate::shard::{user_data, Coalesce, Service, Tag};
+use crate::admit::register::RegisterOp;
+use crate::admit::{Admission, AdmissionConfig, AdmitOp};
+use crate::driver::{sys, Cqe, Driver};
+use crate::listen::accept::{Delivery, ShardShared};
+use crate::listen::backlog::Pending;
+use crate::listen::conn::Admitted;
+use crate::relay::context::{Replies, ReplyOp, ShardContext};
+use crate::relay::{RelayOp, Relays};
+use crate::shard::{op_kinds, user_data, Coalesce, Service, ShardOp};
 use crate::stats::Counters;
-use crate::sys::{self, Cqe, Uring};
+
+op_kinds! {
+    /// The acceptor's own operations (its hosted parts, admission,
+    /// registrations, replies and relays, name theirs).
+    pub(crate) enum AcceptOp {
+        /// The listener's accept operation.
+        Accept = 2,
+        /// The accept backoff timer.
+        Backoff = 4,
+    }
+}
 
 /// First backoff after a resource-exhaustion error.
 pub(crate) const MIN_BACKOFF: Duration = Duration::from_millis(1);
@@ -105,7 +117,7 @@ pub(crate) struct Acceptor {
     coalesce: Option<Coalesce>,
     accepted_this_turn: usize,
     /// Event registrations, when the listener declares them.
-    registry: Option<crate::register::Registry>,
+    registry: Option<crate::admit::register::Registry>,
     /// Older connections are withdrawn at the head of the ring.
     pending_timeout: Duration,
 }
@@ -162,8 +174,8 @@ impl Acceptor {
     }
 
     /// Registers admitted connections for the listener's declared events.
-    pub fn with_registration(mut self, r: Option<crate::register::Registration>) -> Self {
-        self.registry = r.map(|r| crate::register::Registry::new(r, self.index));
+    pub fn with_registration(mut self, r: Option<crate::admit::register::Registration>) -> Self {
+        self.registry = r.map(|r| crate::admit::register::Registry::new(r, self.index));
         self
     }
 
@@ -191,12 +203,12 @@ impl Acceptor {
         &self.shard.counters
     }
 
-    fn arm(&mut self, ring: &mut Uring) -> io::Result<()> {
+    fn arm(&mut self, ring: &mut Driver) -> io::Result<()> {
         let Some(socket) = &self.socket else {
             return Ok(());
         };
         let fd = socket.as_raw_fd();
-        let ud = user_data(Tag::Accept, 0);
+        let ud = user_data(AcceptOp::Accept, 0);
         if self.multishot {
             ring.accept_multi(fd, ud)?;
         } else {
@@ -210,22 +222,25 @@ impl Acceptor {
         Ok(())
     }
 
-    fn cancel(&mut self, ring: &mut Uring) {
+    fn cancel(&mut self, ring: &mut Driver) {
         if self.arm == Arm::Armed
             && ring
-                .cancel(user_data(Tag::Accept, 0), user_data(Tag::Cancel, 0))
+                .cancel(
+                    user_data(AcceptOp::Accept, 0),
+                    user_data(ShardOp::Cancel, 0),
+                )
                 .is_ok()
         {
             self.arm = Arm::Cancelling;
         }
     }
 
-    fn start_backoff(&mut self, ring: &mut Uring) {
+    fn start_backoff(&mut self, ring: &mut Driver) {
         if self.backoff_timer {
             return;
         }
         if ring
-            .timeout(self.backoff_step, user_data(Tag::Backoff, 0))
+            .timeout(self.backoff_step, user_data(AcceptOp::Backoff, 0))
             .is_ok()
         {
             self.backoff_timer = true;
@@ -234,7 +249,7 @@ impl Acceptor {
     }
 
     /// Takes ownership of a freshly accepted socket.
-    fn accepted(&mut self, ring: &mut Uring, fd: i32, now: Instant) {
+    fn accepted(&mut self, ring: &mut Driver, fd: i32, now: Instant) {
         let pending = Pending::new(sys::adopt_fd(fd), now);
         Counters::add(&self.counters().accepted, 1);
         self.accepted_this_turn += 1;
@@ -290,7 +305,7 @@ impl Acceptor {
         }
     }
 
-    fn deliver_inline(&mut self, ring: &mut Uring) {
+    fn deliver_inline(&mut self, ring: &mut Driver) {
         let Some(handler) = self.handler.clone() else {
             return;
         };
@@ -327,8 +342,51 @@ impl Acceptor {
     }
 }
 
+impl Acceptor {
+    /// A completion of an operation one of the parts the acceptor hosts
+    /// posted, routed by the kinds each part names.
+    fn complete_hosted(
+        &mut self,
+        ring: &mut Driver,
+        kind: u8,
+        payload: u64,
+        cqe: Cqe,
+        now: Instant,
+    ) {
+        if let Some(op) = ReplyOp::from_byte(kind) {
+            self.replies.complete(ring, op, cqe);
+        } else if let Some(op) = RelayOp::from_byte(kind) {
+            self.relays.complete(ring, op, payload, cqe, now);
+        } else if let Some(RegisterOp::Poll) = RegisterOp::from_byte(kind) {
+            if let Some(r) = &mut self.registry {
+                r.event(ring, payload, cqe, self.stopping, &self.shard.counters);
+                for p in std::mem::take(&mut r.taken) {
+                    self.enqueue_ring(p);
+                }
+            }
+        } else if let Some(op) = AdmitOp::from_byte(kind) {
+            if let Some(a) = &mut self.admission {
+                match op {
+                    AdmitOp::Poll => a.polled(
+                        ring,
+                        &mut self.replies,
+                        &self.shard.counters,
+                        payload,
+                        cqe,
+                        now,
+                    ),
+                    AdmitOp::Timer => {
+                        a.timer(ring, &mut self.replies, &self.shard.counters, cqe, now)
+                    }
+                }
+            }
+            self.take_admitted();
+        }
+    }
+}
+
 impl Service for Acceptor {
-    fn start(&mut self, ring: &mut Uring) -> io::Result<()> {
+    fn start(&mut self, ring: &mut Driver) -> io::Result<()> {
         if let Some(c) = self.coalesce {
             // Pauses must be as short as asked: the default 50 µs slack
             // would double them. A refusal only costs precision.
@@ -337,9 +395,9 @@ impl Service for Acceptor {
         self.arm(ring)
     }
 
-    fn complete(&mut self, ring: &mut Uring, tag: Tag, payload: u64, cqe: Cqe, now: Instant) {
-        match tag {
-            Tag::Accept => {
+    fn complete(&mut self, ring: &mut Driver, kind: u8, payload: u64, cqe: Cqe, now: Instant) {
+        match AcceptOp::from_byte(kind) {
+            Some(AcceptOp::Accept) => {
                 if !cqe.more() {
                     self.arm = Arm::Idle;
                 }
@@ -388,48 +446,15 @@ impl Service for Acceptor {
                     }
                 }
             }
-            Tag::Backoff => {
+            Some(AcceptOp::Backoff) => {
                 ring.release(cqe.user_data);
                 self.backoff_timer = false;
             }
-            Tag::ReplySend | Tag::ReplyClose => self.replies.complete(ring, tag, cqe),
-            Tag::RelayConnect
-            | Tag::RelayConnectTimeout
-            | Tag::RelayRecv
-            | Tag::RelaySend
-            | Tag::RelayShutdown
-            | Tag::RelayClose
-            | Tag::RelayTimer => self.relays.complete(ring, tag, payload, cqe, now),
-            Tag::RegPoll => {
-                if let Some(r) = &mut self.registry {
-                    r.event(ring, payload, cqe, self.stopping, &self.shard.counters);
-                    for p in std::mem::take(&mut r.taken) {
-                        self.enqueue_ring(p);
-                    }
-                }
-            }
-            Tag::Poll | Tag::AdmitTimer => {
-                if let Some(a) = &mut self.admission {
-                    if tag == Tag::Poll {
-                        a.polled(
-                            ring,
-                            &mut self.replies,
-                            &self.shard.counters,
-                            payload,
-                            cqe,
-                            now,
-                        );
-                    } else {
-                        a.timer(ring, &mut self.replies, &self.shard.counters, cqe, now);
-                    }
-                }
-                self.take_admitted();
-            }
-            _ => {}
+            None => self.complete_hosted(ring, kind, payload, cqe, now),
         }
     }
 
-    fn turn(&mut self, ring: &mut Uring, now: Instant) {
+    fn turn(&mut self, ring: &mut Driver, now: Instant) {
         if let Some(a) = &mut self.admission {
             if !self.stopping {
                 a.arm_timer(ring, now);
@@ -483,7 +508,7 @@ impl Service for Acceptor {
         }
     }
 
-    fn stop(&mut self, ring: &mut Uring) {
+    fn stop(&mut self, ring: &mut Driver) {
         self.stopping = true;
         self.cancel(ring);
         self.relays.stop(ring);
@@ -494,7 +519,10 @@ impl Service for Acceptor {
             a.stop(ring);
         }
         if self.backoff_timer {
-            let _ = ring.cancel(user_data(Tag::Backoff, 0), user_data(Tag::Cancel, 0));
+            let _ = ring.cancel(
+                user_data(AcceptOp::Backoff, 0),
+                user_data(ShardOp::Cancel, 0),
+            );
         }
     }
 
@@ -506,7 +534,7 @@ impl Service for Acceptor {
             && self
                 .registry
                 .as_ref()
-                .map_or(true, crate::register::Registry::idle)
+                .map_or(true, crate::admit::register::Registry::idle)
             && self.admission.as_ref().map_or(true, Admission::idle)
     }
 

@@ -25,7 +25,7 @@ pub(crate) struct Pending {
     /// When the shard read its completion.
     pub accepted_at: Instant,
     /// What the condition attached when it accepted it.
-    pub value: Option<crate::condition::Value>,
+    pub value: Option<crate::admit::condition::Value>,
 }
 
 impl Pending {
@@ -122,7 +122,7 @@ mod tests {
     use super::*;
 
     fn pending() -> Pending {
-        let fd = crate::sys::eventfd().expect("eventfd");
+        let fd = crate::driver::sys::eventfd().expect("eventfd");
         Pending::new(fd, Instant::now())
     }
 

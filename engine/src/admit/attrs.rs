@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use socket2::{SockRef, TcpKeepalive};
 
-use crate::qos::Qos;
-use crate::sys;
+use crate::admit::qos::Qos;
+use crate::driver::sys;
 
 /// One attribute, as named in [`INHERITED`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -18,12 +18,12 @@ use std::time::{Duration, Instant};
 
 use socket2::Socket;
 
-use crate::backlog::Backlog;
-use crate::conn::Admitted;
+use crate::driver::{sys, RingSetup};
 use crate::error::Error;
+use crate::listen::backlog::Backlog;
+use crate::listen::conn::Admitted;
 use crate::shard::ShardControl;
 use crate::stats::{Counters, KernelQueue, ListenerStats};
-use crate::sys::{self, RingSetup};
 
 /// A connection that waited in its ring this long is checked for a reset
 /// before delivery.
@@ -133,7 +133,7 @@ impl ShardShared {
         &self,
         delivery: &Delivery,
         pending_timeout: Duration,
-    ) -> Option<crate::backlog::Pending> {
+    ) -> Option<crate::listen::backlog::Pending> {
         while let Some((p, wake)) = self.backlog.pop() {
             delivery.popped();
             if wake {
@@ -225,12 +225,6 @@ pub struct Listener {
 }
 
 impl Listener {
-    /// Starts configuring a listener on `addr` (IPv4 or IPv6; port 0 picks
-    /// a free port shared by every shard).
-    pub fn builder(addr: SocketAddr) -> crate::config::ListenerBuilder {
-        crate::config::ListenerBuilder::new(addr)
-    }
-
     /// The address the shards listen on (the real port when 0 was asked).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr

@@ -22,16 +22,22 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod cidr;
+pub mod proxy_protocol;
+pub mod rate_limit;
+pub mod sni;
+pub mod syn;
+
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use crate::cidr::CidrList;
-use crate::condition::{Condition, ConnectRequest, RejectHow, Verdict};
-use crate::proxy_protocol::{self, ProxyError, ProxyHeader};
-use crate::rate_limit::{RateLimitError, RateLimiter};
-use crate::sni::{self, SniError};
+use crate::admit::condition::{Condition, ConnectRequest, RejectHow, Verdict, MAX_PEEK};
+use cidr::CidrList;
+use proxy_protocol::{ProxyError, ProxyHeader};
+use rate_limit::{RateLimitError, RateLimiter};
+use sni::SniError;
 
 /// How a ready-made condition refuses a connection: close or reset, after
 /// an optional reply.
@@ -71,7 +77,7 @@ impl Refusal {
 ///
 /// An address is admitted when it is in no deny block and, if an allow
 /// list is set, in one of its blocks: deny wins over allow. IPv4 blocks
-/// match IPv4-mapped IPv6 callers too (see [`crate::cidr::Cidr::contains`]).
+/// match IPv4-mapped IPv6 callers too (see [`cidr::Cidr::contains`]).
 /// A refused caller is closed by default ([`CidrFilter::refuse`] changes it).
 ///
 /// ```
@@ -190,7 +196,7 @@ pub struct RateLimit {
     /// Set on a connection once it has been charged: a deferred connection
     /// asked again (in a [`Chain`] before a condition that waits for bytes)
     /// takes no second token.
-    charged: crate::condition::Mark,
+    charged: crate::admit::condition::Mark,
 }
 
 impl RateLimit {
@@ -212,7 +218,7 @@ impl RateLimit {
         Ok(RateLimit {
             limiters,
             refusal: Refusal::new(RejectHow::Reset),
-            charged: crate::condition::Mark::new(),
+            charged: crate::admit::condition::Mark::new(),
         })
     }
 
@@ -291,7 +297,7 @@ type ProxiedFn = dyn Fn(&Proxied<'_>) -> Verdict + Send + Sync;
 /// signature's bytes, then for what the header declares (the v2 length
 /// field; a v1 line up to its CRLF) with [`Verdict::NeedBytes`], so it is
 /// decided as soon as the header is there, however long it is (up to
-/// [`MAX_PEEK`](crate::MAX_PEEK)). With a listener `peek(n, wait)` it works
+/// [`MAX_PEEK`]). With a listener `peek(n, wait)` it works
 /// the same way, starting from `n` bytes.
 ///
 /// - A header not complete yet: [`Verdict::NeedBytes`] for what it lacks;
@@ -399,7 +405,7 @@ impl Condition for ProxyProtocol {
                 let b = req.first_bytes;
                 let known = b.len() >= 12 || b.starts_with(b"PROXY ");
                 let need = if known { needed_at_least } else { b.len() + 1 };
-                if need > crate::MAX_PEEK {
+                if need > MAX_PEEK {
                     self.refusal.verdict()
                 } else {
                     Verdict::NeedBytes(need)
@@ -426,7 +432,7 @@ type SniFn = dyn Fn(&ConnectRequest<'_>, Option<&str>) -> Verdict + Send + Sync;
 /// ([`sni::needed_len`], with [`Verdict::NeedBytes`]), so it decides as soon
 /// as the whole ClientHello is there, whatever its size (OpenSSL pads to
 /// 517 bytes; post-quantum key shares make 1.2 KiB and more), up to
-/// [`MAX_PEEK`](crate::MAX_PEEK). Bytes that are not TLS, a malformed
+/// [`MAX_PEEK`]. Bytes that are not TLS, a malformed
 /// ClientHello, or one that cannot fit: refused (reset, by default; see
 /// [`Sni::refuse`]), or passed to the inner decision with `None` with
 /// [`Sni::pass_non_tls`].
@@ -496,7 +502,7 @@ impl Condition for Sni {
             Ok(name) => (self.inner)(req, name.as_deref()),
             Err(SniError::Incomplete) if !req.peer_finished => {
                 let need = sni::needed_len(req.first_bytes);
-                if need <= crate::MAX_PEEK {
+                if need <= MAX_PEEK {
                     return Verdict::NeedBytes(need);
                 }
                 if self.pass_non_tls {
@@ -608,7 +614,7 @@ impl Condition for Chain {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::qos::Qos;
+    use crate::admit::qos::Qos;
     use std::time::Duration;
 
     fn req<'a>(peer: &str, bytes: &'a [u8]) -> ConnectRequest<'a> {
@@ -623,7 +629,7 @@ mod tests {
             syn: None,
             deferrals: 0,
             // A test's requests each get marks of their own, for the test's life.
-            marks: Box::leak(Box::new(crate::condition::Marks::new())),
+            marks: Box::leak(Box::new(crate::admit::condition::Marks::new())),
         }
     }
 
@@ -691,8 +697,8 @@ mod tests {
 
     #[test]
     fn chain_carries_the_last_value() {
-        let v1 = crate::condition::Value::new(1u8);
-        let v2 = crate::condition::Value::new(2u8);
+        let v1 = crate::admit::condition::Value::new(1u8);
+        let v2 = crate::admit::condition::Value::new(2u8);
         let (a, b) = (v1.clone(), v2.clone());
         let c = Chain::new(move |_: &ConnectRequest<'_>| Verdict::accept_with(a.clone()))
             .then(move |_: &ConnectRequest<'_>| Verdict::accept_with(b.clone()))

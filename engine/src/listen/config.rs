@@ -9,16 +9,16 @@ use std::sync::{Arc, Mutex};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::accept::{BacklogLength, Delivery, Listener, ShardShared};
-use crate::acceptor::{Acceptor, Handler};
+use crate::admit::attrs::SocketAttrs;
+use crate::admit::condition::{Condition, MAX_PEEK};
 use crate::admit::AdmissionConfig;
-use crate::attrs::SocketAttrs;
-use crate::condition::Condition;
-use crate::conn::Admitted;
-use crate::context::ShardContext;
+use crate::driver::sys;
 use crate::error::{ConfigError, Error};
+use crate::listen::accept::{BacklogLength, Delivery, Listener, ShardShared};
+use crate::listen::acceptor::{Acceptor, Handler};
+use crate::listen::conn::Admitted;
+use crate::relay::context::ShardContext;
 use crate::shard::{self, Coalesce, Placement, ShardControl};
-use crate::sys;
 
 /// The ceiling used when `net.core.somaxconn` cannot be read (the kernel's
 /// own default since 5.4).
@@ -34,9 +34,6 @@ pub const DEFAULT_BACKLOG: usize = 1024;
 /// How long a connection may stay pending (in admission or in the ring)
 /// before it is withdrawn, unless the application says otherwise.
 pub const DEFAULT_PENDING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// The most first bytes a condition may ask to see.
-pub const MAX_PEEK: usize = 16 * 1024;
 
 /// How the kernel picks the shard for a new connection among the shards'
 /// `SO_REUSEPORT` sockets.
@@ -92,8 +89,18 @@ pub struct ListenerBuilder {
     attrs: SocketAttrs,
     coalesce: Option<Coalesce>,
     replies_at_once: bool,
-    registration: Option<crate::register::Registration>,
+    registration: Option<crate::admit::register::Registration>,
     relay_limits: crate::relay::RelayLimits,
+}
+
+impl Listener {
+    /// Starts configuring a listener on `addr` (IPv4 or IPv6; port 0 picks
+    /// a free port shared by every shard).
+    // Here rather than beside the rest of `Listener` in `accept`: the
+    // builder builds the listener, so `accept` need not know the builder.
+    pub fn builder(addr: SocketAddr) -> ListenerBuilder {
+        ListenerBuilder::new(addr)
+    }
 }
 
 impl std::fmt::Debug for ListenerBuilder {
@@ -225,14 +232,14 @@ impl ListenerBuilder {
     /// assert_eq!(&back, b"ping");
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
-    pub fn register<F>(mut self, interest: crate::register::Interest, handler: F) -> Self
+    pub fn register<F>(mut self, interest: crate::admit::register::Interest, handler: F) -> Self
     where
-        F: Fn(&mut crate::register::Registered<'_>, crate::register::Events)
+        F: Fn(&mut crate::admit::register::Registered<'_>, crate::admit::register::Events)
             + Send
             + Sync
             + 'static,
     {
-        self.registration = Some(crate::register::Registration {
+        self.registration = Some(crate::admit::register::Registration {
             interest,
             handler: Arc::new(handler),
         });

@@ -8,7 +8,7 @@
 //! buffer: RECV into it, SEND exactly the bytes received (resumed from the
 //! same buffer after a short send), RECV again. The buffer moves into the
 //! ring with each operation and comes back with its completion
-//! ([`Uring::release`]): no copy, no reallocation.
+//! ([`Driver::release`]): no copy, no reallocation.
 //!
 //! Ends (each reported as a [`RelayEnd`] in the relay's [`RelayOutcome`]):
 //! - end of stream on one side (FIN) shuts the other side's write half
@@ -39,6 +39,8 @@
 //! CLOSE operation, or by dropping its `OwnedFd` when the CLOSE could not be
 //! posted).
 
+pub(crate) mod context;
+
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
@@ -50,9 +52,29 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, Type};
 
-use crate::shard::{user_data, Tag};
+use crate::driver::{sys, Cqe, Driver, Released};
+use crate::shard::{op_kinds, user_data, ShardOp};
 use crate::stats::{Counters, RelayCounters};
-use crate::sys::{self, Cqe, Released, Uring};
+
+op_kinds! {
+    /// The operations of relays.
+    pub(crate) enum RelayOp {
+        /// The CONNECT of a relay's upstream socket.
+        Connect = 40,
+        /// The LINK_TIMEOUT linked to a relay's CONNECT.
+        ConnectTimeout = 41,
+        /// A RECV of one direction of a relay.
+        Recv = 42,
+        /// A SEND of one direction of a relay.
+        Send = 43,
+        /// A SHUTDOWN(SHUT_WR) ending one direction of a relay.
+        Shutdown = 44,
+        /// The CLOSE of one of a relay's sockets.
+        Close = 45,
+        /// The shard's idle-scan timer.
+        Timer = 46,
+    }
+}
 
 /// Default size of each direction's buffer: 64 KiB.
 pub const DEFAULT_RELAY_BUFFER: usize = 64 * 1024;
@@ -413,11 +435,11 @@ enum Step {
 }
 
 impl Step {
-    fn in_flight(self) -> Option<Tag> {
+    fn in_flight(self) -> Option<RelayOp> {
         match self {
-            Step::Recv => Some(Tag::RelayRecv),
-            Step::Send { .. } => Some(Tag::RelaySend),
-            Step::Shutdown => Some(Tag::RelayShutdown),
+            Step::Recv => Some(RelayOp::Recv),
+            Step::Send { .. } => Some(RelayOp::Send),
+            Step::Shutdown => Some(RelayOp::Shutdown),
             Step::Idle | Step::Done => None,
         }
     }
@@ -527,7 +549,7 @@ impl Relays {
     /// flight, `client` is reset, and `on_end` has been called.
     pub(crate) fn start(
         &mut self,
-        ring: &mut Uring,
+        ring: &mut Driver,
         client: OwnedFd,
         upstream: SocketAddr,
         opts: RelayOptions,
@@ -590,7 +612,7 @@ impl Relays {
     /// completions to come. On error nothing was posted and no slot taken.
     fn open(
         &mut self,
-        ring: &mut Uring,
+        ring: &mut Driver,
         client: &OwnedFd,
         upstream: SocketAddr,
         opts: RelayOptions,
@@ -679,14 +701,14 @@ impl Relays {
         let timeout = (!opts.connect_timeout().is_zero()).then(|| {
             (
                 opts.connect_timeout(),
-                user_data(Tag::RelayConnectTimeout, pack(idx, gen, UPSTREAM)),
+                user_data(RelayOp::ConnectTimeout, pack(idx, gen, UPSTREAM)),
             )
         });
         let posted = ring.connect(
             up.as_raw_fd(),
             SockAddr::from(upstream),
             timeout,
-            user_data(Tag::RelayConnect, pack(idx, gen, UPSTREAM)),
+            user_data(RelayOp::Connect, pack(idx, gen, UPSTREAM)),
         );
         if let Err(e) = posted {
             // Nothing was posted: the upstream socket closes here.
@@ -699,17 +721,17 @@ impl Relays {
     /// One completion of a relay operation (or of the idle-scan timer).
     pub(crate) fn complete(
         &mut self,
-        ring: &mut Uring,
-        tag: Tag,
+        ring: &mut Driver,
+        tag: RelayOp,
         payload: u64,
         cqe: Cqe,
         now: Instant,
     ) {
-        if tag == Tag::RelayTimer {
+        if tag == RelayOp::Timer {
             return self.timer(ring, payload, cqe, now);
         }
         let (idx, gen, side) = decode(payload);
-        let released = if tag == Tag::RelayClose {
+        let released = if tag == RelayOp::Close {
             ring.finish_close(cqe.user_data, cqe.result);
             Released::Nothing
         } else {
@@ -725,7 +747,7 @@ impl Relays {
         let Some(r) = slot.relay.as_mut() else {
             return;
         };
-        if tag == Tag::RelayClose {
+        if tag == RelayOp::Close {
             r.closes = r.closes.saturating_sub(1);
         } else {
             r.ops = r.ops.saturating_sub(1);
@@ -733,8 +755,8 @@ impl Relays {
         let result = cqe.result;
         let mut idle_deadline = None;
         match tag {
-            Tag::RelayConnectTimeout | Tag::RelayClose => {}
-            Tag::RelayConnect => {
+            RelayOp::ConnectTimeout | RelayOp::Close => {}
+            RelayOp::Connect => {
                 r.connecting = false;
                 if r.end.is_none() {
                     if result < 0 {
@@ -752,7 +774,7 @@ impl Relays {
                     }
                 }
             }
-            Tag::RelayRecv => {
+            RelayOp::Recv => {
                 let d = side;
                 r.steps[d] = Step::Idle;
                 let Released::Bytes(buf) = released else {
@@ -770,7 +792,7 @@ impl Relays {
                     // every byte before the FIN has already been sent.
                     r.bufs[d] = Some(buf);
                     r.first.get_or_insert(d);
-                    let ud = user_data(Tag::RelayShutdown, pack(idx, gen, d));
+                    let ud = user_data(RelayOp::Shutdown, pack(idx, gen, d));
                     match ring.shutdown(r.raw[1 - d], libc::SHUT_WR, ud) {
                         Ok(()) => {
                             r.steps[d] = Step::Shutdown;
@@ -791,7 +813,7 @@ impl Relays {
                     r.fail(ring, idx, gen, peer_end(d, -result), Some(d));
                 }
             }
-            Tag::RelaySend => {
+            RelayOp::Send => {
                 let d = side;
                 let Step::Send { start, end } = r.steps[d] else {
                     r.steps[d] = Step::Idle;
@@ -829,7 +851,7 @@ impl Relays {
                     r.fail(ring, idx, gen, peer_end(1 - d, -result), Some(1 - d));
                 }
             }
-            Tag::RelayShutdown => {
+            RelayOp::Shutdown => {
                 let d = side;
                 if r.steps[d] == Step::Shutdown {
                     r.steps[d] = Step::Done;
@@ -857,7 +879,7 @@ impl Relays {
 
     /// Makes sure an idle-scan timer fires by `at + slack`: posts one for
     /// `at` unless one already in flight fires by then.
-    fn arm_idle(&mut self, ring: &mut Uring, now: Instant, at: Instant, slack: Duration) {
+    fn arm_idle(&mut self, ring: &mut Driver, now: Instant, at: Instant, slack: Duration) {
         if self.stopping {
             return;
         }
@@ -873,7 +895,7 @@ impl Relays {
         let after = at.saturating_duration_since(now);
         // A refused timer (the ring is broken) only delays idle teardown
         // until the next relay connects and arms one.
-        if ring.timeout(after, user_data(Tag::RelayTimer, id)).is_ok() {
+        if ring.timeout(after, user_data(RelayOp::Timer, id)).is_ok() {
             self.timers.push((id, at));
         }
     }
@@ -882,7 +904,7 @@ impl Relays {
     /// every relay idle for its timeout, then re-arms for the earliest
     /// deadline left, at least 1/16 of the shortest idle timeout from now,
     /// so that scans stay a bounded number per timeout.
-    fn timer(&mut self, ring: &mut Uring, id: u64, cqe: Cqe, now: Instant) {
+    fn timer(&mut self, ring: &mut Driver, id: u64, cqe: Cqe, now: Instant) {
         ring.release(cqe.user_data);
         self.timers.retain(|(t, _)| *t != id);
         if self.stopping {
@@ -920,7 +942,7 @@ impl Relays {
     /// Closes a relay's sockets once nothing of it is in flight, and frees
     /// its slot once both closes completed; then its outcome goes to its
     /// callback.
-    fn settle(&mut self, ring: &mut Uring, idx: usize) {
+    fn settle(&mut self, ring: &mut Driver, idx: usize) {
         let Some(slot) = self.slots.get_mut(idx) else {
             return;
         };
@@ -939,7 +961,7 @@ impl Relays {
                     // should report a reset or a failure of the far side.
                     let _ = SockRef::from(&fd).set_linger(Some(Duration::ZERO));
                 }
-                let ud = user_data(Tag::RelayClose, pack(idx, gen, side));
+                let ud = user_data(RelayOp::Close, pack(idx, gen, side));
                 // On error the descriptor was dropped, hence closed, by
                 // `close` itself: closed once either way.
                 if ring.close(fd, ud).is_ok() {
@@ -962,10 +984,13 @@ impl Relays {
 
     /// Shutdown: no new relays; every live one is torn down; the idle-scan
     /// timers are cancelled.
-    pub(crate) fn stop(&mut self, ring: &mut Uring) {
+    pub(crate) fn stop(&mut self, ring: &mut Driver) {
         self.stopping = true;
         for (id, _) in &self.timers {
-            let _ = ring.cancel(user_data(Tag::RelayTimer, *id), user_data(Tag::Cancel, 0));
+            let _ = ring.cancel(
+                user_data(RelayOp::Timer, *id),
+                user_data(ShardOp::Cancel, 0),
+            );
         }
         for idx in 0..self.slots.len() {
             let gen = self.slots[idx].gen;
@@ -1009,7 +1034,7 @@ fn strip_proxy_header(fd: &OwnedFd) -> io::Result<()> {
     // beyond a few hundred bytes do not occur in practice.
     const PEEK: usize = 1024;
     let head = sys::peek_now(fd.as_fd(), PEEK)?;
-    if let Ok(h) = crate::proxy_protocol::parse(&head) {
+    if let Ok(h) = crate::conditions::proxy_protocol::parse(&head) {
         let consumed = sys::consume_now(fd.as_fd(), h.header_len)?;
         if consumed != h.header_len {
             return Err(io::Error::other("PROXY header vanished while consumed"));
@@ -1029,12 +1054,12 @@ impl Relay {
         }
     }
 
-    fn recv(&mut self, ring: &mut Uring, idx: usize, gen: u32, d: usize, buf: Box<[u8]>) {
+    fn recv(&mut self, ring: &mut Driver, idx: usize, gen: u32, d: usize, buf: Box<[u8]>) {
         if self.end.is_some() {
             self.bufs[d] = Some(buf);
             return;
         }
-        let ud = user_data(Tag::RelayRecv, pack(idx, gen, d));
+        let ud = user_data(RelayOp::Recv, pack(idx, gen, d));
         match ring.recv_into(self.raw[d], buf, ud) {
             Ok(()) => {
                 self.steps[d] = Step::Recv;
@@ -1055,7 +1080,7 @@ impl Relay {
     #[allow(clippy::too_many_arguments)]
     fn send(
         &mut self,
-        ring: &mut Uring,
+        ring: &mut Driver,
         idx: usize,
         gen: u32,
         d: usize,
@@ -1067,7 +1092,7 @@ impl Relay {
             self.bufs[d] = Some(buf);
             return;
         }
-        let ud = user_data(Tag::RelaySend, pack(idx, gen, d));
+        let ud = user_data(RelayOp::Send, pack(idx, gen, d));
         match ring.send_range(self.raw[1 - d], buf, start..end, libc::MSG_NOSIGNAL, ud) {
             Ok(()) => {
                 self.steps[d] = Step::Send { start, end };
@@ -1088,7 +1113,14 @@ impl Relay {
     /// Starts tearing the relay down as `end`, `side` being the side at
     /// fault if any: cancels what is in flight; the sockets are closed once
     /// every completion is in (`settle`).
-    fn fail(&mut self, ring: &mut Uring, idx: usize, gen: u32, end: RelayEnd, side: Option<usize>) {
+    fn fail(
+        &mut self,
+        ring: &mut Driver,
+        idx: usize,
+        gen: u32,
+        end: RelayEnd,
+        side: Option<usize>,
+    ) {
         if self.end.is_some() {
             return;
         }
@@ -1096,9 +1128,9 @@ impl Relay {
         if self.first.is_none() {
             self.first = side;
         }
-        let cancel = user_data(Tag::Cancel, 0);
+        let cancel = user_data(ShardOp::Cancel, 0);
         if self.connecting {
-            let target = user_data(Tag::RelayConnect, pack(idx, gen, UPSTREAM));
+            let target = user_data(RelayOp::Connect, pack(idx, gen, UPSTREAM));
             let _ = ring.cancel(target, cancel);
         }
         for d in [CLIENT, UPSTREAM] {

@@ -1,0 +1,16 @@
+//! The listener: from the shards' listening sockets to the application.
+//!
+//! - [`config`]: the builder; validates everything, binds the shards'
+//!   `SO_REUSEPORT` sockets, starts their threads;
+//! - [`acceptor`]: the listener's service on each shard: multishot ACCEPT,
+//!   re-arm, backpressure and backoff, handing sockets to admission;
+//! - [`backlog`]: the per-shard lock-free ring admitted sockets wait in;
+//! - [`accept`]: the running [`Listener`](accept::Listener) and its delivery
+//!   (blocking, try, timeout, the accept event), shutdown and drain;
+//! - [`conn`]: [`Admitted`](conn::Admitted), the connection as delivered.
+
+pub(crate) mod accept;
+pub(crate) mod acceptor;
+pub(crate) mod backlog;
+pub(crate) mod config;
+pub(crate) mod conn;
