@@ -278,8 +278,12 @@ impl ListenerBuilder {
 
     /// Show the condition up to `bytes` first bytes of each connection
     /// (peeked, not consumed), waiting at most `wait` for them; the
-    /// condition then decides with what arrived. 0 (the default): none.
-    /// At most [`MAX_PEEK`].
+    /// condition is asked once they are there or `wait` has passed, and
+    /// decides with what arrived. With no condition, the connection is
+    /// delivered once its bytes are there (or `wait` passed). 0 (the
+    /// default): the condition is asked at once, on the address, and asks
+    /// for bytes itself with [`Verdict::NeedBytes`](crate::Verdict::NeedBytes)
+    /// (as the ready-made `Sni` and `ProxyProtocol` do). At most [`MAX_PEEK`].
     pub fn peek(mut self, bytes: usize, wait: std::time::Duration) -> Self {
         self.peek = bytes;
         self.peek_wait = wait;
