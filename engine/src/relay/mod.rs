@@ -469,21 +469,8 @@ impl Relays {
                     r.bufs[d] = Some(buf);
                     r.first.get_or_insert(d);
                     let ud = user_data(RelayOp::Shutdown, pack(idx, gen, d));
-                    match ring.shutdown(r.raw[1 - d], libc::SHUT_WR, ud) {
-                        Ok(()) => {
-                            r.steps[d] = Step::Shutdown;
-                            r.ops += 1;
-                        }
-                        Err(e) => r.fail(
-                            ring,
-                            idx,
-                            gen,
-                            RelayEnd::Error {
-                                errno: errno_of(&e),
-                            },
-                            None,
-                        ),
-                    }
+                    let posted = ring.shutdown(r.raw[1 - d], libc::SHUT_WR, ud);
+                    r.posted(ring, idx, gen, d, Step::Shutdown, posted);
                 } else {
                     r.bufs[d] = Some(buf);
                     r.fail(ring, idx, gen, peer_end(d, -result), Some(d));
@@ -736,21 +723,8 @@ impl Relay {
             return;
         }
         let ud = user_data(RelayOp::Recv, pack(idx, gen, d));
-        match ring.recv_into(self.raw[d], buf, ud) {
-            Ok(()) => {
-                self.steps[d] = Step::Recv;
-                self.ops += 1;
-            }
-            Err(e) => self.fail(
-                ring,
-                idx,
-                gen,
-                RelayEnd::Error {
-                    errno: errno_of(&e),
-                },
-                None,
-            ),
-        }
+        let posted = ring.recv_into(self.raw[d], buf, ud);
+        self.posted(ring, idx, gen, d, Step::Recv, posted);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -769,20 +743,30 @@ impl Relay {
             return;
         }
         let ud = user_data(RelayOp::Send, pack(idx, gen, d));
-        match ring.send_range(self.raw[1 - d], buf, start..end, libc::MSG_NOSIGNAL, ud) {
+        let posted = ring.send_range(self.raw[1 - d], buf, start..end, libc::MSG_NOSIGNAL, ud);
+        self.posted(ring, idx, gen, d, Step::Send { start, end }, posted);
+    }
+
+    /// After posting direction `d`'s next operation: it is in flight as
+    /// `step`, or the ring refused it and the relay fails with its errno.
+    fn posted(
+        &mut self,
+        ring: &mut Driver,
+        idx: usize,
+        gen: u32,
+        d: usize,
+        step: Step,
+        res: io::Result<()>,
+    ) {
+        match res {
             Ok(()) => {
-                self.steps[d] = Step::Send { start, end };
+                self.steps[d] = step;
                 self.ops += 1;
             }
-            Err(e) => self.fail(
-                ring,
-                idx,
-                gen,
-                RelayEnd::Error {
-                    errno: errno_of(&e),
-                },
-                None,
-            ),
+            Err(e) => {
+                let errno = errno_of(&e);
+                self.fail(ring, idx, gen, RelayEnd::Error { errno }, None);
+            }
         }
     }
 
