@@ -160,6 +160,18 @@ pub enum Error {
     /// The listener delivers to its inline handler; `accept()` has nothing
     /// to return.
     InlineDelivery,
+    /// The listener's shards are driven by the application
+    /// ([`ListenerBuilder::build_driven`](crate::ListenerBuilder::build_driven)):
+    /// connections come out of each [`DrivenShard::drive`](crate::DrivenShard::drive),
+    /// and `accept()` has nothing to return.
+    DrivenDelivery,
+    /// A driven shard was driven from a thread other than the one that
+    /// drove it first: io_uring binds a ring to one thread
+    /// (SINGLE_ISSUER). Move the shard before its first `drive()`, not after.
+    WrongThread {
+        /// The shard.
+        shard: usize,
+    },
     /// The listener or connector was shut down.
     Closed,
     /// A connect failed; `kind` classifies the cause.
@@ -269,6 +281,13 @@ impl fmt::Display for Error {
             Error::InlineDelivery => {
                 f.write_str("connections go to the inline handler; accept() is not available")
             }
+            Error::DrivenDelivery => f.write_str(
+                "the application drives the shards; connections come from DrivenShard::drive()",
+            ),
+            Error::WrongThread { shard } => write!(
+                f,
+                "driven shard {shard} is bound to the thread that first drove it"
+            ),
             Error::Closed => f.write_str("shut down"),
             Error::Connect { kind, addr, source } => {
                 write!(f, "connect to {addr}: {kind} ({source})")
@@ -286,7 +305,10 @@ impl std::error::Error for Error {
             | Error::Setup { source, .. }
             | Error::Accept { source, .. }
             | Error::Connect { source, .. } => Some(source),
-            Error::InlineDelivery | Error::Closed => None,
+            Error::InlineDelivery
+            | Error::DrivenDelivery
+            | Error::WrongThread { .. }
+            | Error::Closed => None,
         }
     }
 }

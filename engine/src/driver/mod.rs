@@ -297,6 +297,24 @@ impl Driver {
     /// io_uring setup failures, except the denials `Auto` falls back on;
     /// epoll_create1 failures.
     pub fn new(entries: u32, want: Backend) -> io::Result<(Self, BackendChoice)> {
+        Self::new_as(entries, want, false)
+    }
+
+    /// As [`Driver::new`], for a shard the application drives: the driver
+    /// is set up here (so that setup errors come back from `build()`) and
+    /// bound to the thread that calls [`Driver::enable`] (io_uring's
+    /// SINGLE_ISSUER: the ring is set up disabled until then). Its
+    /// [`Driver::wait_fd`] is readable while it has work.
+    pub fn new_driven(entries: u32, want: Backend) -> io::Result<(Self, BackendChoice)> {
+        let (mut d, choice) = Self::new_as(entries, want, true)?;
+        match &mut d.imp {
+            Imp::Uring(r) => r.enable_parking()?,
+            Imp::Epoll(e) => e.enable_parking()?,
+        }
+        Ok((d, choice))
+    }
+
+    fn new_as(entries: u32, want: Backend, disabled: bool) -> io::Result<(Self, BackendChoice)> {
         let want = match (want, std::env::var(BACKEND_ENV).as_deref()) {
             (Backend::Auto, Ok("epoll")) => return Self::epoll(format!("{BACKEND_ENV}=epoll")),
             (Backend::Auto, Ok("io_uring")) => Backend::IoUring,
@@ -305,7 +323,7 @@ impl Driver {
         match want {
             Backend::Epoll => Self::epoll("asked for".into()),
             Backend::IoUring => {
-                let ring = uring::Ring::new(entries)?;
+                let ring = uring::Ring::new(entries, disabled)?;
                 Ok((
                     Self::with(Imp::Uring(ring)),
                     BackendChoice {
@@ -314,7 +332,7 @@ impl Driver {
                     },
                 ))
             }
-            Backend::Auto => match uring::Ring::new(entries) {
+            Backend::Auto => match uring::Ring::new(entries, disabled) {
                 Ok(ring) => match ring.missing_opcode() {
                     None => Ok((
                         Self::with(Imp::Uring(ring)),
@@ -579,6 +597,55 @@ impl Driver {
             Imp::Uring(r) => r.submit_and_wait(want),
             Imp::Epoll(e) => e.submit_and_wait(want, &mut self.memory),
         }
+    }
+
+    /// Binds a driver made by [`Driver::new_driven`] to the calling thread
+    /// and lets it take submissions.
+    pub fn enable(&mut self) -> io::Result<()> {
+        match &mut self.imp {
+            Imp::Uring(r) => r.enable(),
+            Imp::Epoll(_) => Ok(()),
+        }
+    }
+
+    /// Submits what was posted and collects what is ready, without waiting.
+    pub fn reap(&mut self) -> io::Result<()> {
+        match &mut self.imp {
+            Imp::Uring(r) => r.reap(),
+            Imp::Epoll(e) => e.reap(&mut self.memory),
+        }
+    }
+
+    /// Before the caller waits on [`Driver::wait_fd`] (a driven shard): makes
+    /// the descriptor readable at the next thing due. On io_uring it clears
+    /// the registered eventfd and sets it again if work already waits; the
+    /// epoll backend arms its timer descriptor for its earliest deadline, or
+    /// at once when completions are already queued.
+    pub fn prepare_wait(&mut self) -> io::Result<()> {
+        match &mut self.imp {
+            Imp::Uring(r) => {
+                r.prepare_wait();
+                Ok(())
+            }
+            Imp::Epoll(e) => e.prepare_wait(),
+        }
+    }
+
+    /// The descriptor a driven shard's application waits on: the ring's
+    /// registered eventfd, or the epoll instance.
+    pub fn wait_fd(&self) -> RawFd {
+        match &self.imp {
+            Imp::Uring(r) => r.fd(),
+            Imp::Epoll(e) => e.fd(),
+        }
+    }
+
+    /// [`Driver::wait_fd`], borrowed for as long as the driver lives.
+    pub fn wait_fd_borrowed(&self) -> std::os::fd::BorrowedFd<'_> {
+        // SAFETY: the descriptor is the ring's or the epoll instance's, owned
+        // by `self.imp` and closed only when the driver drops, which the
+        // borrow's lifetime (tied to `&self`) cannot outlive.
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(self.wait_fd()) }
     }
 
     /// Moves every available completion into `out`.

@@ -34,6 +34,9 @@ macro_rules! on_desc {
     };
 }
 
+/// `IORING_ENTER_GETEVENTS` (include/uapi/linux/io_uring.h).
+const ENTER_GETEVENTS: u32 = 1 << 0;
+
 /// The opcodes the engine posts, for `Auto`'s probe.
 const USED: [(u8, &str); 12] = [
     (opcode::Accept::CODE, "ACCEPT"),
@@ -54,6 +57,12 @@ const USED: [(u8, &str); 12] = [
 pub(crate) struct Ring {
     ring: IoUring,
     setup: RingSetup,
+    /// A driven shard's eventfd, registered with the ring
+    /// (IORING_REGISTER_EVENTFD): the descriptor the application waits on.
+    /// The ring's own descriptor does not wake a poller for DEFER_TASKRUN's
+    /// deferred work (an accept's task work); the eventfd is signalled for
+    /// it and for every completion.
+    park: Option<std::os::fd::OwnedFd>,
 }
 
 impl Ring {
@@ -64,7 +73,12 @@ impl Ring {
     ///
     /// A refusal that no flag combination can fix (ENOSYS, EPERM, EACCES) is
     /// returned at once, from the first attempt.
-    pub fn new(entries: u32) -> io::Result<Self> {
+    ///
+    /// `disabled` sets IORING_SETUP_R_DISABLED (5.10): the ring takes no
+    /// submission until [`Ring::enable`], and SINGLE_ISSUER then binds it to
+    /// the enabling thread instead of this one (an application-driven shard
+    /// is built on one thread and driven on another).
+    pub fn new(entries: u32, disabled: bool) -> io::Result<Self> {
         let cq = entries.saturating_mul(16).max(4096);
         type Apply = fn(&mut io_uring::Builder);
         let attempts: [(RingSetup, Apply); 3] = [
@@ -94,9 +108,20 @@ impl Ring {
         for (setup, apply) in attempts {
             let mut builder = IoUring::builder();
             builder.setup_cqsize(cq);
+            if disabled {
+                // TASKRUN_FLAG: `prepare_wait` reads from it whether deferred
+                // work is waiting (it does not change what the ring does).
+                builder.setup_r_disabled().setup_taskrun_flag();
+            }
             apply(&mut builder);
             match builder.build(entries) {
-                Ok(ring) => return Ok(Ring { ring, setup }),
+                Ok(ring) => {
+                    return Ok(Ring {
+                        ring,
+                        setup,
+                        park: None,
+                    })
+                }
                 Err(e) => {
                     let fatal = matches!(
                         e.raw_os_error(),
@@ -313,6 +338,68 @@ impl Ring {
                 result: e.result(),
                 flags: e.flags(),
             });
+        }
+    }
+
+    /// Enables a ring set up disabled, binding it to the calling thread.
+    pub fn enable(&mut self) -> io::Result<()> {
+        self.ring.submitter().register_enable_rings()
+    }
+
+    /// Submits queued SQEs and reaps what is ready without waiting: one
+    /// `io_uring_enter` with GETEVENTS and no minimum, which also runs the
+    /// deferred task work (DEFER_TASKRUN runs it only in such an enter).
+    pub fn reap(&mut self) -> io::Result<()> {
+        let to_submit = u32::try_from(self.ring.submission().len()).unwrap_or(u32::MAX);
+        // SAFETY: no argument struct is passed (null, size 0); every SQE
+        // queued points at memory the driver keeps until its final CQE
+        // (`push_entry`'s contract).
+        let r = unsafe {
+            self.ring
+                .submitter()
+                .enter::<libc::sigset_t>(to_submit, 0, ENTER_GETEVENTS, None)
+        };
+        match r {
+            Ok(_) => Ok(()),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// For a driven shard: registers the eventfd the application waits on.
+    pub fn enable_parking(&mut self) -> io::Result<()> {
+        let fd = super::sys::eventfd()?;
+        self.ring
+            .submitter()
+            .register_eventfd(std::os::fd::AsRawFd::as_raw_fd(&fd))?;
+        self.park = Some(fd);
+        Ok(())
+    }
+
+    /// Before the application waits on the eventfd: clears it, then sets it
+    /// again if work is already there (completions not reaped, or deferred
+    /// work, which TASKRUN_FLAG shows): work that comes after the clear
+    /// signals it by itself, so no wake-up is lost and none is spurious.
+    pub fn prepare_wait(&mut self) {
+        let Some(park) = &self.park else { return };
+        use std::os::fd::AsFd;
+        super::sys::eventfd_clear(park.as_fd());
+        let waiting = {
+            let mut cq = self.ring.completion();
+            cq.sync();
+            !cq.is_empty()
+        } || self.ring.submission().taskrun();
+        if waiting {
+            super::sys::eventfd_signal(park.as_fd());
+        }
+    }
+
+    /// The descriptor a driven shard's application waits on: the registered
+    /// eventfd, or else the ring's own.
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        match &self.park {
+            Some(p) => std::os::fd::AsRawFd::as_raw_fd(p),
+            None => std::os::fd::AsRawFd::as_raw_fd(&self.ring),
         }
     }
 

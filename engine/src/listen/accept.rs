@@ -159,7 +159,7 @@ impl ShardShared {
         None
     }
 
-    fn take_error(&self) -> Option<io::Error> {
+    pub(crate) fn take_error(&self) -> Option<io::Error> {
         if !self.has_error.swap(false, Ordering::AcqRel) {
             return None;
         }
@@ -218,6 +218,8 @@ pub struct Listener {
     pub(crate) local_addr: SocketAddr,
     pub(crate) backlog: BacklogLength,
     pub(crate) inline: bool,
+    /// The application drives the shards (`build_driven`).
+    pub(crate) driven: bool,
     pub(crate) next: AtomicUsize,
     pub(crate) setup: RingSetup,
     pub(crate) backend: Option<crate::driver::BackendChoice>,
@@ -264,6 +266,9 @@ impl Listener {
     pub fn try_accept(&self) -> Result<Option<Admitted>, Error> {
         if self.inline {
             return Err(Error::InlineDelivery);
+        }
+        if self.driven {
+            return Err(Error::DrivenDelivery);
         }
         if self.delivery.closed.load(Ordering::SeqCst) {
             return Err(Error::Closed);

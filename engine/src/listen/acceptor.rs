@@ -101,6 +101,9 @@ pub(crate) struct Acceptor {
     shard: Arc<ShardShared>,
     delivery: Arc<Delivery>,
     handler: Option<Arc<Handler>>,
+    /// Delivered by the application's own `drive()` (a driven shard): no
+    /// accept-event notification, no inline handler.
+    driven: bool,
     multishot: bool,
     accepted_any: bool,
     arm: Arm,
@@ -153,6 +156,7 @@ impl Acceptor {
             shard,
             delivery,
             handler,
+            driven: false,
             multishot: true,
             accepted_any: false,
             arm: Arm::Idle,
@@ -176,6 +180,14 @@ impl Acceptor {
     /// Registers admitted connections for the listener's declared events.
     pub fn with_registration(mut self, r: Option<crate::admit::register::Registration>) -> Self {
         self.registry = r.map(|r| crate::admit::register::Registry::new(r, self.index));
+        self
+    }
+
+    /// Makes this a shard the application drives: connections wait in the
+    /// ring for its [`Acceptor::deliver_to`], called right after each turn.
+    pub fn driven(mut self) -> Self {
+        self.driven = true;
+        self.handler = None;
         self
     }
 
@@ -309,16 +321,30 @@ impl Acceptor {
         let Some(handler) = self.handler.clone() else {
             return;
         };
+        self.deliver_to(ring, &mut |conn, ctx| handler(conn, ctx));
+    }
+
+    /// Hands every deliverable connection in the ring to `handler`, on this
+    /// thread, with the shard's context; returns how many. A panicking
+    /// handler is counted and the next connection goes on.
+    pub fn deliver_to(
+        &mut self,
+        ring: &mut Driver,
+        handler: &mut dyn FnMut(Admitted, &mut ShardContext<'_>),
+    ) -> usize {
+        let mut n = 0;
         while let Some(p) = self
             .shard
             .take_deliverable(&self.delivery, self.pending_timeout)
         {
+            n += 1;
             let conn = Admitted::new(p, self.index);
             let mut ctx = ShardContext::new(self.index, ring, &mut self.replies, &mut self.relays);
             if catch_unwind(AssertUnwindSafe(|| handler(conn, &mut ctx))).is_err() {
                 Counters::add(&self.counters().handler_panics, 1);
             }
         }
+        n
     }
 
     fn close_all_pending(&mut self) {
@@ -478,6 +504,9 @@ impl Service for Acceptor {
         if self.handler.is_some() {
             self.pushed = false;
             self.deliver_inline(ring);
+        } else if self.driven {
+            // The application's drive() delivers right after this turn.
+            self.pushed = false;
         } else if std::mem::take(&mut self.pushed) {
             self.delivery.notify();
         }

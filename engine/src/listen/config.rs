@@ -17,6 +17,7 @@ use crate::error::{ConfigError, Error};
 use crate::listen::accept::{BacklogLength, Delivery, Listener, ShardShared};
 use crate::listen::acceptor::{Acceptor, Handler};
 use crate::listen::conn::Admitted;
+use crate::listen::driven::DrivenShard;
 use crate::relay::context::ShardContext;
 use crate::shard::{self, Coalesce, Placement, ShardControl};
 
@@ -504,6 +505,40 @@ impl ListenerBuilder {
     /// not local; [`Error::Setup`] for other system failures. Nothing is
     /// left running or open on error.
     pub fn build(self) -> Result<Listener, Error> {
+        self.start(false).map(|(listener, _)| listener)
+    }
+
+    /// Builds the listener without starting a thread: one [`DrivenShard`]
+    /// per shard, for the application to move onto threads it owns and
+    /// drive there (a thread per core running its own event loop, a tokio
+    /// `current_thread` runtime per core, another executor). Each shard's
+    /// descriptor is readable while it has work; its
+    /// [`DrivenShard::drive`] hands the admitted connections to the caller
+    /// on that thread. Everything else is as with [`build`](Self::build):
+    /// `SO_REUSEPORT` sockets with CPU steering (shard `k` receives the
+    /// connections that arrive on CPU `k`, so drive it on core `k`), the
+    /// backlog ring and its backpressure, admission, registrations,
+    /// conservation. [`Listener::accept`] returns
+    /// [`Error::DrivenDelivery`]; [`Listener::shutdown`] tells the shards to
+    /// stop (each finishes at its next `drive()`, or when dropped) and does
+    /// not wait for them. `pin` does not apply: the application places its
+    /// threads.
+    ///
+    /// # Errors
+    /// As [`build`](Self::build); [`Error::Config`] naming `handler` if an
+    /// inline handler was set (the handler goes to `drive()`).
+    pub fn build_driven(self) -> Result<(Listener, Vec<DrivenShard>), Error> {
+        if self.handler.is_some() {
+            return Err(Error::Config(ConfigError::new(
+                "handler",
+                "set",
+                "a driven listener hands connections to DrivenShard::drive's handler",
+            )));
+        }
+        self.start(true)
+    }
+
+    fn start(self, driven: bool) -> Result<(Listener, Vec<DrivenShard>), Error> {
         let (n, placements, backlog) = self.validate()?;
         let sockets = bind_group(
             self.addr,
@@ -529,11 +564,20 @@ impl ListenerBuilder {
             ipv6: self.addr.is_ipv6(),
             local: (!local_addr.ip().is_unspecified()).then_some(local_addr),
         });
-        let delivery = Arc::new(Delivery::new()?);
-        let mut shards = Vec::with_capacity(n);
-        let mut threads = Vec::with_capacity(n);
-        let mut setup = None;
-        let mut backend = None;
+        let mut listener = Listener {
+            shards: Vec::with_capacity(n),
+            delivery: Arc::new(Delivery::new()?),
+            threads: Mutex::new(Vec::with_capacity(n)),
+            local_addr,
+            backlog,
+            inline: self.handler.is_some(),
+            driven,
+            next: AtomicUsize::new(0),
+            setup: Default::default(),
+            backend: None,
+            pending_timeout: self.pending_timeout,
+        };
+        let mut driven_shards = Vec::new();
         for (k, socket) in sockets.into_iter().enumerate() {
             let socket = Arc::new(socket);
             let started = ShardControl::new().and_then(|control| {
@@ -547,7 +591,7 @@ impl ListenerBuilder {
                     k,
                     socket,
                     shared.clone(),
-                    delivery.clone(),
+                    listener.delivery.clone(),
                     self.handler.clone(),
                     admission.clone(),
                 )
@@ -560,47 +604,37 @@ impl ListenerBuilder {
                     core: placements[k],
                     backend: self.backend,
                 };
-                shard::spawn("floodgate", placement, control, acceptor).map(|(h, s)| (shared, h, s))
+                if driven {
+                    let (shard, s) = shard::prepare_driven(placement, control, acceptor.driven())?;
+                    driven_shards.push(DrivenShard::new(k, shard, shared.clone()));
+                    Ok((shared, None, s))
+                } else {
+                    shard::spawn("floodgate", placement, control, acceptor)
+                        .map(|(h, s)| (shared, Some(h), s))
+                }
             });
             match started {
                 Ok((shared, handle, s)) => {
-                    shards.push(shared);
-                    threads.push(handle);
-                    backend.get_or_insert(s.backend);
-                    setup.get_or_insert(s.setup);
+                    listener.shards.push(shared);
+                    if let (Some(h), Ok(mut threads)) = (handle, listener.threads.lock()) {
+                        threads.push(h);
+                    }
+                    listener.backend.get_or_insert(s.backend);
+                    if k == 0 {
+                        listener.setup = s.setup;
+                    }
                 }
                 Err(e) => {
-                    // Stop what already runs; the rest of the sockets close
-                    // when `sockets` is dropped.
-                    let partial = Listener {
-                        shards,
-                        delivery,
-                        threads: Mutex::new(threads),
-                        local_addr,
-                        backlog,
-                        inline: self.handler.is_some(),
-                        next: AtomicUsize::new(0),
-                        setup: setup.unwrap_or_default(),
-                        backend: backend.clone(),
-                        pending_timeout: self.pending_timeout,
-                    };
-                    partial.shutdown();
+                    // Stop what already runs (the shards' own threads, or
+                    // the driven shards, which drop here); the rest of the
+                    // sockets close when `sockets` is dropped.
+                    drop(driven_shards);
+                    listener.shutdown();
                     return Err(e);
                 }
             }
         }
-        Ok(Listener {
-            shards,
-            delivery,
-            threads: Mutex::new(threads),
-            local_addr,
-            backlog,
-            inline: self.handler.is_some(),
-            next: AtomicUsize::new(0),
-            setup: setup.unwrap_or_default(),
-            backend,
-            pending_timeout: self.pending_timeout,
-        })
+        Ok((listener, driven_shards))
     }
 }
 

@@ -7,6 +7,7 @@
 //! - [`backlog`]: the per-shard lock-free ring admitted sockets wait in;
 //! - [`accept`]: the running [`Listener`](accept::Listener) and its delivery
 //!   (blocking, try, timeout, the accept event), shutdown and drain;
+//! - [`driven`]: shards the application drives on its own threads;
 //! - [`conn`]: [`Admitted`](conn::Admitted), the connection as delivered.
 
 pub(crate) mod accept;
@@ -14,3 +15,4 @@ pub(crate) mod acceptor;
 pub(crate) mod backlog;
 pub(crate) mod config;
 pub(crate) mod conn;
+pub(crate) mod driven;

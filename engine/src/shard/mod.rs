@@ -199,6 +199,170 @@ pub(crate) struct Started {
     pub backend: BackendChoice,
 }
 
+/// One shard: its driver, its wake-up state and the service it runs. The
+/// engine's threads run it in [`spawn`]'s loop; an application-driven
+/// shard calls [`Shard::turn`] without waiting from the application's own
+/// thread.
+pub(crate) struct Shard<S: Service> {
+    pub ring: Driver,
+    pub control: Arc<ShardControl>,
+    pub service: S,
+    batch: Vec<Cqe>,
+    wake_armed: bool,
+    stopping: bool,
+    started: bool,
+    finished: bool,
+}
+
+impl<S: Service> std::fmt::Debug for Shard<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shard")
+            .field("ring", &self.ring)
+            .field("stopping", &self.stopping)
+            .field("finished", &self.finished)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Service> Shard<S> {
+    /// A shard on `ring`, not started.
+    pub fn new(ring: Driver, control: Arc<ShardControl>, service: S) -> Self {
+        Shard {
+            ring,
+            control,
+            service,
+            batch: Vec::with_capacity(256),
+            wake_armed: false,
+            stopping: false,
+            started: false,
+            finished: false,
+        }
+    }
+
+    /// Posts the service's first operations and the wake-up read. On error
+    /// what was posted is driven to its end and released.
+    pub fn start(&mut self) -> io::Result<()> {
+        let started = self.service.start(&mut self.ring).and_then(|()| {
+            self.ring
+                .read_counter(self.control.wake.as_raw_fd(), user_data(ShardOp::Wake, 0))
+        });
+        if let Err(e) = started {
+            self.service.stop(&mut self.ring);
+            drive_to_idle(&mut self.ring, &mut self.service);
+            self.finish();
+            return Err(e);
+        }
+        self.wake_armed = true;
+        self.started = true;
+        Ok(())
+    }
+
+    /// Whether [`Shard::start`] succeeded.
+    pub fn started(&self) -> bool {
+        self.started
+    }
+
+    /// Whether the shard stopped and everything it posted has ended.
+    pub fn finished(&self) -> bool {
+        self.finished
+    }
+
+    /// One turn: submit what the services queued, take the completions
+    /// (waiting for at least one when `wait`, else only what is ready),
+    /// route them, let the service act. Returns false once the shard has
+    /// stopped and its service is idle (then call [`Shard::finish`]).
+    pub fn turn(&mut self, wait: bool) -> bool {
+        if self.finished {
+            return false;
+        }
+        if self.stopping && !self.wake_armed && self.service.idle() {
+            return false;
+        }
+        let reaped = if wait {
+            self.ring.submit_and_wait(1)
+        } else {
+            self.ring.reap()
+        };
+        if reaped.is_err() {
+            // Only a broken ring gets here (EBADF, EFAULT): nothing more can
+            // be submitted or reaped, so stop the services and leave; memory
+            // of in-flight operations is leaked by the ring's Drop, not freed.
+            if !self.stopping {
+                self.stopping = true;
+                self.service.stop(&mut self.ring);
+            }
+            self.wake_armed = false;
+            return false;
+        }
+        self.batch.clear();
+        self.ring.drain(&mut self.batch);
+        let now = Instant::now();
+        let ring = &mut self.ring;
+        for cqe in self.batch.drain(..) {
+            let (kind, payload) = split(cqe.user_data);
+            match ShardOp::from_byte(kind) {
+                Some(ShardOp::Wake) => {
+                    ring.release(cqe.user_data);
+                    self.wake_armed = false;
+                    self.control.wake_pending.store(false, Ordering::Release);
+                }
+                Some(ShardOp::Cancel) => {}
+                None => self.service.complete(ring, kind, payload, cqe, now),
+            }
+        }
+        if !self.stopping && self.control.stop_requested() {
+            self.stopping = true;
+            self.service.stop(ring);
+            // Take the wake-up read back so the loop can end.
+            if self.wake_armed
+                && ring
+                    .cancel(user_data(ShardOp::Wake, 0), user_data(ShardOp::Cancel, 0))
+                    .is_err()
+            {
+                return false;
+            }
+        }
+        if !self.stopping && !self.wake_armed {
+            match ring.read_counter(self.control.wake.as_raw_fd(), user_data(ShardOp::Wake, 0)) {
+                Ok(()) => self.wake_armed = true,
+                Err(_) => {
+                    self.stopping = true;
+                    self.service.stop(ring);
+                }
+            }
+        }
+        self.service.turn(ring, now);
+        if wait {
+            if let Some(pause) = self.service.pause() {
+                // Submit first: a reply or close left queued would wait out
+                // the pause (PERF-NOTES measured p50 314 µs that way).
+                if !self.stopping && ring.submit().is_ok() {
+                    std::thread::sleep(pause);
+                }
+            }
+        }
+        true
+    }
+
+    /// Stops the shard (as a stop request would) and drives it, waiting,
+    /// until everything it posted has ended; then [`Shard::finish`].
+    pub fn stop_and_finish(&mut self) {
+        if self.started {
+            self.control.stop();
+            while self.turn(true) {}
+        }
+        self.finish();
+    }
+
+    /// Last thing: the service releases what it holds (once).
+    pub fn finish(&mut self) {
+        if !self.finished {
+            self.finished = true;
+            self.service.finish();
+        }
+    }
+}
+
 /// Starts a shard thread running `service` and waits until its ring is set
 /// up, so that a setup failure (no io_uring, a refused flag) comes back from
 /// here, naming its cause.
@@ -217,35 +381,24 @@ pub(crate) fn spawn<S: Service>(
                 // unpinned; steering still works, only locality is lost.
                 let _ = core_affinity::set_for_current(core);
             }
-            let (mut ring, choice) = match Driver::new(RING_ENTRIES, placement.backend) {
+            let (ring, choice) = match Driver::new(RING_ENTRIES, placement.backend) {
                 Ok(r) => r,
                 Err(e) => {
-                    let op = if placement.backend == Backend::Epoll {
-                        "epoll_create1"
-                    } else {
-                        "io_uring_setup"
-                    };
-                    let _ = tx.send(Err(Error::setup(op, e)));
+                    let _ = tx.send(Err(Error::setup(setup_op(placement.backend), e)));
                     return;
                 }
             };
-            let mut service = service;
-            let started = service.start(&mut ring).and_then(|()| {
-                ring.read_counter(control.wake.as_raw_fd(), user_data(ShardOp::Wake, 0))
-            });
-            if let Err(e) = started {
-                service.stop(&mut ring);
-                drive_to_idle(&mut ring, &mut service);
-                service.finish();
+            let mut shard = Shard::new(ring, control, service);
+            if let Err(e) = shard.start() {
                 let _ = tx.send(Err(Error::setup("io_uring submit", e)));
                 return;
             }
             let _ = tx.send(Ok(Started {
-                setup: ring.setup(),
+                setup: shard.ring.setup(),
                 backend: choice,
             }));
-            run(&mut ring, &control, &mut service);
-            service.finish();
+            while shard.turn(true) {}
+            shard.finish();
         })
         .map_err(|e| Error::setup("thread spawn", e))?;
     match rx.recv() {
@@ -264,69 +417,29 @@ pub(crate) fn spawn<S: Service>(
     }
 }
 
-/// The run loop: one `io_uring_enter` per turn.
-fn run<S: Service>(ring: &mut Driver, control: &ShardControl, service: &mut S) {
-    let mut batch = Vec::with_capacity(256);
-    let mut wake_armed = true;
-    let mut stopping = false;
-    loop {
-        if stopping && !wake_armed && service.idle() {
-            return;
-        }
-        if let Err(e) = ring.submit_and_wait(1) {
-            // Only a broken ring gets here (EBADF, EFAULT): nothing more can
-            // be submitted or reaped, so stop the services and leave; memory
-            // of in-flight operations is leaked by the ring's Drop, not freed.
-            let _ = e;
-            if !stopping {
-                service.stop(ring);
-            }
-            return;
-        }
-        batch.clear();
-        ring.drain(&mut batch);
-        let now = Instant::now();
-        for cqe in batch.drain(..) {
-            let (kind, payload) = split(cqe.user_data);
-            match ShardOp::from_byte(kind) {
-                Some(ShardOp::Wake) => {
-                    ring.release(cqe.user_data);
-                    wake_armed = false;
-                    control.wake_pending.store(false, Ordering::Release);
-                }
-                Some(ShardOp::Cancel) => {}
-                None => service.complete(ring, kind, payload, cqe, now),
-            }
-        }
-        if !stopping && control.stop_requested() {
-            stopping = true;
-            service.stop(ring);
-            // Take the wake-up read back so the loop can end.
-            if wake_armed
-                && ring
-                    .cancel(user_data(ShardOp::Wake, 0), user_data(ShardOp::Cancel, 0))
-                    .is_err()
-            {
-                return;
-            }
-        }
-        if !stopping && !wake_armed {
-            match ring.read_counter(control.wake.as_raw_fd(), user_data(ShardOp::Wake, 0)) {
-                Ok(()) => wake_armed = true,
-                Err(_) => {
-                    stopping = true;
-                    service.stop(ring);
-                }
-            }
-        }
-        service.turn(ring, now);
-        if let Some(pause) = service.pause() {
-            // Submit first: a reply or close left queued would wait out the
-            // pause (PERF-NOTES measured p50 314 µs that way).
-            if !stopping && ring.submit().is_ok() {
-                std::thread::sleep(pause);
-            }
-        }
+/// Sets up a shard for the application to drive: its driver is made here
+/// (setup errors come back from `build()`), bound to the thread that first
+/// drives it; nothing is posted until then.
+pub(crate) fn prepare_driven<S: Service>(
+    placement: Placement,
+    control: Arc<ShardControl>,
+    service: S,
+) -> Result<(Shard<S>, Started), Error> {
+    let (ring, choice) = Driver::new_driven(RING_ENTRIES, placement.backend)
+        .map_err(|e| Error::setup(setup_op(placement.backend), e))?;
+    let started = Started {
+        setup: ring.setup(),
+        backend: choice,
+    };
+    Ok((Shard::new(ring, control, service), started))
+}
+
+/// The setup call named in an error for `backend`.
+fn setup_op(backend: Backend) -> &'static str {
+    if backend == Backend::Epoll {
+        "epoll_create1"
+    } else {
+        "io_uring_setup"
     }
 }
 

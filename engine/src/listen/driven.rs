@@ -1,0 +1,211 @@
+//! Shards the application drives: no engine thread; each shard is a handle
+//! the application moves onto a thread it owns and drives from there.
+//!
+//! A [`DrivenShard`] holds the shard's driver (io_uring ring or epoll
+//! instance), its acceptor and admission. Its descriptor ([`AsFd`]) is
+//! readable while the shard has work; [`DrivenShard::drive`] then reaps the
+//! completions, runs admission and hands the admitted connections to the
+//! caller's handler on the calling thread, with the shard's context (reply
+//! and close, relay): the inline handler's path, with no hop between
+//! threads. A shard that is not driven takes nothing from the kernel (its
+//! ring runs deferred work only when driven; epoll accepts only when
+//! waited on): the kernel's queue holds the connections meanwhile.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::sync::Arc;
+use std::thread::ThreadId;
+use std::time::Duration;
+
+use crate::driver::sys;
+use crate::error::Error;
+use crate::listen::accept::ShardShared;
+use crate::listen::acceptor::Acceptor;
+use crate::listen::conn::Admitted;
+use crate::relay::context::ShardContext;
+use crate::shard::Shard;
+
+/// One shard of a listener built with
+/// [`ListenerBuilder::build_driven`](crate::ListenerBuilder::build_driven),
+/// for the application to drive on a thread of its own.
+///
+/// It is `Send`: move it to its thread, then call [`DrivenShard::drive`]
+/// there whenever its descriptor is readable (and once at the start). The
+/// first `drive()` binds it to its thread; driving it from another returns
+/// [`Error::WrongThread`]. Dropping it stops the shard: what it holds is
+/// closed and counted (`closed_at_shutdown`), as a shutdown does.
+///
+/// ```
+/// use std::io::Read;
+/// use std::net::TcpStream;
+/// use floodgate::Listener;
+///
+/// let (listener, mut shards) = Listener::builder("127.0.0.1:0".parse()?)
+///     .shards(1)
+///     .build_driven()?;
+/// let mut shard = shards.pop().expect("one shard");
+/// let addr = listener.local_addr();
+/// let server = std::thread::spawn(move || -> Result<(), floodgate::Error> {
+///     let mut served = 0;
+///     while served < 1 {
+///         served += shard.drive(|conn, ctx| {
+///             let _ = ctx.reply_and_close(conn, b"x");
+///         })?;
+///         if served < 1 {
+///             shard.wait(None)?;
+///         }
+///     }
+///     Ok(())
+/// });
+/// let mut reply = Vec::new();
+/// TcpStream::connect(addr)?.read_to_end(&mut reply)?;
+/// assert_eq!(reply, b"x");
+/// server.join().expect("server thread")?;
+/// listener.shutdown();
+/// assert!(listener.stats().conserved());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct DrivenShard {
+    index: usize,
+    shard: Shard<Acceptor>,
+    shared: Arc<ShardShared>,
+    owner: Option<ThreadId>,
+}
+
+impl std::fmt::Debug for DrivenShard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DrivenShard")
+            .field("index", &self.index)
+            .field("owner", &self.owner)
+            .field("shard", &self.shard)
+            .finish()
+    }
+}
+
+impl DrivenShard {
+    pub(crate) fn new(index: usize, shard: Shard<Acceptor>, shared: Arc<ShardShared>) -> Self {
+        DrivenShard {
+            index,
+            shard,
+            shared,
+            owner: None,
+        }
+    }
+
+    /// The shard's index (its place in the listener's reuseport group, the
+    /// core steering sends to it).
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// Does the shard's work that is ready, without waiting: submits what it
+    /// queued, reaps completions, runs admission, re-arms the accept, and
+    /// calls `handler` on this thread for every admitted connection, with
+    /// the shard's context. Returns how many connections it handed over.
+    /// Call it whenever the descriptor is readable; it never blocks.
+    ///
+    /// The first call binds the shard to the calling thread and starts it
+    /// (posts its accept).
+    ///
+    /// # Errors
+    /// [`Error::Closed`] once the listener was shut down and the shard has
+    /// finished (everything it held closed and counted);
+    /// [`Error::WrongThread`] from another thread than the first call's;
+    /// [`Error::Setup`] if the shard could not start;
+    /// [`Error::Accept`] once for a shard's accept error that is neither
+    /// transient nor exhaustion (the shard keeps retrying with backoff).
+    pub fn drive<F>(&mut self, mut handler: F) -> Result<usize, Error>
+    where
+        F: FnMut(Admitted, &mut ShardContext<'_>),
+    {
+        self.bind()?;
+        if self.shard.finished() {
+            return Err(Error::Closed);
+        }
+        if !self.shard.turn(false) {
+            self.shard.finish();
+            return Err(Error::Closed);
+        }
+        let ring = &mut self.shard.ring;
+        let n = self.shard.service.deliver_to(ring, &mut handler);
+        // What the handler queued (replies, relays) goes now: nothing else
+        // would wake this shard to submit it.
+        let submitted = ring.submit().and_then(|_| ring.prepare_wait());
+        if let Err(e) = submitted {
+            return Err(Error::setup("driven shard submit", e));
+        }
+        if let Some(e) = self.shared.take_error() {
+            return Err(Error::Accept {
+                shard: self.index,
+                source: e,
+            });
+        }
+        Ok(n)
+    }
+
+    /// Waits until the descriptor is readable, at most `timeout` (`None`:
+    /// no limit), for a thread that does nothing else; an event loop
+    /// registers the descriptor instead. Returns whether it is readable.
+    ///
+    /// # Errors
+    /// `poll(2)` failures as [`Error::Setup`].
+    pub fn wait(&mut self, timeout: Option<Duration>) -> Result<bool, Error> {
+        if !self.shard.started() {
+            return Ok(true);
+        }
+        sys::poll_readable(self.as_fd(), timeout).map_err(|e| Error::setup("poll", e))
+    }
+
+    /// Whether the shard stopped and has closed and counted what it held.
+    pub fn is_finished(&self) -> bool {
+        self.shard.finished()
+    }
+
+    fn bind(&mut self) -> Result<(), Error> {
+        let me = std::thread::current().id();
+        match self.owner {
+            Some(t) if t == me => Ok(()),
+            Some(_) => Err(Error::WrongThread { shard: self.index }),
+            None => {
+                self.owner = Some(me);
+                self.shard
+                    .ring
+                    .enable()
+                    .map_err(|e| Error::setup("io_uring_register(ENABLE_RINGS)", e))?;
+                self.shard
+                    .start()
+                    .map_err(|e| Error::setup("driven shard start", e))
+            }
+        }
+    }
+}
+
+impl AsRawFd for DrivenShard {
+    /// The shard's descriptor: readable while it has work for
+    /// [`DrivenShard::drive`]. Register it for readability (edge or level)
+    /// in any event loop; never read from it or close it.
+    fn as_raw_fd(&self) -> RawFd {
+        self.shard.ring.wait_fd()
+    }
+}
+
+impl AsFd for DrivenShard {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.shard.ring.wait_fd_borrowed()
+    }
+}
+
+impl Drop for DrivenShard {
+    fn drop(&mut self) {
+        let here = self
+            .owner
+            .map_or(true, |t| t == std::thread::current().id());
+        if here {
+            self.shard.stop_and_finish();
+        } else {
+            // Bound to another thread: its ring takes nothing from this one.
+            // Close and count what it holds; in-flight operations end with
+            // the ring.
+            self.shard.finish();
+        }
+    }
+}

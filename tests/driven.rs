@@ -1,0 +1,309 @@
+//! Shards the application drives (`ListenerBuilder::build_driven`): no
+//! engine thread; each `DrivenShard` runs on a thread the test owns.
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use floodgate::{DrivenShard, Error, Listener};
+use floodgate_tests::{connect, cores, open_fds, pin, read_id, serial, tagged_client, wait_for};
+
+fn addr() -> SocketAddr {
+    "127.0.0.1:0".parse().expect("loopback")
+}
+
+/// Drives `shard` on this thread until `stop` is set and the listener has
+/// shut it down: each connection's id is read and sent to `ids`, then the
+/// connection is closed.
+fn serve(mut shard: DrivenShard, ids: mpsc::Sender<(usize, u64)>, stop: Arc<AtomicBool>) {
+    let index = shard.index();
+    loop {
+        match shard.drive(|mut conn, _ctx| {
+            let _ = conn
+                .as_std()
+                .set_read_timeout(Some(Duration::from_secs(60)));
+            if let Ok(id) = read_id(&mut conn) {
+                let _ = ids.send((index, id));
+            }
+        }) {
+            Ok(_) => {}
+            Err(Error::Closed) => return,
+            Err(e) => panic!("shard {index}: {e}"),
+        }
+        if stop.load(Ordering::SeqCst) && shard.is_finished() {
+            return;
+        }
+        shard
+            .wait(Some(Duration::from_millis(100)))
+            .expect("wait on the shard");
+    }
+}
+
+#[test]
+fn driven_shards_on_their_own_threads_deliver_every_connection_once() {
+    let _serial = serial();
+    let baseline = open_fds();
+    let cores = cores();
+    let n = cores.len().clamp(1, 4);
+    let (listener, shards) = Listener::builder(addr())
+        .shards(n)
+        .build_driven()
+        .expect("build driven");
+    assert_eq!(shards.len(), n);
+    let (tx, rx) = mpsc::channel();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut threads = Vec::new();
+    for shard in shards {
+        let (tx, stop) = (tx.clone(), stop.clone());
+        let core = cores.get(shard.index()).copied();
+        threads.push(std::thread::spawn(move || {
+            if let Some(c) = core {
+                pin(c);
+            }
+            serve(shard, tx, stop)
+        }));
+    }
+    drop(tx);
+    // Clients from every core, so that steering sends some to every shard.
+    let per_core = 200u64;
+    let local = listener.local_addr();
+    let clients: Vec<_> = (0..n)
+        .map(|k| {
+            let core = cores.get(k).copied();
+            std::thread::spawn(move || {
+                if let Some(c) = core {
+                    pin(c);
+                }
+                for i in 0..per_core {
+                    tagged_client(local, k as u64 * per_core + i).expect("client");
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().expect("client thread");
+    }
+    let total = n as u64 * per_core;
+    let mut seen = HashSet::new();
+    let mut by_shard = vec![0u64; n];
+    for _ in 0..total {
+        let (shard, id) = rx.recv().expect("every connection is delivered");
+        assert!(seen.insert(id), "id {id} delivered twice");
+        by_shard[shard] += 1;
+    }
+    assert_eq!(seen.len() as u64, total);
+    if n > 1 {
+        assert!(
+            by_shard.iter().all(|&c| c > 0),
+            "every shard accepts under CPU steering: {by_shard:?}"
+        );
+    }
+    stop.store(true, Ordering::SeqCst);
+    listener.shutdown();
+    for t in threads {
+        t.join().expect("shard thread");
+    }
+    let stats = listener.stats();
+    assert!(stats.conserved(), "{stats:?}");
+    assert_eq!(stats.total().accepted, total);
+    assert_eq!(stats.total().delivered, total);
+    drop(listener);
+    assert_eq!(open_fds(), baseline, "fd table back to baseline");
+}
+
+#[test]
+fn a_shard_that_is_not_driven_takes_nothing_from_the_kernel() {
+    let _serial = serial();
+    let baseline = open_fds();
+    let (listener, mut shards) = Listener::builder(addr())
+        .shards(1)
+        .build_driven()
+        .expect("build driven");
+    let mut shard = shards.pop().expect("one shard");
+    // Started (its accept posted), then left alone.
+    assert_eq!(shard.drive(|_, _| panic!("nothing yet")).expect("drive"), 0);
+    let k = 20;
+    let mut clients = Vec::new();
+    for i in 0..k {
+        let mut c = connect(listener.local_addr()).expect("connect");
+        c.write_all(&(i as u64).to_le_bytes()).expect("send id");
+        clients.push(c);
+    }
+    // The kernel completed every handshake and holds them in its queue;
+    // the shard took none.
+    wait_for("the kernel's accept queue holds the clients", || {
+        listener.stats().shards[0]
+            .kernel
+            .is_some_and(|q| q.accept_queue as usize == k)
+    });
+    assert_eq!(listener.stats().total().accepted, 0);
+    // Driven again, it takes all of them.
+    let mut got = Vec::new();
+    while got.len() < k {
+        shard
+            .drive(|mut conn, _| got.push(read_id(&mut conn).expect("id")))
+            .expect("drive");
+        if got.len() < k {
+            shard.wait(Some(Duration::from_millis(100))).expect("wait");
+        }
+    }
+    got.sort_unstable();
+    assert_eq!(got, (0..k as u64).collect::<Vec<_>>());
+    drop(clients);
+    drop(shard);
+    listener.shutdown();
+    assert!(listener.stats().conserved());
+    drop(listener);
+    assert_eq!(open_fds(), baseline);
+}
+
+#[test]
+fn shutdown_closes_and_counts_what_a_driven_shard_holds() {
+    let _serial = serial();
+    let baseline = open_fds();
+    let (listener, mut shards) = Listener::builder(addr())
+        .shards(1)
+        .build_driven()
+        .expect("build driven");
+    let mut shard = shards.pop().expect("one shard");
+    shard.drive(|_, _| {}).expect("start");
+    let clients: Vec<_> = (0..10)
+        .map(|_| connect(listener.local_addr()).expect("connect"))
+        .collect();
+    wait_for("clients queued", || {
+        listener.stats().shards[0]
+            .kernel
+            .is_some_and(|q| q.accept_queue == 10)
+    });
+    listener.shutdown();
+    // The shard sees the stop at its next drive and finishes.
+    let mut handed = 0;
+    loop {
+        match shard.drive(|_, _| handed += 1) {
+            Ok(_) => {
+                shard.wait(Some(Duration::from_millis(100))).expect("wait");
+            }
+            Err(Error::Closed) => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(shard.is_finished());
+    let stats = listener.stats();
+    assert!(stats.conserved(), "{stats:?}");
+    assert_eq!(
+        stats.total().delivered + stats.total().closed_at_shutdown,
+        stats.total().accepted
+    );
+    assert_eq!(stats.total().delivered, handed);
+    drop(shard);
+    drop(clients);
+    drop(listener);
+    assert_eq!(open_fds(), baseline);
+}
+
+#[test]
+fn dropping_driven_shards_stops_them_and_counts_what_they_held() {
+    let _serial = serial();
+    let baseline = open_fds();
+    let (listener, mut shards) = Listener::builder(addr())
+        .shards(1)
+        .build_driven()
+        .expect("build driven");
+    let mut shard = shards.pop().expect("one shard");
+    shard.drive(|_, _| {}).expect("start");
+    let _clients: Vec<_> = (0..5)
+        .map(|_| connect(listener.local_addr()).expect("connect"))
+        .collect();
+    drop(shard);
+    let stats = listener.stats();
+    assert!(stats.conserved(), "{stats:?}");
+    listener.shutdown();
+    drop(listener);
+    drop(_clients);
+    assert_eq!(open_fds(), baseline);
+}
+
+#[test]
+fn a_driven_shard_is_bound_to_the_thread_that_first_drove_it() {
+    let _serial = serial();
+    let (listener, mut shards) = Listener::builder(addr())
+        .shards(1)
+        .build_driven()
+        .expect("build driven");
+    let mut shard = shards.pop().expect("one shard");
+    shard.drive(|_, _| {}).expect("first drive binds it here");
+    let shard = std::thread::spawn(move || {
+        let mut shard = shard;
+        let r = shard.drive(|_, _| {});
+        assert!(
+            matches!(r, Err(Error::WrongThread { shard: 0 })),
+            "another thread is refused: {r:?}"
+        );
+        shard
+    })
+    .join()
+    .expect("thread");
+    // Back on its own thread it still works.
+    let mut shard = shard;
+    shard.drive(|_, _| {}).expect("its own thread");
+    drop(shard);
+    listener.shutdown();
+}
+
+#[test]
+fn a_driven_listener_refuses_accept_and_an_inline_handler() {
+    let _serial = serial();
+    let (listener, _shards) = Listener::builder(addr())
+        .shards(1)
+        .build_driven()
+        .expect("build driven");
+    assert!(matches!(listener.try_accept(), Err(Error::DrivenDelivery)));
+    let e = Listener::builder(addr())
+        .shards(1)
+        .handler(|_, _| {})
+        .build_driven()
+        .expect_err("handler and driven");
+    match e {
+        Error::Config(c) => assert_eq!(c.field, "handler"),
+        other => panic!("{other}"),
+    }
+}
+
+#[test]
+fn a_driven_shard_replies_on_its_own_ring() {
+    let _serial = serial();
+    use std::io::Read;
+    let (listener, mut shards) = Listener::builder(addr())
+        .shards(1)
+        .build_driven()
+        .expect("build driven");
+    let mut shard = shards.pop().expect("one shard");
+    let local = listener.local_addr();
+    let client = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        connect(local)
+            .expect("connect")
+            .read_to_end(&mut got)
+            .expect("read");
+        got
+    });
+    // Driven whenever its descriptor is readable until the client has its
+    // reply and the end of the connection.
+    let mut served = 0;
+    while !client.is_finished() {
+        served += shard
+            .drive(|conn, ctx| {
+                ctx.reply_and_close(conn, b"driven").expect("reply");
+            })
+            .expect("drive");
+        shard.wait(Some(Duration::from_millis(100))).expect("wait");
+    }
+    assert_eq!(served, 1);
+    assert_eq!(client.join().expect("client"), b"driven");
+    drop(shard);
+    listener.shutdown();
+    assert!(listener.stats().conserved());
+}
