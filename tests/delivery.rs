@@ -239,3 +239,96 @@ fn replies_leave_with_the_fin_by_default_and_at_once_when_asked() {
     }
     assert_eq!(open_fds(), baseline);
 }
+
+#[test]
+fn accept_many_returns_each_connection_once_across_competing_threads() {
+    let _g = serial();
+    let baseline = open_fds();
+    let listener = Arc::new(
+        Listener::builder("127.0.0.1:0".parse().unwrap())
+            .build()
+            .expect("build"),
+    );
+    let addr = listener.local_addr();
+    const N: u64 = 6_000;
+    let seen = Arc::new(Mutex::new(HashSet::new()));
+    let received = Arc::new(AtomicU64::new(0));
+    let batches = Arc::new(AtomicU64::new(0));
+    let consumers: Vec<_> = (0..3)
+        .map(|_| {
+            let (l, seen, received, batches) = (
+                listener.clone(),
+                seen.clone(),
+                received.clone(),
+                batches.clone(),
+            );
+            std::thread::spawn(move || {
+                let mut conns = Vec::new();
+                loop {
+                    match l.accept_many(&mut conns, 16) {
+                        Ok(0) => match l.accept_timeout(Duration::from_millis(50)) {
+                            Ok(Some(c)) => conns.push(c),
+                            Ok(None) => continue,
+                            Err(Error::Closed) => return,
+                            Err(e) => panic!("accept_timeout: {e}"),
+                        },
+                        Ok(_) => {
+                            batches.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(Error::Closed) => return,
+                        Err(e) => panic!("accept_many: {e}"),
+                    }
+                    for mut c in conns.drain(..) {
+                        let id = read_id(&mut c).expect("client id");
+                        assert!(seen.lock().unwrap().insert(id), "{id} delivered twice");
+                        received.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            })
+        })
+        .collect();
+    let clients: Vec<_> = (0..4u64)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let mut id = t;
+                while id < N {
+                    tagged_client(addr, id).expect("client");
+                    id += 4;
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().expect("client thread");
+    }
+    wait_for("all ids received", || received.load(Ordering::SeqCst) == N);
+    listener.shutdown();
+    for c in consumers {
+        c.join().expect("consumer thread");
+    }
+    assert_eq!(seen.lock().unwrap().len() as u64, N);
+    assert!(batches.load(Ordering::Relaxed) > 0, "accept_many took some");
+    let stats = listener.stats();
+    assert_eq!(stats.total().delivered, N);
+    assert!(stats.conserved(), "{stats:?}");
+    drop(listener);
+    assert_eq!(open_fds(), baseline);
+}
+
+#[test]
+fn the_accept_event_asked_for_late_reports_what_is_already_pending() {
+    let _g = serial();
+    let listener = Listener::builder("127.0.0.1:0".parse().unwrap())
+        .shards(1)
+        .build()
+        .unwrap();
+    let _a = connect(listener.local_addr()).unwrap();
+    wait_for("accepted into the ring", || {
+        listener.stats().total().accepted == 1
+    });
+    // Nobody asked for the event while the connection was pushed: asking
+    // now must still report it.
+    assert!(readable(listener.accept_event(), 0));
+    assert!(listener.try_accept().unwrap().is_some());
+    assert!(!readable(listener.accept_event(), 0));
+}

@@ -300,6 +300,42 @@ fn goals(t: &Table) -> Vec<Value> {
         1.05,
         true,
     );
+    // Delivery on the application's threads (issue: embedding).
+    for (scenario, label) in [("saturated", "saturated"), ("c64", "C=64")] {
+        let handler =
+            || get(t, scenario, "floodgate_handler").map(|f| ("floodgate_handler", f.server_us));
+        for (server, what, base, limit) in [
+            ("floodgate_accept", "accept() loop", "handler", 1.15),
+            ("floodgate_accept", "accept() loop", "peer_tokio", 0.8),
+            (
+                "floodgate_accept_many",
+                "accept_many() loop",
+                "handler",
+                1.15,
+            ),
+            ("floodgate_driven", "driven shard", "handler", 1.1),
+            (
+                "floodgate_driven_std",
+                "driven shard, app writes",
+                "handler",
+                1.1,
+            ),
+        ] {
+            let baseline = if base == "handler" {
+                handler()
+            } else {
+                get(t, scenario, base).map(|f| (base, f.server_us))
+            };
+            let goal = format!("{label} server µs/conn, {what} vs {base}");
+            check(
+                goal.as_str(),
+                get(t, scenario, server).map(|f| f.server_us),
+                baseline,
+                limit,
+                true,
+            );
+        }
+    }
     check(
         "saturated server µs/conn, trivial condition vs none",
         get(t, "saturated", "floodgate_trivial").map(|f| f.server_us),
@@ -360,6 +396,24 @@ fn main() -> ExitCode {
         "floodgate_accept",
         "peer_floodgate",
         &["--mode", "accept"],
+    ));
+    servers.push(Server::peer(
+        b,
+        "floodgate_accept_many",
+        "peer_floodgate",
+        &["--mode", "accept-many"],
+    ));
+    servers.push(Server::peer(
+        b,
+        "floodgate_driven",
+        "peer_floodgate",
+        &["--mode", "driven"],
+    ));
+    servers.push(Server::peer(
+        b,
+        "floodgate_driven_std",
+        "peer_floodgate",
+        &["--mode", "driven-std"],
     ));
     servers.push(Server::peer(
         b,

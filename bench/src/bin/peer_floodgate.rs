@@ -4,6 +4,11 @@
 //! - `--mode handler` (default): the engine's inline handler replies `x` and closes, on the
 //!   shard's ring (`ShardContext::reply_and_close`: linked SEND with MSG_MORE + CLOSE);
 //! - `--mode accept`: the main thread runs a blocking `Listener::accept()` loop: write `x`, drop;
+//! - `--mode accept-many`: the same with `Listener::accept_many` (batches of up to 64), blocking in
+//!   `accept()` only when nothing is pending;
+//! - `--mode driven`: no engine thread: the main thread drives the shard (`build_driven`), waiting on
+//!   its descriptor with poll(2); its handler replies with `reply_and_close` as the inline one does;
+//! - `--mode driven-std`: the same, the application writing `x` itself and dropping the connection;
 //! - `--condition trivial`: adds an admission condition that returns `Verdict::accept()`.
 //!
 //! The process pins its main thread to `--pin CORE` before the listener is built, and builds the
@@ -26,6 +31,12 @@ enum Mode {
     Handler,
     /// Blocking accept() loop on the main thread: write "x", drop.
     Accept,
+    /// accept_many() batches on the main thread: write "x", drop.
+    AcceptMany,
+    /// A driven shard on the main thread: reply_and_close("x") from its handler.
+    Driven,
+    /// A driven shard on the main thread: write "x", drop.
+    DrivenStd,
 }
 
 /// Which admission condition the listener runs.
@@ -110,6 +121,23 @@ fn main() {
             let _ = ctx.reply_and_close(conn, REPLY);
         });
     }
+    if matches!(cli.mode, Mode::Driven | Mode::DrivenStd) {
+        let (listener, mut shards) = match builder.build_driven() {
+            Ok(l) => l,
+            Err(e) => peer::fatal(
+                NAME,
+                format_args!("--listen {}: cannot start the listener: {e}", args.listen),
+            ),
+        };
+        let Some(shard) = shards.pop() else {
+            peer::fatal(NAME, "no shard")
+        };
+        if let Err(msg) = peer::exit_after(args.max_seconds) {
+            peer::fatal(NAME, msg);
+        }
+        peer::announce(NAME, listener.local_addr());
+        drive_loop(shard, cli.mode == Mode::Driven);
+    }
     let listener = match builder.build() {
         Ok(l) => l,
         Err(e) => peer::fatal(
@@ -124,6 +152,55 @@ fn main() {
     match cli.mode {
         Mode::Handler => park_forever(),
         Mode::Accept => accept_loop(&listener),
+        Mode::AcceptMany => accept_many_loop(&listener),
+        Mode::Driven | Mode::DrivenStd => unreachable!("handled above"),
+    }
+}
+
+/// Drives the one shard on this thread: drive, then wait on its descriptor.
+fn drive_loop(mut shard: floodgate::DrivenShard, on_ring: bool) -> ! {
+    loop {
+        let driven = shard.drive(|mut conn, ctx| {
+            if on_ring {
+                let _ = ctx.reply_and_close(conn, REPLY);
+            } else {
+                // The client may already have gone (RST); that is its business.
+                let _ = conn.write_all(REPLY);
+            }
+        });
+        match driven {
+            Ok(_) => {}
+            Err(Error::Accept { shard, source }) => {
+                eprintln!("{NAME}: shard {shard}: accept error (shard retries): {source}");
+            }
+            Err(e) => peer::fatal(NAME, format_args!("drive failed: {e}")),
+        }
+        if let Err(e) = shard.wait(None) {
+            peer::fatal(NAME, format_args!("wait failed: {e}"));
+        }
+    }
+}
+
+fn accept_many_loop(listener: &Listener) -> ! {
+    let mut conns = Vec::with_capacity(64);
+    loop {
+        match listener.accept_many(&mut conns, 64) {
+            Ok(0) => match listener.accept() {
+                Ok(c) => conns.push(c),
+                Err(Error::Accept { shard, source }) => {
+                    eprintln!("{NAME}: shard {shard}: accept error (shard retries): {source}");
+                }
+                Err(e) => peer::fatal(NAME, format_args!("accept failed: {e}")),
+            },
+            Ok(_) => {}
+            Err(Error::Accept { shard, source }) => {
+                eprintln!("{NAME}: shard {shard}: accept error (shard retries): {source}");
+            }
+            Err(e) => peer::fatal(NAME, format_args!("accept failed: {e}")),
+        }
+        for mut conn in conns.drain(..) {
+            let _ = conn.write_all(REPLY);
+        }
     }
 }
 

@@ -12,7 +12,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -30,23 +30,53 @@ use crate::stats::{Counters, KernelQueue, ListenerStats};
 pub(crate) const RESET_CHECK_AFTER: Duration = Duration::from_millis(1);
 
 /// Listener-wide state of the notified accept.
+///
+/// Two ways to wait, each paid for only by whoever uses it:
+/// - blocking `accept()` / `accept_timeout()` sleep on a condition variable
+///   after announcing themselves in `waiters`; a shard that pushed a batch
+///   wakes them only if someone waits (one futex wake per batch, none while
+///   the consumer keeps finding work);
+/// - the accept event is an eventfd a shard signals once per batch, and
+///   only once the application has asked for it ([`Listener::accept_event`]):
+///   a consumer that never uses it pays no eventfd syscall at all.
 #[derive(Debug)]
 pub(crate) struct Delivery {
     pub(crate) event: OwnedFd,
     signalled: AtomicBool,
+    /// Whether the eventfd is in use (always for the connector; for a
+    /// listener from its first `accept_event()`).
+    event_used: AtomicBool,
     /// Connections pushed into rings and not yet popped (may run ahead of
     /// the rings by the pushes in progress, never behind).
     pub(crate) pending: AtomicUsize,
     pub(crate) closed: AtomicBool,
+    /// Blocking consumers asleep or about to sleep on `wake`.
+    waiters: AtomicUsize,
+    lock: Mutex<()>,
+    wake: Condvar,
 }
 
 impl Delivery {
+    /// Delivery through the eventfd (the connector's completions).
     pub fn new() -> Result<Self, Error> {
+        Self::with_event(true)
+    }
+
+    /// A listener's delivery: the eventfd is signalled only once asked for.
+    pub fn for_listener() -> Result<Self, Error> {
+        Self::with_event(false)
+    }
+
+    fn with_event(used: bool) -> Result<Self, Error> {
         Ok(Delivery {
             event: sys::eventfd().map_err(|e| Error::setup("eventfd", e))?,
             signalled: AtomicBool::new(false),
+            event_used: AtomicBool::new(used),
             pending: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
+            waiters: AtomicUsize::new(0),
+            lock: Mutex::new(()),
+            wake: Condvar::new(),
         })
     }
 
@@ -66,27 +96,66 @@ impl Delivery {
         self.pending.fetch_sub(1, Ordering::SeqCst);
     }
 
-    /// Makes the accept event readable (one write until it is cleared).
+    /// After a batch of pushes (or at shutdown): wakes blocking consumers
+    /// if any wait, and makes the accept event readable if it is in use
+    /// (one write until it is cleared).
     pub fn notify(&self) {
-        if !self.signalled.swap(true, Ordering::SeqCst) {
+        // SeqCst pairs with `wait`: either we see its waiter count, or its
+        // re-check (after counting itself) sees our push.
+        if self.waiters.load(Ordering::SeqCst) > 0 {
+            let _g = self.lock.lock();
+            self.wake.notify_all();
+        }
+        if self.event_used.load(Ordering::SeqCst) && !self.signalled.swap(true, Ordering::SeqCst) {
             sys::eventfd_signal(self.event.as_fd());
         }
     }
 
+    /// Puts the accept event in use: from now on pushes signal it; what is
+    /// already pending signals it now (SeqCst pairs with `notify`'s load).
+    pub(crate) fn use_event(&self) {
+        if !self.event_used.swap(true, Ordering::SeqCst) {
+            self.quiesce();
+        }
+    }
+
     /// Clears the accept event, then re-signals if anything is pending or
-    /// the listener closed meanwhile.
+    /// the listener closed meanwhile. Nothing when the event is not in use.
     ///
     /// The re-signal writes unconditionally: a shard that pushed between our
     /// `store(false)` and the clear saw `signalled == false`, set it and
     /// wrote, and the clear swallowed its write; `signalled` is then already
     /// true, so `notify` would not write again and the event would be lost.
     pub(crate) fn quiesce(&self) {
+        if !self.event_used.load(Ordering::Relaxed) {
+            return;
+        }
         self.signalled.store(false, Ordering::SeqCst);
         sys::eventfd_clear(self.event.as_fd());
         if self.pending.load(Ordering::SeqCst) > 0 || self.closed.load(Ordering::SeqCst) {
             self.signalled.store(true, Ordering::SeqCst);
             sys::eventfd_signal(self.event.as_fd());
         }
+    }
+
+    /// Sleeps until a shard pushes, the listener closes, or `deadline`
+    /// passes, unless `ready()` (asked after this thread counted itself as
+    /// a waiter, under the lock a notifier takes) finds work already.
+    fn wait(&self, deadline: Option<Instant>, ready: impl FnOnce() -> bool) {
+        let guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        if !ready() && !self.closed.load(Ordering::SeqCst) {
+            match deadline {
+                None => drop(self.wake.wait(guard)),
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    drop(self.wake.wait_timeout(guard, left));
+                }
+            }
+        } else {
+            drop(guard);
+        }
+        self.waiters.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -159,7 +228,15 @@ impl ShardShared {
         None
     }
 
+    /// Whether an error waits for `accept()`.
+    pub(crate) fn has_error(&self) -> bool {
+        self.has_error.load(Ordering::Acquire)
+    }
+
     pub(crate) fn take_error(&self) -> Option<io::Error> {
+        if !self.has_error() {
+            return None;
+        }
         if !self.has_error.swap(false, Ordering::AcqRel) {
             return None;
         }
@@ -264,6 +341,46 @@ impl Listener {
     /// shard keeps retrying); [`Error::InlineDelivery`] when the listener
     /// delivers to an inline handler.
     pub fn try_accept(&self) -> Result<Option<Admitted>, Error> {
+        let mut got = None;
+        self.take(1, &mut |c| got = Some(c))?;
+        Ok(got)
+    }
+
+    /// Takes up to `max` pending connections from the shards, without
+    /// waiting, appending them to `out`; returns how many. One call drains
+    /// a batch for the cost of one: the rings are visited once and the
+    /// accept event (if in use) is cleared at most once.
+    ///
+    /// ```
+    /// use std::net::TcpStream;
+    /// use floodgate::Listener;
+    ///
+    /// let listener = Listener::builder("127.0.0.1:0".parse()?).shards(1).build()?;
+    /// let _clients: Vec<_> = (0..3)
+    ///     .map(|_| TcpStream::connect(listener.local_addr()))
+    ///     .collect::<Result<_, _>>()?;
+    /// let mut conns = Vec::new();
+    /// while conns.len() < 3 {
+    ///     if listener.accept_many(&mut conns, 64)? == 0 {
+    ///         listener.accept_timeout(std::time::Duration::from_secs(5))?
+    ///             .map(|c| conns.push(c));
+    ///     }
+    /// }
+    /// assert_eq!(conns.len(), 3);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`Listener::try_accept`]; a shard's accept error is returned only
+    /// when no connection was taken (it waits for the next call otherwise).
+    pub fn accept_many(&self, out: &mut Vec<Admitted>, max: usize) -> Result<usize, Error> {
+        self.take(max, &mut |c| out.push(c))
+    }
+
+    /// The one delivery path of `try_accept`, `accept_many`, `accept` and
+    /// `accept_timeout`: up to `max` connections to `sink`, round-robin over
+    /// the shards from a rotating start.
+    fn take(&self, max: usize, sink: &mut dyn FnMut(Admitted)) -> Result<usize, Error> {
         if self.inline {
             return Err(Error::InlineDelivery);
         }
@@ -274,37 +391,58 @@ impl Listener {
             return Err(Error::Closed);
         }
         let n = self.shards.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let start = if n > 1 {
+            self.next.fetch_add(1, Ordering::Relaxed)
+        } else {
+            0
+        };
+        let mut taken = 0;
         for i in 0..n {
             let index = (start + i) % n;
             let shard = &self.shards[index];
-            if let Some(e) = shard.take_error() {
-                return Err(Error::Accept {
-                    shard: index,
-                    source: e,
-                });
-            }
-            if let Some(p) = shard.take_deliverable(&self.delivery, self.pending_timeout) {
-                if self.delivery.pending.load(Ordering::SeqCst) == 0 {
-                    self.delivery.quiesce();
+            if taken == 0 {
+                if let Some(e) = shard.take_error() {
+                    return Err(Error::Accept {
+                        shard: index,
+                        source: e,
+                    });
                 }
-                return Ok(Some(Admitted::new(p, index)));
+            }
+            while taken < max {
+                let Some(p) = shard.take_deliverable(&self.delivery, self.pending_timeout) else {
+                    break;
+                };
+                sink(Admitted::new(p, index));
+                taken += 1;
+            }
+            if taken == max {
+                break;
             }
         }
-        self.delivery.quiesce();
-        Ok(None)
+        if taken == 0 || self.delivery.pending.load(Ordering::SeqCst) == 0 {
+            self.delivery.quiesce();
+        }
+        Ok(taken)
     }
 
-    /// Waits for the next pending connection from any shard.
+    /// Whether a blocking accept has anything to look at.
+    fn ready(&self) -> bool {
+        self.delivery.pending.load(Ordering::SeqCst) > 0
+            || self.shards.iter().any(|s| s.has_error())
+    }
+
+    /// Waits for the next pending connection from any shard. A consumer
+    /// that finds one takes it without a syscall; one that finds none
+    /// sleeps until a shard's batch wakes it (one wake-up per batch).
     ///
     /// # Errors
-    /// As [`Listener::try_accept`]; `poll(2)` failures as [`Error::Setup`].
+    /// As [`Listener::try_accept`].
     pub fn accept(&self) -> Result<Admitted, Error> {
         loop {
             if let Some(c) = self.try_accept()? {
                 return Ok(c);
             }
-            self.wait(None)?;
+            self.delivery.wait(None, || self.ready());
         }
     }
 
@@ -318,21 +456,11 @@ impl Listener {
             if let Some(c) = self.try_accept()? {
                 return Ok(Some(c));
             }
-            let now = Instant::now();
-            if now >= deadline {
+            if Instant::now() >= deadline {
                 return Ok(None);
             }
-            self.wait(Some(deadline - now))?;
+            self.delivery.wait(Some(deadline), || self.ready());
         }
-    }
-
-    fn wait(&self, timeout: Option<Duration>) -> Result<(), Error> {
-        sys::poll_readable(self.delivery.event.as_fd(), timeout)
-            .map(|_| ())
-            .map_err(|e| Error::Setup {
-                op: "poll",
-                source: e,
-            })
     }
 
     /// The accept event: a descriptor that is readable while connections
@@ -341,6 +469,7 @@ impl Listener {
     /// [`Listener::try_accept`] until it returns `Ok(None)`, which also
     /// clears the event. Do not read from it.
     pub fn accept_event(&self) -> BorrowedFd<'_> {
+        self.delivery.use_event();
         self.delivery.event.as_fd()
     }
 

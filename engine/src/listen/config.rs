@@ -566,7 +566,7 @@ impl ListenerBuilder {
         });
         let mut listener = Listener {
             shards: Vec::with_capacity(n),
-            delivery: Arc::new(Delivery::new()?),
+            delivery: Arc::new(Delivery::for_listener()?),
             threads: Mutex::new(Vec::with_capacity(n)),
             local_addr,
             backlog,
