@@ -363,7 +363,7 @@ impl Epoll {
             return Ok(());
         };
         let now = Instant::now();
-        let at = if !self.cq.is_empty() || !self.ready.is_empty() {
+        let at = if self.has_work() {
             Some(now)
         } else {
             self.next_deadline()
@@ -398,6 +398,11 @@ impl Epoll {
         syscall!(unsafe { libc::timerfd_settime(timer, 0, &spec, std::ptr::null_mut()) })?;
         self.park_at = at;
         Ok(())
+    }
+
+    /// Completions to drain, accepts left over, or operations to submit.
+    pub fn has_work(&self) -> bool {
+        !self.cq.is_empty() || !self.ready.is_empty() || !self.sq.is_empty()
     }
 
     /// The epoll descriptor (readable while an event waits).

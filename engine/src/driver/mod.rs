@@ -631,6 +631,16 @@ impl Driver {
         }
     }
 
+    /// Whether work is already there without waiting: completions not yet
+    /// drained, or (io_uring) deferred task work, or (epoll) listeners with
+    /// accepts left over; and whether operations wait to be submitted.
+    pub fn has_work(&mut self) -> bool {
+        match &mut self.imp {
+            Imp::Uring(r) => r.has_work(),
+            Imp::Epoll(e) => e.has_work(),
+        }
+    }
+
     /// The descriptor a driven shard's application waits on: the ring's
     /// registered eventfd, or the epoll instance.
     pub fn wait_fd(&self) -> RawFd {

@@ -376,21 +376,32 @@ impl Ring {
         Ok(())
     }
 
+    /// Completions to drain, deferred work to run (TASKRUN_FLAG), or SQEs
+    /// to submit.
+    pub fn has_work(&mut self) -> bool {
+        let completions = {
+            let mut cq = self.ring.completion();
+            cq.sync();
+            !cq.is_empty()
+        };
+        let sq = self.ring.submission();
+        completions || sq.taskrun() || !sq.is_empty()
+    }
+
     /// Before the application waits on the eventfd: clears it, then sets it
     /// again if work is already there (completions not reaped, or deferred
     /// work, which TASKRUN_FLAG shows): work that comes after the clear
     /// signals it by itself, so no wake-up is lost and none is spurious.
     pub fn prepare_wait(&mut self) {
-        let Some(park) = &self.park else { return };
-        use std::os::fd::AsFd;
-        super::sys::eventfd_clear(park.as_fd());
-        let waiting = {
-            let mut cq = self.ring.completion();
-            cq.sync();
-            !cq.is_empty()
-        } || self.ring.submission().taskrun();
-        if waiting {
-            super::sys::eventfd_signal(park.as_fd());
+        use std::os::fd::{AsRawFd, BorrowedFd};
+        let Some(fd) = self.park.as_ref().map(|p| p.as_raw_fd()) else {
+            return;
+        };
+        // SAFETY: `park` is owned by `self` and stays open for this call.
+        let park = unsafe { BorrowedFd::borrow_raw(fd) };
+        super::sys::eventfd_clear(park);
+        if self.has_work() {
+            super::sys::eventfd_signal(park);
         }
     }
 
