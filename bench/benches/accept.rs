@@ -1,7 +1,17 @@
-//! Accept latency, one connection at a time: from the client's `connect` to the moment the
-//! application holds the admitted socket, for Floodgate (blocking `accept()`, and the inline
-//! handler passing the connection through a channel), a std `TcpListener`, tokio and mio, in one
-//! criterion group so the report shows them side by side.
+//! Accept latency, one connection at a time, **with the acceptor on the connecting thread**:
+//! from the client's `connect` to the moment the application holds the admitted socket, for
+//! Floodgate (blocking `accept()`, and the inline handler passing the connection through a
+//! channel), a std `TcpListener`, tokio and mio, in one criterion group.
+//!
+//! What this measures, exactly: the bench thread (not pinned) connects, then itself calls the
+//! server's accept. For std, tokio and mio the connection is already in the kernel's accept
+//! queue when `connect` returns, so their accept returns at once and no thread sleeps or wakes:
+//! the figure is the cost of a loopback handshake plus one accept system call. Floodgate's shard
+//! is another thread (pinned to core 0) that must be woken, run the accept and hand the
+//! connection over (`floodgate_accept`, `floodgate_handler`: back to the bench thread, a second
+//! wake-up; `floodgate_handler_stamped`: timed to the handler, one wake-up). It is not a
+//! comparison of servers as they run, where every acceptor waits on its own thread: that is the
+//! `accept_fair` bench (group `accept_latency_fair`).
 //!
 //! Group `accept_latency`: an idle server. Group `accept_latency_under_load`: the same while
 //! background client threads (closed loop, bounded in count and time) keep the same server busy
