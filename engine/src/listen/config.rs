@@ -17,6 +17,7 @@ use crate::error::{ConfigError, Error};
 use crate::listen::accept::{BacklogLength, Delivery, Listener, ShardShared};
 use crate::listen::acceptor::{Acceptor, Handler};
 use crate::listen::conn::Admitted;
+use crate::listen::limits::{Bucket, LimitConfig, Limits, OpenCount};
 use crate::relay::context::ShardContext;
 use crate::shard::{self, Coalesce, Placement, ShardControl};
 
@@ -91,6 +92,7 @@ pub struct ListenerBuilder {
     replies_at_once: bool,
     registration: Option<crate::admit::register::Registration>,
     relay_limits: crate::relay::RelayLimits,
+    pub(super) limits: LimitConfig,
 }
 
 impl Listener {
@@ -124,6 +126,7 @@ impl std::fmt::Debug for ListenerBuilder {
             .field("replies_at_once", &self.replies_at_once)
             .field("registration", &self.registration)
             .field("relay_limits", &self.relay_limits)
+            .field("limits", &self.limits)
             .finish()
     }
 }
@@ -150,6 +153,7 @@ impl ListenerBuilder {
             replies_at_once: false,
             registration: None,
             relay_limits: crate::relay::RelayLimits::default(),
+            limits: LimitConfig::default(),
         }
     }
 
@@ -466,6 +470,7 @@ impl ListenerBuilder {
                 "at least 2 bytes: a relay holds two buffers of at least 1 byte",
             ));
         }
+        self.limits.validate()?;
         if self.addr.ip().is_multicast() {
             return Err(ConfigError::new(
                 "addr",
@@ -530,6 +535,14 @@ impl ListenerBuilder {
             local: (!local_addr.ip().is_unspecified()).then_some(local_addr),
         });
         let delivery = Arc::new(Delivery::new()?);
+        let open = self
+            .limits
+            .max_connections
+            .map(|n| Arc::new(OpenCount::new(n)));
+        let bucket = self
+            .limits
+            .rate
+            .map(|(per_second, burst)| Arc::new(Bucket::new(per_second, burst)));
         let mut shards = Vec::with_capacity(n);
         let mut threads = Vec::with_capacity(n);
         let mut setup = None;
@@ -543,6 +556,13 @@ impl ListenerBuilder {
                     control.clone(),
                     socket.clone(),
                 ));
+                if let Some(open) = &open {
+                    open.add_shard(control.clone());
+                }
+                let limits = self
+                    .limits
+                    .any()
+                    .then(|| Limits::new(&self.limits, open.clone(), bucket.clone()));
                 let acceptor = Acceptor::new(
                     k,
                     socket,
@@ -554,7 +574,8 @@ impl ListenerBuilder {
                 .with_coalesce(self.coalesce)
                 .with_replies_at_once(self.replies_at_once)
                 .with_registration(self.registration.clone())
-                .with_relay_limits(self.relay_limits);
+                .with_relay_limits(self.relay_limits)
+                .with_limits(limits);
                 let placement = Placement {
                     index: k,
                     core: placements[k],
@@ -583,6 +604,7 @@ impl ListenerBuilder {
                         setup: setup.unwrap_or_default(),
                         backend: backend.clone(),
                         pending_timeout: self.pending_timeout,
+                        open: open.clone(),
                     };
                     partial.shutdown();
                     return Err(e);
@@ -600,6 +622,7 @@ impl ListenerBuilder {
             setup: setup.unwrap_or_default(),
             backend,
             pending_timeout: self.pending_timeout,
+            open,
         })
     }
 }

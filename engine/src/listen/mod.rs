@@ -7,10 +7,13 @@
 //! - [`backlog`]: the per-shard lock-free ring admitted sockets wait in;
 //! - [`accept`]: the running [`Listener`](accept::Listener) and its delivery
 //!   (blocking, try, timeout, the accept event), shutdown and drain;
-//! - [`conn`]: [`Admitted`](conn::Admitted), the connection as delivered.
+//! - [`conn`]: [`Admitted`](conn::Admitted), the connection as delivered;
+//! - [`limits`]: max open connections, accept budget and accept rate, which
+//!   the acceptor consults once per turn.
 
 pub(crate) mod accept;
 pub(crate) mod acceptor;
 pub(crate) mod backlog;
 pub(crate) mod config;
 pub(crate) mod conn;
+pub(crate) mod limits;
