@@ -13,6 +13,15 @@ use std::sync::{Arc, Mutex};
 use floodgate::{Admitted, Error, Interest, Listener, ListenerStats, RelayOptions, Steering};
 use floodgate_tests::{connect, open_fds, read_id, reset_on_drop, serial, wait_for};
 
+/// `accept()`, bounded: a connection that never comes fails the test
+/// instead of hanging it (the bound is not a timing assertion).
+fn accept(listener: &Listener) -> Admitted {
+    listener
+        .accept_timeout(std::time::Duration::from_secs(120))
+        .unwrap()
+        .expect("a connection within the bound")
+}
+
 fn kernel_queue(s: &ListenerStats) -> u64 {
     s.total().kernel.map_or(0, |k| k.accept_queue as u64)
 }
@@ -51,7 +60,7 @@ fn max_connections_hold_and_release(shards: usize) {
     let mut seen = HashSet::new();
     let mut held: Vec<Admitted> = (0..L)
         .map(|_| {
-            let mut c = listener.accept().unwrap();
+            let mut c = accept(&listener);
             assert!(seen.insert(read_id(&mut c).unwrap()));
             c
         })
@@ -70,7 +79,7 @@ fn max_connections_hold_and_release(shards: usize) {
     // Closing the held ones lets the K in.
     held.clear();
     for _ in 0..K {
-        let mut c = listener.accept().unwrap();
+        let mut c = accept(&listener);
         assert!(seen.insert(read_id(&mut c).unwrap()));
         held.push(c);
     }
@@ -287,7 +296,7 @@ fn a_slot_taken_out_with_the_socket_keeps_it_counted() {
     let addr = listener.local_addr();
     let _a = connect(addr).unwrap();
     let _b = connect(addr).unwrap();
-    let (stream, slot) = listener.accept().unwrap().into_std_with_slot();
+    let (stream, slot) = accept(&listener).into_std_with_slot();
     assert!(slot.is_counted());
     wait_for("the second waits in the kernel", || {
         kernel_queue(&listener.stats()) == 1
@@ -296,7 +305,7 @@ fn a_slot_taken_out_with_the_socket_keeps_it_counted() {
     assert!(listener.try_accept().unwrap().is_none());
     assert_eq!(open_now(&listener.stats()), 1);
     drop(slot);
-    let second = listener.accept().unwrap();
+    let second = accept(&listener);
     // Taken out without its slot: it stops counting.
     let _stream = second.into_std();
     wait_for("nothing counted", || open_now(&listener.stats()) == 0);
@@ -385,7 +394,7 @@ fn accept_rate_leaves_connections_in_the_kernel_queue_and_rejects_none() {
     });
     let mut seen = HashSet::new();
     for _ in 0..N {
-        let mut c = listener.accept().unwrap();
+        let mut c = accept(&listener);
         assert!(seen.insert(read_id(&mut c).unwrap()));
     }
     let s = listener.stats();
@@ -447,7 +456,7 @@ fn a_listener_without_limits_counts_no_open_connections() {
         .build()
         .unwrap();
     let _c = connect(listener.local_addr()).unwrap();
-    let conn = listener.accept().unwrap();
+    let conn = accept(&listener);
     let (_stream, slot) = conn.into_std_with_slot();
     assert!(!slot.is_counted());
     let s = listener.stats();
