@@ -4,7 +4,9 @@
 //! - `--mode handler` (default): the engine's inline handler replies `x` and closes, on the
 //!   shard's ring (`ShardContext::reply_and_close`: linked SEND with MSG_MORE + CLOSE);
 //! - `--mode accept`: the main thread runs a blocking `Listener::accept()` loop: write `x`, drop;
-//! - `--condition trivial`: adds an admission condition that returns `Verdict::accept()`.
+//! - `--condition trivial`: adds an admission condition that returns `Verdict::accept()`;
+//! - `--max-connections N`, `--accept-budget N`: the listener's limits (the shard then polls its
+//!   listener and accepts with `accept4` instead of a multishot ACCEPT).
 //!
 //! The process pins its main thread to `--pin CORE` before the listener is built, and builds the
 //! listener with `pin(false)`, so the shard thread inherits that single-core affinity: one shard
@@ -65,6 +67,14 @@ struct Cli {
     /// The engine's backend.
     #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
     backend: BackendArg,
+
+    /// `ListenerBuilder::max_connections`.
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
+
+    /// `ListenerBuilder::accept_budget`.
+    #[arg(long, value_name = "N")]
+    accept_budget: Option<usize>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -101,6 +111,12 @@ fn main() {
             BackendArg::IoUring => floodgate::Backend::IoUring,
             BackendArg::Epoll => floodgate::Backend::Epoll,
         });
+    if let Some(n) = cli.max_connections {
+        builder = builder.max_connections(n);
+    }
+    if let Some(n) = cli.accept_budget {
+        builder = builder.accept_budget(n);
+    }
     if cli.condition == Cond::Trivial {
         builder = builder.condition(trivial);
     }
