@@ -106,6 +106,9 @@ pub use listen::config::{
 };
 pub use listen::conn::Admitted;
 pub use listen::driven::DrivenShard;
+pub use listen::limits::{
+    ConnectionSlot, DEFAULT_ACCEPT_BUDGET, MAX_ACCEPT_BUDGET, MAX_ACCEPT_RATE,
+};
 pub use relay::context::ShardContext;
 pub use relay::{
     RelayEnd, RelayOptions, RelayOutcome, RelaySide, DEFAULT_RELAY_BUFFER,
@@ -114,7 +117,8 @@ pub use relay::{
 };
 pub use shard::Coalesce;
 pub use stats::{
-    Backoffs, KernelQueue, ListenerStats, Rejected, RelayStats, ShardStats, Withdrawn,
+    Backoffs, KernelQueue, ListenerStats, OpenConnections, Rejected, RelayStats, ShardStats,
+    Withdrawn,
 };
 
 #[cfg(test)]
@@ -123,6 +127,7 @@ mod tests {
     use crate::admit::AdmitOp;
     use crate::connect::dialer::ConnectOp;
     use crate::listen::acceptor::AcceptOp;
+    use crate::listen::limits::LimitOp;
     use crate::relay::context::ReplyOp;
     use crate::relay::RelayOp;
     use crate::shard::ShardOp;
@@ -156,6 +161,9 @@ mod tests {
         ConnectOp::ALL
             .iter()
             .for_each(|&k| add(k.into(), format!("{k:?}")));
+        LimitOp::ALL
+            .iter()
+            .for_each(|&k| add(k.into(), format!("{k:?}")));
         kinds.sort();
         for pair in kinds.windows(2) {
             assert_ne!(
@@ -165,6 +173,6 @@ mod tests {
             );
         }
         assert!(kinds.iter().all(|(b, _)| *b != 0), "kind 0 is used");
-        assert_eq!(kinds.len(), 25);
+        assert_eq!(kinds.len(), 27);
     }
 }

@@ -39,6 +39,10 @@ pub(crate) struct Counters {
     pub registered: AtomicU64,
     pub register_events: AtomicU64,
     pub register_rearms: AtomicU64,
+    pub limit_pauses: AtomicU64,
+    pub rate_pauses: AtomicU64,
+    pub budget_stops: AtomicU64,
+    pub max_turn_accepts: AtomicU64,
     pub multishot: AtomicBool,
     /// Relays run by inline handlers (`ShardContext::relay`).
     pub relay: std::sync::Arc<RelayCounters>,
@@ -85,6 +89,10 @@ impl Counters {
             registered: g(&self.registered),
             register_events: g(&self.register_events),
             register_rearms: g(&self.register_rearms),
+            limit_pauses: g(&self.limit_pauses),
+            rate_pauses: g(&self.rate_pauses),
+            budget_stops: g(&self.budget_stops),
+            max_accepted_per_turn: g(&self.max_turn_accepts),
             pending: g(&self.held) + g(&self.admitting),
             ring_depth: 0,
             ring_high_water: 0,
@@ -144,7 +152,8 @@ pub struct ShardStats {
     /// Times the shard resumed after the ring drained to its low-water mark.
     pub resumes: u64,
     /// Times the accept operation was posted again (a multishot accept that
-    /// ended, or every single-shot accept after the first).
+    /// ended, or every single-shot accept after the first; with limits, the
+    /// readiness POLL).
     pub rearms: u64,
     /// Resource-exhaustion backoffs, by errno.
     pub backoff: Backoffs,
@@ -181,6 +190,21 @@ pub struct ShardStats {
     pub register_events: u64,
     /// Times a registered connection's multishot poll was posted again.
     pub register_rearms: u64,
+    /// Times this shard stopped accepting because the listener was at its
+    /// [`max_connections`](crate::ListenerBuilder::max_connections) (it
+    /// resumes when a close brings the count below).
+    pub limit_pauses: u64,
+    /// Times this shard stopped accepting for lack of a token of the
+    /// listener's [`accept_rate`](crate::ListenerBuilder::accept_rate) (it
+    /// resumes on a timer when the next token is due).
+    pub rate_pauses: u64,
+    /// Turns that ended because they took the whole
+    /// [`accept_budget`](crate::ListenerBuilder::accept_budget) (the next
+    /// turn goes on).
+    pub budget_stops: u64,
+    /// The most connections this shard took from the kernel in one turn of
+    /// its loop (any listener, limits or not).
+    pub max_accepted_per_turn: u64,
     /// Connections accepted and not yet delivered or closed: in the ring,
     /// plus any the shard holds while the ring is full.
     pub pending: u64,
@@ -191,7 +215,9 @@ pub struct ShardStats {
     /// The ring's capacity (the effective backlog).
     pub ring_capacity: usize,
     /// Whether the shard accepts with multishot ACCEPT (5.19+); false when it
-    /// fell back to re-posted single-shot accepts.
+    /// fell back to re-posted single-shot accepts, and on a listener with
+    /// limits (its shards take connections with `accept4` after a readiness
+    /// POLL: see [`crate::ListenerBuilder::max_connections`]).
     pub multishot: bool,
     /// The kernel's accept queue for this shard's listener; `None` once the
     /// listener is closed.
@@ -254,11 +280,32 @@ impl Withdrawn {
 pub struct ListenerStats {
     /// One entry per shard, by index.
     pub shards: Vec<ShardStats>,
+    /// The listener's open connections, when it has a
+    /// [`max_connections`](crate::ListenerBuilder::max_connections)
+    /// (`None` without: they are not counted then).
+    pub open: Option<OpenConnections>,
+}
+
+/// Open connections of a listener with a maximum: accepted and not yet
+/// closed, wherever they are (admission, the ring, a relay, a
+/// registration, a reply being sent, an [`Admitted`](crate::Admitted) the
+/// application holds, a [`ConnectionSlot`](crate::ConnectionSlot) it kept).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OpenConnections {
+    /// Open now (for a moment, plus one a shard is accepting).
+    pub open: u64,
+    /// The most that were open at once.
+    pub high_water: u64,
+    /// The maximum ([`crate::ListenerBuilder::max_connections`]).
+    pub limit: u64,
+    /// Shards stopped at the maximum now, waiting for a close.
+    pub shards_paused: u64,
 }
 
 impl ListenerStats {
     /// The sum over shards (`shard` is the shard count; `last_errno` the
-    /// first non-zero; `ring_*` summed; `multishot` true if all are).
+    /// first non-zero; `ring_*` summed; `multishot` true if all are;
+    /// `max_accepted_per_turn` the largest).
     pub fn total(&self) -> ShardStats {
         let mut t = ShardStats {
             shard: self.shards.len(),
@@ -293,6 +340,10 @@ impl ListenerStats {
             t.registered += s.registered;
             t.register_events += s.register_events;
             t.register_rearms += s.register_rearms;
+            t.limit_pauses += s.limit_pauses;
+            t.rate_pauses += s.rate_pauses;
+            t.budget_stops += s.budget_stops;
+            t.max_accepted_per_turn = t.max_accepted_per_turn.max(s.max_accepted_per_turn);
             if t.last_errno == 0 {
                 t.last_errno = s.last_errno;
             }

@@ -433,6 +433,19 @@ fn main() -> ExitCode {
         "peer_floodgate",
         &["--mode", "handler", "--replies-at-once"],
     ));
+    servers.push(Server::peer(
+        b,
+        "floodgate_limits",
+        "peer_floodgate",
+        &[
+            "--mode",
+            "handler",
+            "--max-connections",
+            "100000",
+            "--accept-budget",
+            "64",
+        ],
+    ));
     if let Some(only) = &cli.servers {
         servers.retain(|s| only.iter().any(|o| o == s.name));
     }

@@ -9,7 +9,9 @@
 //! - `--mode driven`: no engine thread: the main thread drives the shard (`build_driven`), waiting on
 //!   its descriptor with poll(2); its handler replies with `reply_and_close` as the inline one does;
 //! - `--mode driven-std`: the same, the application writing `x` itself and dropping the connection;
-//! - `--condition trivial`: adds an admission condition that returns `Verdict::accept()`.
+//! - `--condition trivial`: adds an admission condition that returns `Verdict::accept()`;
+//! - `--max-connections N`, `--accept-budget N`: the listener's limits (the shard then polls its
+//!   listener and accepts with `accept4` instead of a multishot ACCEPT).
 //!
 //! The process pins its main thread to `--pin CORE` before the listener is built, and builds the
 //! listener with `pin(false)`, so the shard thread inherits that single-core affinity: one shard
@@ -76,6 +78,14 @@ struct Cli {
     /// The engine's backend.
     #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
     backend: BackendArg,
+
+    /// `ListenerBuilder::max_connections`.
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
+
+    /// `ListenerBuilder::accept_budget`.
+    #[arg(long, value_name = "N")]
+    accept_budget: Option<usize>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -112,6 +122,12 @@ fn main() {
             BackendArg::IoUring => floodgate::Backend::IoUring,
             BackendArg::Epoll => floodgate::Backend::Epoll,
         });
+    if let Some(n) = cli.max_connections {
+        builder = builder.max_connections(n);
+    }
+    if let Some(n) = cli.accept_budget {
+        builder = builder.accept_budget(n);
+    }
     if cli.condition == Cond::Trivial {
         builder = builder.condition(trivial);
     }

@@ -303,7 +303,7 @@ impl Admission {
                     match reply {
                         // Reply and close in one linked pair on the ring.
                         Some(r) if !r.is_empty() => {
-                            let _ = replies.post(ring, fd, &r);
+                            let _ = replies.post_counted(ring, fd, &r, w.pending.slot);
                         }
                         _ => drop(fd),
                     }

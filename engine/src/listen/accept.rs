@@ -301,6 +301,8 @@ pub struct Listener {
     pub(crate) setup: RingSetup,
     pub(crate) backend: Option<crate::driver::BackendChoice>,
     pub(crate) pending_timeout: Duration,
+    /// The open-connection count, with a maximum.
+    pub(crate) open: Option<Arc<crate::listen::limits::OpenCount>>,
 }
 
 impl Listener {
@@ -501,7 +503,10 @@ impl Listener {
                 st
             })
             .collect();
-        ListenerStats { shards }
+        ListenerStats {
+            shards,
+            open: self.open.as_ref().map(|o| o.snapshot()),
+        }
     }
 
     /// Stops accepting, closes the listening sockets, closes (and counts as

@@ -11,7 +11,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,6 +24,7 @@ use crate::driver::{sys, Cqe, Driver};
 use crate::listen::accept::{Delivery, ShardShared};
 use crate::listen::backlog::Pending;
 use crate::listen::conn::Admitted;
+use crate::listen::limits::{ConnectionSlot, LimitOp, Limits, Stop};
 use crate::relay::context::{Replies, ReplyOp, ShardContext};
 use crate::relay::{RelayOp, Relays};
 use crate::shard::{op_kinds, user_data, Coalesce, Service, ShardOp};
@@ -123,6 +124,11 @@ pub(crate) struct Acceptor {
     registry: Option<crate::admit::register::Registry>,
     /// Older connections are withdrawn at the head of the ring.
     pending_timeout: Duration,
+    /// The listener's limits, when it has any: the shard then polls its
+    /// listener and accepts by itself (see `limits`).
+    limits: Option<Limits>,
+    /// The connections one turn took under the limits (kept for reuse).
+    taken: Vec<(OwnedFd, ConnectionSlot)>,
 }
 
 impl std::fmt::Debug for Acceptor {
@@ -174,6 +180,32 @@ impl Acceptor {
             accepted_this_turn: 0,
             registry: None,
             pending_timeout: admission.pending_timeout,
+            limits: None,
+            taken: Vec::new(),
+        }
+    }
+
+    /// Accepts under the listener's limits (max connections, accept
+    /// budget, accept rate), if it has any.
+    pub fn with_limits(mut self, limits: Option<Limits>) -> Self {
+        if limits.is_some() {
+            self.multishot = false;
+            self.shard
+                .counters
+                .multishot
+                .store(false, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.limits = limits;
+        self
+    }
+
+    /// The user data of the operation that waits for connections: the
+    /// ACCEPT, or with limits the POLL.
+    fn waiting_op(&self) -> u64 {
+        if self.limits.is_some() {
+            user_data(LimitOp::Ready, 0)
+        } else {
+            user_data(AcceptOp::Accept, 0)
         }
     }
 
@@ -221,7 +253,9 @@ impl Acceptor {
         };
         let fd = socket.as_raw_fd();
         let ud = user_data(AcceptOp::Accept, 0);
-        if self.multishot {
+        if self.limits.is_some() {
+            ring.poll(fd, libc::POLLIN as u32, true, self.waiting_op())?;
+        } else if self.multishot {
             ring.accept_multi(fd, ud)?;
         } else {
             ring.accept_once(fd, ud)?;
@@ -237,10 +271,7 @@ impl Acceptor {
     fn cancel(&mut self, ring: &mut Driver) {
         if self.arm == Arm::Armed
             && ring
-                .cancel(
-                    user_data(AcceptOp::Accept, 0),
-                    user_data(ShardOp::Cancel, 0),
-                )
+                .cancel(self.waiting_op(), user_data(ShardOp::Cancel, 0))
                 .is_ok()
         {
             self.arm = Arm::Cancelling;
@@ -262,7 +293,14 @@ impl Acceptor {
 
     /// Takes ownership of a freshly accepted socket.
     fn accepted(&mut self, ring: &mut Driver, fd: i32, now: Instant) {
-        let pending = Pending::new(sys::adopt_fd(fd), now);
+        self.accepted_fd(ring, sys::adopt_fd(fd), ConnectionSlot::none(), now);
+    }
+
+    /// A connection taken from the kernel, with its slot of the listener's
+    /// maximum (empty without one).
+    fn accepted_fd(&mut self, ring: &mut Driver, fd: OwnedFd, slot: ConnectionSlot, now: Instant) {
+        let mut pending = Pending::new(fd, now);
+        pending.slot = slot;
         Counters::add(&self.counters().accepted, 1);
         self.accepted_this_turn += 1;
         self.accepted_any = true;
@@ -347,6 +385,89 @@ impl Acceptor {
         n
     }
 
+    /// A failed accept (or readiness poll): skip, back off or fall back.
+    fn accept_error(&mut self, ring: &mut Driver, errno: i32) {
+        let c = &self.shard.counters;
+        match classify(errno) {
+            AcceptErrorKind::Cancelled => {}
+            AcceptErrorKind::Exhausted => {
+                c.last_errno
+                    .store(errno as u64, std::sync::atomic::Ordering::Relaxed);
+                let counter = match errno {
+                    libc::EMFILE => &c.backoff_emfile,
+                    libc::ENFILE => &c.backoff_enfile,
+                    libc::ENOBUFS => &c.backoff_enobufs,
+                    _ => &c.backoff_enomem,
+                };
+                Counters::add(counter, 1);
+                self.cancel(ring);
+                self.start_backoff(ring);
+            }
+            AcceptErrorKind::Transient => {
+                c.last_errno
+                    .store(errno as u64, std::sync::atomic::Ordering::Relaxed);
+                Counters::add(&c.aborted, 1);
+            }
+            AcceptErrorKind::Other
+                if errno == libc::EINVAL && self.multishot && !self.accepted_any =>
+            {
+                // Multishot accept needs 5.19; older kernels refuse
+                // the flag with EINVAL. Fall back to single-shot.
+                self.multishot = false;
+                c.multishot
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
+            }
+            AcceptErrorKind::Other => {
+                c.last_errno
+                    .store(errno as u64, std::sync::atomic::Ordering::Relaxed);
+                Counters::add(&c.accept_errors, 1);
+                self.shard.surface(io::Error::from_raw_os_error(errno));
+                self.cancel(ring);
+                self.start_backoff(ring);
+            }
+        }
+    }
+
+    /// With limits: takes what the limits allow from the kernel's queue,
+    /// then arranges the next try (a wake-up, a timer, a backoff).
+    fn take_limited(&mut self, ring: &mut Driver, now: Instant) {
+        let Some(l) = &mut self.limits else { return };
+        if !l.readable
+            || l.refill_timer
+            || self.paused
+            || self.backoff_timer
+            || !self.held.is_empty()
+            || self.shard.backlog.is_full()
+        {
+            return;
+        }
+        let Some(socket) = self.socket.clone() else {
+            return;
+        };
+        let mut taken = std::mem::take(&mut self.taken);
+        let stop = l.take_from_kernel(&socket, &self.shard.counters, now, &mut taken);
+        for (fd, slot) in taken.drain(..) {
+            self.accepted_fd(ring, fd, slot, now);
+        }
+        self.taken = taken;
+        match stop {
+            // The poll says when more arrive; a close wakes the shard.
+            Stop::Drained | Stop::AtLimit => {}
+            // More may wait: another turn at once, after the others' work.
+            Stop::Budget => self.shard.control.wake(),
+            Stop::Rate(wait) => {
+                if ring.timeout(wait, user_data(LimitOp::Refill, 0)).is_ok() {
+                    if let Some(l) = &mut self.limits {
+                        l.refill_timer = true;
+                    }
+                } else {
+                    self.shard.control.wake();
+                }
+            }
+            Stop::Error(errno) => self.accept_error(ring, errno),
+        }
+    }
+
     fn close_all_pending(&mut self) {
         let mut closed = match &mut self.admission {
             Some(a) => a.close_all(&self.shard.counters),
@@ -418,6 +539,11 @@ impl Service for Acceptor {
             // would double them. A refusal only costs precision.
             let _ = sys::set_timer_slack((c.pause.as_nanos() as u64 / 50).max(1_000));
         }
+        if self.limits.is_some() {
+            if let Some(socket) = &self.socket {
+                crate::listen::limits::prepare(socket)?;
+            }
+        }
         self.arm(ring)
     }
 
@@ -431,56 +557,42 @@ impl Service for Acceptor {
                     self.accepted(ring, cqe.result, now);
                     return;
                 }
-                let errno = -cqe.result;
-                let c = &self.shard.counters;
-                match classify(errno) {
-                    AcceptErrorKind::Cancelled => {}
-                    AcceptErrorKind::Exhausted => {
-                        c.last_errno
-                            .store(errno as u64, std::sync::atomic::Ordering::Relaxed);
-                        let counter = match errno {
-                            libc::EMFILE => &c.backoff_emfile,
-                            libc::ENFILE => &c.backoff_enfile,
-                            libc::ENOBUFS => &c.backoff_enobufs,
-                            _ => &c.backoff_enomem,
-                        };
-                        Counters::add(counter, 1);
-                        self.cancel(ring);
-                        self.start_backoff(ring);
-                    }
-                    AcceptErrorKind::Transient => {
-                        c.last_errno
-                            .store(errno as u64, std::sync::atomic::Ordering::Relaxed);
-                        Counters::add(&c.aborted, 1);
-                    }
-                    AcceptErrorKind::Other
-                        if errno == libc::EINVAL && self.multishot && !self.accepted_any =>
-                    {
-                        // Multishot accept needs 5.19; older kernels refuse
-                        // the flag with EINVAL. Fall back to single-shot.
-                        self.multishot = false;
-                        c.multishot
-                            .store(false, std::sync::atomic::Ordering::Relaxed);
-                    }
-                    AcceptErrorKind::Other => {
-                        c.last_errno
-                            .store(errno as u64, std::sync::atomic::Ordering::Relaxed);
-                        Counters::add(&c.accept_errors, 1);
-                        self.shard.surface(io::Error::from_raw_os_error(errno));
-                        self.cancel(ring);
-                        self.start_backoff(ring);
-                    }
-                }
+                self.accept_error(ring, -cqe.result);
             }
             Some(AcceptOp::Backoff) => {
                 ring.release(cqe.user_data);
                 self.backoff_timer = false;
             }
-            None => self.complete_hosted(ring, kind, payload, cqe, now),
+            None => match LimitOp::from_byte(kind) {
+                Some(LimitOp::Ready) => {
+                    if !cqe.more() {
+                        self.arm = Arm::Idle;
+                    }
+                    if cqe.result >= 0 {
+                        if let Some(l) = &mut self.limits {
+                            l.readable = true;
+                        }
+                    } else {
+                        self.accept_error(ring, -cqe.result);
+                    }
+                }
+                Some(LimitOp::Refill) => {
+                    ring.release(cqe.user_data);
+                    if let Some(l) = &mut self.limits {
+                        l.refill_timer = false;
+                    }
+                }
+                None => self.complete_hosted(ring, kind, payload, cqe, now),
+            },
         }
     }
 
     fn turn(&mut self, ring: &mut Driver, now: Instant) {
+        if !self.stopping {
+            // With limits, this turn's connections are taken here, before
+            // the turn delivers.
+            self.take_limited(ring, now);
+        }
         if let Some(a) = &mut self.admission {
             if !self.stopping {
                 a.arm_timer(ring, now);
@@ -524,7 +636,13 @@ impl Service for Acceptor {
             self.shard.backlog.set_paused(false);
             Counters::add(&self.counters().resumes, 1);
         }
-        let want = !self.paused && !self.backoff_timer;
+        // With limits, no poll while the shard waits at the maximum or for
+        // a token: arrivals would only wake it for nothing.
+        let held_back = self
+            .limits
+            .as_ref()
+            .is_some_and(|l| l.at_limit() || l.refill_timer);
+        let want = !self.paused && !self.backoff_timer && !held_back;
         match (want, self.arm) {
             (true, Arm::Idle) => {
                 if let Err(e) = self.arm(ring) {
@@ -553,11 +671,15 @@ impl Service for Acceptor {
                 user_data(ShardOp::Cancel, 0),
             );
         }
+        if self.limits.as_ref().is_some_and(|l| l.refill_timer) {
+            let _ = ring.cancel(user_data(LimitOp::Refill, 0), user_data(ShardOp::Cancel, 0));
+        }
     }
 
     fn idle(&self) -> bool {
         self.arm == Arm::Idle
             && !self.backoff_timer
+            && !self.limits.as_ref().is_some_and(|l| l.refill_timer)
             && self.replies.is_empty()
             && self.relays.is_idle()
             && self
@@ -569,6 +691,11 @@ impl Service for Acceptor {
 
     fn pause(&mut self) -> Option<Duration> {
         let accepted = std::mem::take(&mut self.accepted_this_turn);
+        // Only this thread writes it: a load and a store, no RMW.
+        let max = &self.counters().max_turn_accepts;
+        if accepted as u64 > max.load(std::sync::atomic::Ordering::Relaxed) {
+            max.store(accepted as u64, std::sync::atomic::Ordering::Relaxed);
+        }
         let c = self.coalesce?;
         if accepted < c.threshold || self.stopping {
             return None;
@@ -581,6 +708,9 @@ impl Service for Acceptor {
         // The accept is over: close the listening socket (the handle's copy
         // goes at shutdown too), then every connection not delivered.
         self.socket = None;
+        if let Some(l) = &mut self.limits {
+            l.finish();
+        }
         if let Some(r) = &mut self.registry {
             let n = r.close_all(&self.shard.counters);
             Counters::add(&self.shard.counters.closed_at_shutdown, n);

@@ -26,6 +26,9 @@ pub(crate) struct Pending {
     pub accepted_at: Instant,
     /// What the condition attached when it accepted it.
     pub value: Option<crate::admit::condition::Value>,
+    /// Its slot of the listener's maximum of open connections (empty
+    /// without one): it goes wherever the socket goes.
+    pub slot: crate::listen::limits::ConnectionSlot,
 }
 
 impl Pending {
@@ -35,6 +38,7 @@ impl Pending {
             fd,
             accepted_at,
             value: None,
+            slot: crate::listen::limits::ConnectionSlot::none(),
         }
     }
 }

@@ -18,6 +18,7 @@ use crate::listen::accept::{BacklogLength, Delivery, Listener, ShardShared};
 use crate::listen::acceptor::{Acceptor, Handler};
 use crate::listen::conn::Admitted;
 use crate::listen::driven::DrivenShard;
+use crate::listen::limits::{Bucket, LimitConfig, Limits, OpenCount};
 use crate::relay::context::ShardContext;
 use crate::shard::{self, Coalesce, Placement, ShardControl};
 
@@ -92,6 +93,7 @@ pub struct ListenerBuilder {
     replies_at_once: bool,
     registration: Option<crate::admit::register::Registration>,
     relay_limits: crate::relay::RelayLimits,
+    pub(super) limits: LimitConfig,
 }
 
 impl Listener {
@@ -125,6 +127,7 @@ impl std::fmt::Debug for ListenerBuilder {
             .field("replies_at_once", &self.replies_at_once)
             .field("registration", &self.registration)
             .field("relay_limits", &self.relay_limits)
+            .field("limits", &self.limits)
             .finish()
     }
 }
@@ -151,6 +154,7 @@ impl ListenerBuilder {
             replies_at_once: false,
             registration: None,
             relay_limits: crate::relay::RelayLimits::default(),
+            limits: LimitConfig::default(),
         }
     }
 
@@ -467,6 +471,7 @@ impl ListenerBuilder {
                 "at least 2 bytes: a relay holds two buffers of at least 1 byte",
             ));
         }
+        self.limits.validate()?;
         if self.addr.ip().is_multicast() {
             return Err(ConfigError::new(
                 "addr",
@@ -564,6 +569,14 @@ impl ListenerBuilder {
             ipv6: self.addr.is_ipv6(),
             local: (!local_addr.ip().is_unspecified()).then_some(local_addr),
         });
+        let open = self
+            .limits
+            .max_connections
+            .map(|n| Arc::new(OpenCount::new(n)));
+        let bucket = self
+            .limits
+            .rate
+            .map(|(per_second, burst)| Arc::new(Bucket::new(per_second, burst)));
         let mut listener = Listener {
             shards: Vec::with_capacity(n),
             delivery: Arc::new(Delivery::for_listener()?),
@@ -576,6 +589,7 @@ impl ListenerBuilder {
             setup: Default::default(),
             backend: None,
             pending_timeout: self.pending_timeout,
+            open: open.clone(),
         };
         let mut driven_shards = Vec::new();
         for (k, socket) in sockets.into_iter().enumerate() {
@@ -587,6 +601,13 @@ impl ListenerBuilder {
                     control.clone(),
                     socket.clone(),
                 ));
+                if let Some(open) = &open {
+                    open.add_shard(control.clone());
+                }
+                let limits = self
+                    .limits
+                    .any()
+                    .then(|| Limits::new(&self.limits, open.clone(), bucket.clone()));
                 let acceptor = Acceptor::new(
                     k,
                     socket,
@@ -598,7 +619,8 @@ impl ListenerBuilder {
                 .with_coalesce(self.coalesce)
                 .with_replies_at_once(self.replies_at_once)
                 .with_registration(self.registration.clone())
-                .with_relay_limits(self.relay_limits);
+                .with_relay_limits(self.relay_limits)
+                .with_limits(limits);
                 let placement = Placement {
                     index: k,
                     core: placements[k],

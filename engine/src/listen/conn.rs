@@ -6,18 +6,26 @@ use std::time::Instant;
 
 use crate::admit::condition::Value;
 use crate::listen::backlog::Pending;
+use crate::listen::limits::ConnectionSlot;
 
 /// A connection accepted by a shard and delivered to the application.
 ///
 /// It owns its socket: dropping it closes the connection. It reads and
 /// writes like a [`TcpStream`] and converts into one with
 /// [`Admitted::into_std`] (or into an [`OwnedFd`](std::os::fd::OwnedFd)) for any runtime.
+///
+/// On a listener with a [`max_connections`](crate::ListenerBuilder::max_connections)
+/// it counts as open until it is dropped; the socket taken out of it
+/// (`into_std`, `From`) stops counting at that moment, unless it is taken
+/// with [`Admitted::into_std_with_slot`], whose [`ConnectionSlot`] keeps
+/// it counted until the slot is dropped.
 #[derive(Debug)]
 pub struct Admitted {
     stream: TcpStream,
     shard: usize,
     accepted_at: Instant,
     value: Option<Value>,
+    slot: ConnectionSlot,
 }
 
 impl Admitted {
@@ -27,6 +35,7 @@ impl Admitted {
             shard,
             accepted_at: p.accepted_at,
             value: p.value,
+            slot: p.slot,
         }
     }
 
@@ -36,7 +45,14 @@ impl Admitted {
             fd: self.stream.into(),
             accepted_at: self.accepted_at,
             value: self.value,
+            slot: self.slot,
         }
+    }
+
+    /// The socket and the slot that keeps it counted, for the engine's own
+    /// paths that close it later (a reply, a relay).
+    pub(crate) fn into_fd_and_slot(self) -> (std::os::fd::OwnedFd, ConnectionSlot) {
+        (self.stream.into(), self.slot)
     }
 
     /// What the condition attached when it accepted the connection
@@ -94,9 +110,20 @@ impl Admitted {
         &self.stream
     }
 
-    /// Gives the socket to the caller as a [`TcpStream`].
+    /// Gives the socket to the caller as a [`TcpStream`]. On a listener
+    /// with a [`max_connections`](crate::ListenerBuilder::max_connections)
+    /// the connection stops counting as open here (see
+    /// [`Admitted::into_std_with_slot`]).
     pub fn into_std(self) -> TcpStream {
         self.stream
+    }
+
+    /// Gives the socket to the caller with its [`ConnectionSlot`]: on a
+    /// listener with a [`max_connections`](crate::ListenerBuilder::max_connections)
+    /// the connection counts as open until the slot is dropped (drop it
+    /// when you close the stream). Without a maximum the slot is empty.
+    pub fn into_std_with_slot(self) -> (TcpStream, ConnectionSlot) {
+        (self.stream, self.slot)
     }
 }
 

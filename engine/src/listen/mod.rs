@@ -8,7 +8,9 @@
 //! - [`accept`]: the running [`Listener`](accept::Listener) and its delivery
 //!   (blocking, try, timeout, the accept event), shutdown and drain;
 //! - [`driven`]: shards the application drives on its own threads;
-//! - [`conn`]: [`Admitted`](conn::Admitted), the connection as delivered.
+//! - [`conn`]: [`Admitted`](conn::Admitted), the connection as delivered;
+//! - [`limits`]: max open connections, accept budget and accept rate, which
+//!   the acceptor consults once per turn.
 
 pub(crate) mod accept;
 pub(crate) mod acceptor;
@@ -16,3 +18,4 @@ pub(crate) mod backlog;
 pub(crate) mod config;
 pub(crate) mod conn;
 pub(crate) mod driven;
+pub(crate) mod limits;

@@ -5,6 +5,7 @@ use std::os::fd::OwnedFd;
 
 use crate::driver::{Cqe, Driver};
 use crate::listen::conn::Admitted;
+use crate::listen::limits::ConnectionSlot;
 use crate::relay::{OnEnd, RelayOptions, RelayOutcome, Relays};
 use crate::shard::{op_kinds, user_data};
 
@@ -119,8 +120,8 @@ impl<'a> ShardContext<'a> {
         upstream: std::net::SocketAddr,
         opts: RelayOptions,
     ) -> io::Result<()> {
-        self.relays
-            .start(self.ring, conn.into(), upstream, opts, None)
+        let (fd, slot) = conn.into_fd_and_slot();
+        self.relays.start(self.ring, fd, slot, upstream, opts, None)
     }
 
     /// As [`ShardContext::relay`], and once the relay is over (both of its
@@ -176,8 +177,9 @@ impl<'a> ShardContext<'a> {
         F: FnOnce(RelayOutcome) + Send + 'static,
     {
         let on_end = OnEnd(Box::new(on_end));
+        let (fd, slot) = conn.into_fd_and_slot();
         self.relays
-            .start(self.ring, conn.into(), upstream, opts, Some(on_end))
+            .start(self.ring, fd, slot, upstream, opts, Some(on_end))
     }
 
     /// The shard's index.
@@ -201,8 +203,8 @@ impl<'a> ShardContext<'a> {
     /// reply is then lost: when the client may have sent something, use
     /// [`ShardContext::drain_reply_and_close`].
     pub fn reply_and_close(&mut self, conn: Admitted, reply: &[u8]) -> io::Result<()> {
-        let fd: OwnedFd = conn.into();
-        self.replies.post(self.ring, fd, reply)
+        let (fd, slot) = conn.into_fd_and_slot();
+        self.replies.post_counted(self.ring, fd, reply, slot)
     }
 
     /// As [`ShardContext::reply_and_close`], after reading and discarding
@@ -230,10 +232,22 @@ pub(crate) struct Replies {
     sends: usize,
     /// CLOSE completions still to come.
     closes: usize,
+    /// The open-connection slots of pairs in flight, by id, released when
+    /// their CLOSE completes (only on a listener with a maximum).
+    slots: crate::driver::KeyMap<ConnectionSlot>,
 }
 
 impl Replies {
-    pub(crate) fn post(&mut self, ring: &mut Driver, fd: OwnedFd, reply: &[u8]) -> io::Result<()> {
+    /// Posts the linked SEND of `reply` and CLOSE of `fd`, keeping `slot`
+    /// (the connection's count of the listener's maximum) until the CLOSE
+    /// completes.
+    pub(crate) fn post_counted(
+        &mut self,
+        ring: &mut Driver,
+        fd: OwnedFd,
+        reply: &[u8],
+        slot: ConnectionSlot,
+    ) -> io::Result<()> {
         use std::os::fd::AsRawFd;
         self.next = self.next.wrapping_add(1) & ((1 << 48) - 1);
         let id = self.next;
@@ -249,6 +263,9 @@ impl Replies {
         self.sends += 1;
         ring.close(fd, user_data(ReplyOp::Close, id))?;
         self.closes += 1;
+        if slot.is_counted() {
+            self.slots.insert(id, slot);
+        }
         Ok(())
     }
 
@@ -261,6 +278,9 @@ impl Replies {
             ReplyOp::Close => {
                 ring.finish_close(cqe.user_data, cqe.result);
                 self.closes = self.closes.saturating_sub(1);
+                if !self.slots.is_empty() {
+                    self.slots.remove(&crate::shard::split(cqe.user_data).1);
+                }
             }
         }
     }

@@ -150,6 +150,9 @@ struct Relay {
     /// Buffer bytes counted against the shard's budget.
     reserved: usize,
     on_end: Option<OnEnd>,
+    /// The client's count of the listener's maximum of open connections,
+    /// released when the relay's slot is freed (both sockets closed).
+    _open: crate::listen::limits::ConnectionSlot,
 }
 
 #[derive(Debug, Default)]
@@ -227,6 +230,7 @@ impl Relays {
         &mut self,
         ring: &mut Driver,
         client: OwnedFd,
+        open: crate::listen::limits::ConnectionSlot,
         upstream: SocketAddr,
         opts: RelayOptions,
         on_end: Option<OnEnd>,
@@ -253,6 +257,7 @@ impl Relays {
                     idle_timeout: opts.idle_timeout(),
                     reserved,
                     on_end,
+                    _open: open,
                 });
                 self.live += 1;
                 self.memory += reserved;

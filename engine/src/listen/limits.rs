@@ -1,0 +1,567 @@
+//! Accept limits, as HAProxy and Envoy have them: a listener-wide maximum
+//! of open connections (`maxconn`), a per-turn accept budget
+//! (`tune.maxaccept`, Envoy's `max_connections_to_accept_per_socket_event`)
+//! and an accept rate (a token bucket). All three leave the excess in the
+//! kernel's accept queue; none rejects a connection.
+//!
+//! Why the shard accepts by itself when a limit is set: a multishot ACCEPT
+//! takes whatever the kernel's queue holds in one go (the kernel loops in
+//! its task work until the queue is empty), so by the time the shard reads
+//! the completions and cancels the accept it may be past a limit by the
+//! whole queue. An exact limit needs the decision *before* each accept, as
+//! HAProxy makes it (it takes a slot of `actconn` with a compare-and-swap,
+//! then calls `accept4`). So a listener with a limit keeps a multishot POLL
+//! for readability on its listening socket instead of an ACCEPT, and on
+//! each turn takes connections with `accept4` (socket2) until the queue is
+//! empty or a limit says stop: [`Limits::take_from_kernel`], the one call
+//! the acceptor makes per turn. The same code runs on both backends. A
+//! listener without limits keeps the multishot ACCEPT and never reaches
+//! this module.
+//!
+//! The open count travels with the connection: a [`ConnectionSlot`] is in
+//! the connection's pending entry and in its [`Admitted`](crate::Admitted),
+//! in a relay, in a registration and in a reply's CLOSE until it completes;
+//! dropping it is what counts the connection as closed and wakes the shards
+//! that stopped at the limit.
+
+use std::io;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use socket2::Socket;
+
+use crate::error::ConfigError;
+use crate::listen::config::ListenerBuilder;
+use crate::shard::{op_kinds, ShardControl};
+use crate::stats::Counters;
+
+op_kinds! {
+    /// The operations a shard with limits posts for its listener.
+    pub(crate) enum LimitOp {
+        /// The multishot POLL for readability on the listening socket.
+        Ready = 60,
+        /// The timer that waits for the rate's next token.
+        Refill = 61,
+    }
+}
+
+/// The accept budget of a turn when a limit is set and no budget is.
+pub const DEFAULT_ACCEPT_BUDGET: usize = 64;
+
+/// The largest accept budget [`crate::ListenerBuilder::accept_budget`] takes.
+pub const MAX_ACCEPT_BUDGET: usize = 1 << 20;
+
+/// The highest accept rate and burst [`crate::ListenerBuilder::accept_rate`]
+/// takes (per second; tokens).
+pub const MAX_ACCEPT_RATE: u64 = 1 << 32;
+
+/// The limits a listener was configured with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct LimitConfig {
+    pub max_connections: Option<usize>,
+    pub accept_budget: Option<usize>,
+    /// Tokens per second and bucket size.
+    pub rate: Option<(u64, u64)>,
+}
+
+impl LimitConfig {
+    /// Whether any limit is set (the shard then accepts by itself).
+    pub fn any(&self) -> bool {
+        self.max_connections.is_some() || self.accept_budget.is_some() || self.rate.is_some()
+    }
+
+    /// Refuses a nonsensical limit, naming its field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_connections == Some(0) {
+            return Err(ConfigError::new(
+                "max_connections",
+                0,
+                "at least 1 (a listener that may hold no connection accepts none)",
+            ));
+        }
+        if let Some(b) = self.accept_budget {
+            if b == 0 || b > MAX_ACCEPT_BUDGET {
+                return Err(ConfigError::new(
+                    "accept_budget",
+                    b,
+                    format!("must be between 1 and {MAX_ACCEPT_BUDGET}"),
+                ));
+            }
+        }
+        if let Some((per_second, burst)) = self.rate {
+            if per_second == 0 || per_second > MAX_ACCEPT_RATE {
+                return Err(ConfigError::new(
+                    "accept_rate.per_second",
+                    per_second,
+                    format!("must be between 1 and {MAX_ACCEPT_RATE}"),
+                ));
+            }
+            if burst == 0 || burst > MAX_ACCEPT_RATE {
+                return Err(ConfigError::new(
+                    "accept_rate.burst",
+                    burst,
+                    format!("must be between 1 and {MAX_ACCEPT_RATE}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ListenerBuilder {
+    /// The most connections of this listener open at once, over all its
+    /// shards (HAProxy's `maxconn`). A connection counts from its accept
+    /// until it is closed, wherever it is: in admission, in a ring, held
+    /// by the application as an [`Admitted`](crate::Admitted) (dropping it closes it), in a
+    /// relay, a registration, or a reply being sent and closed. At the
+    /// maximum every shard stops accepting, so the excess waits in the
+    /// kernel's accept queue (not rejected: it is accepted when a close
+    /// brings the count below, which wakes the shards). The socket taken
+    /// out of an `Admitted` stops counting unless it is taken with
+    /// [`Admitted::into_std_with_slot`](crate::Admitted::into_std_with_slot). Counted in
+    /// [`ListenerStats::open`](crate::ListenerStats::open) and
+    /// [`ShardStats::limit_pauses`](crate::ShardStats::limit_pauses).
+    /// Must be at least 1. Default: no maximum.
+    ///
+    /// Any limit (this one, [`ListenerBuilder::accept_budget`],
+    /// [`ListenerBuilder::accept_rate`]) makes the shards take connections
+    /// with `accept4` after a readiness POLL instead of a multishot
+    /// ACCEPT, so that each is decided before the kernel hands it over
+    /// (PERF.md measures the cost); without limits the accept path is
+    /// unchanged.
+    ///
+    /// ```
+    /// use std::net::TcpStream;
+    /// use floodgate::{Error, Listener};
+    ///
+    /// let listener = Listener::builder("127.0.0.1:0".parse()?)
+    ///     .shards(1)
+    ///     .max_connections(1)
+    ///     .build()?;
+    /// let _a = TcpStream::connect(listener.local_addr())?;
+    /// let _b = TcpStream::connect(listener.local_addr())?; // waits in the kernel
+    /// let first = listener.accept()?;
+    /// assert_eq!(listener.stats().open.map(|o| o.open), Some(1));
+    /// drop(first); // closed: the second is accepted now
+    /// let _second = listener.accept()?;
+    /// # drop(listener);
+    /// let refused = Listener::builder("127.0.0.1:0".parse()?).max_connections(0).build();
+    /// assert!(matches!(refused, Err(Error::Config(e)) if e.field == "max_connections"));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn max_connections(mut self, n: usize) -> Self {
+        self.limits.max_connections = Some(n);
+        self
+    }
+
+    /// The most connections a shard takes from the kernel in one turn of
+    /// its loop (HAProxy's `tune.maxaccept`, Envoy's
+    /// `max_connections_to_accept_per_socket_event`): after that many the
+    /// turn runs its other work (completions of replies, relays,
+    /// registrations) and the next turn goes on, so a burst of accepts
+    /// cannot starve the connections already open. The rest waits in the
+    /// kernel's queue meanwhile. Counted in
+    /// [`ShardStats::budget_stops`](crate::ShardStats::budget_stops);
+    /// [`ShardStats::max_accepted_per_turn`](crate::ShardStats::max_accepted_per_turn)
+    /// shows what turns took. Must be in `1..=`[`MAX_ACCEPT_BUDGET`](crate::MAX_ACCEPT_BUDGET).
+    /// Default: no budget (a multishot ACCEPT takes the whole queue; with
+    /// another limit set, [`DEFAULT_ACCEPT_BUDGET`](crate::DEFAULT_ACCEPT_BUDGET)).
+    ///
+    /// ```
+    /// use floodgate::Listener;
+    ///
+    /// let listener = Listener::builder("127.0.0.1:0".parse()?)
+    ///     .shards(1)
+    ///     .accept_budget(4)
+    ///     .build()?;
+    /// let _clients: Vec<_> = (0..10)
+    ///     .map(|_| std::net::TcpStream::connect(listener.local_addr()))
+    ///     .collect::<Result<_, _>>()?;
+    /// for _ in 0..10 {
+    ///     listener.accept()?;
+    /// }
+    /// assert!(listener.stats().total().max_accepted_per_turn <= 4);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn accept_budget(mut self, n: usize) -> Self {
+        self.limits.accept_budget = Some(n);
+        self
+    }
+
+    /// An accept rate for the whole listener: a token bucket of `burst`
+    /// tokens refilled at `per_second`, one token per connection taken
+    /// from the kernel. When the bucket is empty the shards stop accepting
+    /// until the next token is due (a timer on each waiting shard's ring),
+    /// leaving connections in the kernel's accept queue rather than
+    /// rejecting them (to reject above a rate instead, use the
+    /// [`RateLimit`](crate::conditions::RateLimit) condition). Counted in
+    /// [`ShardStats::rate_pauses`](crate::ShardStats::rate_pauses). Both
+    /// must be at least 1. Default: no rate.
+    ///
+    /// ```
+    /// use floodgate::{Error, Listener};
+    ///
+    /// let listener = Listener::builder("127.0.0.1:0".parse()?)
+    ///     .shards(1)
+    ///     .accept_rate(10_000, 100)
+    ///     .build()?;
+    /// # drop(listener);
+    /// let refused = Listener::builder("127.0.0.1:0".parse()?).accept_rate(0, 1).build();
+    /// assert!(matches!(refused, Err(Error::Config(e)) if e.field == "accept_rate.per_second"));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn accept_rate(mut self, per_second: u64, burst: u64) -> Self {
+        self.limits.rate = Some((per_second, burst));
+        self
+    }
+}
+
+/// A listener's count of open connections, shared by its shards, its
+/// handle and every [`ConnectionSlot`].
+#[derive(Debug)]
+pub(crate) struct OpenCount {
+    limit: usize,
+    /// Open connections, plus for a moment the one a shard is accepting.
+    open: AtomicUsize,
+    high_water: AtomicUsize,
+    /// Shards stopped at the limit: a close wakes them when non-zero.
+    paused: AtomicUsize,
+    /// The shards to wake (filled in as they start).
+    shards: Mutex<Vec<Arc<ShardControl>>>,
+}
+
+impl OpenCount {
+    pub fn new(limit: usize) -> Self {
+        OpenCount {
+            limit,
+            open: AtomicUsize::new(0),
+            high_water: AtomicUsize::new(0),
+            paused: AtomicUsize::new(0),
+            shards: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// A started shard, to be woken by closes while it waits at the limit.
+    pub fn add_shard(&self, control: Arc<ShardControl>) {
+        if let Ok(mut s) = self.shards.lock() {
+            s.push(control);
+        }
+    }
+
+    /// Takes a slot if the count is below the limit.
+    fn reserve(&self) -> bool {
+        let mut n = self.open.load(Ordering::SeqCst);
+        loop {
+            if n >= self.limit {
+                return false;
+            }
+            match self
+                .open
+                .compare_exchange_weak(n, n + 1, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => return true,
+                Err(now) => n = now,
+            }
+        }
+    }
+
+    /// A slot given back (a close, or an accept that found nothing): wakes
+    /// the shards waiting at the limit.
+    fn release(&self) {
+        self.open.fetch_sub(1, Ordering::SeqCst);
+        // SeqCst pairs with `pause`: either the pausing shard sees this
+        // decrement when it checks again, or this sees its flag.
+        if self.paused.load(Ordering::SeqCst) > 0 {
+            if let Ok(s) = self.shards.lock() {
+                for c in s.iter() {
+                    c.wake();
+                }
+            }
+        }
+    }
+
+    fn note_high_water(&self) {
+        let n = self.open.load(Ordering::Relaxed);
+        self.high_water.fetch_max(n, Ordering::Relaxed);
+    }
+
+    /// The snapshot for the listener's stats.
+    pub fn snapshot(&self) -> crate::stats::OpenConnections {
+        crate::stats::OpenConnections {
+            open: self.open.load(Ordering::SeqCst) as u64,
+            high_water: self.high_water.load(Ordering::Relaxed) as u64,
+            limit: self.limit as u64,
+            shards_paused: self.paused.load(Ordering::SeqCst) as u64,
+        }
+    }
+}
+
+/// One of a listener's [`max_connections`](crate::ListenerBuilder::max_connections)
+/// slots: the connection it came with counts as open until it is dropped.
+///
+/// Every connection of a listener with a maximum carries one, from its
+/// accept on: inside the [`Admitted`](crate::Admitted), a relay, a
+/// registration, or a reply being sent. An application that takes the
+/// socket out of an `Admitted` with
+/// [`Admitted::into_std_with_slot`](crate::Admitted::into_std_with_slot)
+/// gets the slot beside it and keeps the connection counted for as long as
+/// it keeps the slot; [`Admitted::into_std`](crate::Admitted::into_std)
+/// and the `From` conversions drop it, so the connection stops counting at
+/// that moment. Without a maximum the slot is empty and dropping it does
+/// nothing.
+///
+/// ```
+/// use floodgate::Listener;
+///
+/// let listener = Listener::builder("127.0.0.1:0".parse()?)
+///     .shards(1)
+///     .max_connections(1)
+///     .build()?;
+/// let _client = std::net::TcpStream::connect(listener.local_addr())?;
+/// let (stream, slot) = listener.accept()?.into_std_with_slot();
+/// assert!(slot.is_counted());
+/// assert_eq!(listener.stats().open.map(|o| o.open), Some(1));
+/// drop(slot); // counted as closed now, whatever happens to `stream`
+/// assert_eq!(listener.stats().open.map(|o| o.open), Some(0));
+/// # drop(stream);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Default)]
+pub struct ConnectionSlot(Option<Arc<OpenCount>>);
+
+impl ConnectionSlot {
+    /// The slot of a connection of a listener without a maximum.
+    pub(crate) fn none() -> Self {
+        ConnectionSlot(None)
+    }
+
+    /// Whether it holds one of a listener's slots (the listener has a
+    /// maximum of open connections).
+    pub fn is_counted(&self) -> bool {
+        self.0.is_some()
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.take() {
+            c.release();
+        }
+    }
+}
+
+/// An accept rate: a token bucket shared by a listener's shards.
+#[derive(Debug)]
+pub(crate) struct Bucket {
+    per_second: f64,
+    burst: f64,
+    state: Mutex<(f64, Instant)>,
+}
+
+impl Bucket {
+    pub fn new(per_second: u64, burst: u64) -> Self {
+        Bucket {
+            per_second: per_second as f64,
+            burst: burst as f64,
+            state: Mutex::new((burst as f64, Instant::now())),
+        }
+    }
+
+    /// Takes up to `want` whole tokens; when none is there, says how long
+    /// until the next one.
+    fn take(&self, want: usize, now: Instant) -> Result<usize, Duration> {
+        let Ok(mut s) = self.state.lock() else {
+            return Ok(want);
+        };
+        let (tokens, last) = &mut *s;
+        let elapsed = now.saturating_duration_since(*last).as_secs_f64();
+        *tokens = (*tokens + elapsed * self.per_second).min(self.burst);
+        *last = now.max(*last);
+        let whole = tokens.floor();
+        if whole < 1.0 {
+            let missing = 1.0 - *tokens;
+            // At least 1 µs, so that a timer is never asked for zero.
+            let wait = Duration::from_secs_f64(missing / self.per_second);
+            return Err(wait.max(Duration::from_micros(1)));
+        }
+        let n = (whole as usize).min(want);
+        *tokens -= n as f64;
+        Ok(n)
+    }
+
+    /// Tokens taken and not used.
+    fn give_back(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        if let Ok(mut s) = self.state.lock() {
+            s.0 = (s.0 + n as f64).min(self.burst);
+        }
+    }
+}
+
+/// Why a turn's taking stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stop {
+    /// The kernel's queue is empty (EAGAIN): wait for readability.
+    Drained,
+    /// The turn's budget is spent; more may wait: take on next turn.
+    Budget,
+    /// The listener is at its maximum: wait for a close to wake the shard.
+    AtLimit,
+    /// No token: wait this long.
+    Rate(Duration),
+    /// accept4 failed with this errno (exhaustion or an unexpected error):
+    /// the acceptor backs off as it does for a failed ACCEPT.
+    Error(i32),
+}
+
+/// One shard's view of its listener's limits.
+#[derive(Debug)]
+pub(crate) struct Limits {
+    budget: usize,
+    open: Option<Arc<OpenCount>>,
+    rate: Option<Arc<Bucket>>,
+    /// This shard is counted in `OpenCount::paused`.
+    paused: bool,
+    /// Readability seen and the queue not yet found empty.
+    pub readable: bool,
+    /// A refill timer is in flight.
+    pub refill_timer: bool,
+}
+
+impl Limits {
+    pub fn new(cfg: &LimitConfig, open: Option<Arc<OpenCount>>, rate: Option<Arc<Bucket>>) -> Self {
+        Limits {
+            budget: cfg.accept_budget.unwrap_or(DEFAULT_ACCEPT_BUDGET),
+            open,
+            rate,
+            paused: false,
+            readable: false,
+            refill_timer: false,
+        }
+    }
+
+    /// Whether the shard waits for a close at the limit.
+    pub fn at_limit(&self) -> bool {
+        self.paused
+    }
+
+    fn pause(&mut self, open: &OpenCount, c: &Counters) {
+        if !self.paused {
+            self.paused = true;
+            open.paused.fetch_add(1, Ordering::SeqCst);
+            Counters::add(&c.limit_pauses, 1);
+        }
+    }
+
+    fn unpause(&mut self, open: &OpenCount) {
+        if self.paused {
+            self.paused = false;
+            open.paused.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Takes connections from the kernel's queue of `socket` (non-blocking)
+    /// into `out`, each with its slot, until the queue is empty or a limit
+    /// stops it: at most the budget, one token each, one slot each.
+    /// Transient accept errors are counted and skipped.
+    pub fn take_from_kernel(
+        &mut self,
+        socket: &Socket,
+        c: &Counters,
+        now: Instant,
+        out: &mut Vec<(OwnedFd, ConnectionSlot)>,
+    ) -> Stop {
+        let mut grant = self.budget;
+        if let Some(b) = &self.rate {
+            match b.take(grant, now) {
+                Ok(n) => grant = n,
+                Err(wait) => {
+                    Counters::add(&c.rate_pauses, 1);
+                    return Stop::Rate(wait);
+                }
+            }
+        }
+        let mut taken = 0;
+        let stop = loop {
+            if taken == grant {
+                if let (Some(b), true) = (&self.rate, grant < self.budget) {
+                    match b.take(self.budget - grant, now) {
+                        Ok(n) if n > 0 => {
+                            grant += n;
+                            continue;
+                        }
+                        Ok(_) => {}
+                        Err(wait) => {
+                            Counters::add(&c.rate_pauses, 1);
+                            break Stop::Rate(wait);
+                        }
+                    }
+                }
+                Counters::add(&c.budget_stops, 1);
+                break Stop::Budget;
+            }
+            let slot = match self.open.clone() {
+                None => ConnectionSlot::none(),
+                Some(open) => {
+                    if !open.reserve() {
+                        self.pause(&open, c);
+                        // Announced first, checked again: a close that came
+                        // in between either is seen here or sees the flag.
+                        if !open.reserve() {
+                            break Stop::AtLimit;
+                        }
+                    }
+                    self.unpause(&open);
+                    ConnectionSlot(Some(open))
+                }
+            };
+            match socket.accept() {
+                Ok((s, _)) => {
+                    taken += 1;
+                    if let Some(open) = &self.open {
+                        open.note_high_water();
+                    }
+                    out.push((s.into(), slot));
+                }
+                Err(e) => {
+                    drop(slot);
+                    let errno = e.raw_os_error().unwrap_or(libc::EIO);
+                    match errno {
+                        libc::EAGAIN => {
+                            self.readable = false;
+                            break Stop::Drained;
+                        }
+                        libc::EINTR => continue,
+                        _ => match crate::listen::acceptor::classify(errno) {
+                            crate::listen::acceptor::AcceptErrorKind::Transient => {
+                                c.last_errno.store(errno as u64, Ordering::Relaxed);
+                                Counters::add(&c.aborted, 1);
+                            }
+                            _ => break Stop::Error(errno),
+                        },
+                    }
+                }
+            }
+        };
+        if let (Some(b), Stop::Drained | Stop::AtLimit | Stop::Error(_)) = (&self.rate, stop) {
+            b.give_back(grant - taken);
+        }
+        stop
+    }
+
+    /// The shard is ending: it no longer waits for closes.
+    pub fn finish(&mut self) {
+        if let Some(open) = self.open.clone() {
+            self.unpause(&open);
+        }
+    }
+}
+
+/// Sets the listening socket non-blocking for the shard's own accepts.
+pub(crate) fn prepare(socket: &Socket) -> io::Result<()> {
+    socket.set_nonblocking(true)
+}
