@@ -8,6 +8,9 @@
 //!   default profiles do; 38, ENOSYS, as Podman's), checks that a strict
 //!   io_uring listener names the error and that `Auto` serves on epoll.
 //! - `seccomp-exec ERRNO CMD ARGS..`: runs CMD under that filter.
+//! - `serve SHARDS [PORT]`: a listener of SHARDS shards (CPU steering) on
+//!   127.0.0.1:PORT (default 0); prints `PORT <port> BACKEND <backend>` and
+//!   serves until killed (the crash-restart test SIGKILLs it).
 //! - `connect-emfile PORT SPARE TOTAL`: runs TOTAL sequences against PORT
 //!   with RLIMIT_NOFILE lowered so that only SPARE sockets fit, and reports
 //!   how the connector classified the failures and backed off.
@@ -24,6 +27,7 @@ fn main() {
         "seccomp" => seccomp(),
         "seccomp-exec" => seccomp_exec(),
         "connect-emfile" => connect_emfile(),
+        "serve" => serve(),
         _ => {
             eprintln!("usage: floodgate-probe emfile|seccomp|connect-emfile PORT");
             2
@@ -375,4 +379,35 @@ fn set_nofile(limit: u64) -> std::io::Result<()> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// `serve SHARDS [PORT]`: see the module docs.
+fn serve() -> i32 {
+    let arg = |i: usize| std::env::args().nth(i).and_then(|v| v.parse::<u64>().ok());
+    let shards = arg(2).unwrap_or(1) as usize;
+    let port = arg(3).unwrap_or(0) as u16;
+    let listener = match Listener::builder(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+        .shards(shards)
+        .handler(|conn, ctx| {
+            let _ = ctx.reply_and_close(conn, b"x");
+        })
+        .build()
+    {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("build: {e}");
+            return 1;
+        }
+    };
+    println!(
+        "PORT {} BACKEND {}",
+        listener.local_addr().port(),
+        listener.backend().backend
+    );
+    let _ = std::io::stdout().flush();
+    // Serve until killed, or until the parent closes our stdin.
+    let mut line = String::new();
+    let _ = std::io::stdin().lock().read_line(&mut line);
+    listener.shutdown();
+    0
 }

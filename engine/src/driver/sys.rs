@@ -136,6 +136,15 @@ pub(crate) fn attach_cpu_steering(fd: BorrowedFd<'_>, groups: u32) -> io::Result
     Ok(())
 }
 
+/// `SO_DETACH_REUSEPORT_BPF` (5.3; asm-generic value).
+const SO_DETACH_REUSEPORT_BPF: libc::c_int = 68;
+
+/// Detaches the reuseport program of the group `fd` belongs to (ENOENT
+/// when it has none).
+pub(crate) fn detach_reuseport_program(fd: BorrowedFd<'_>) -> io::Result<()> {
+    setsockopt::<i32>(fd, libc::SOL_SOCKET, SO_DETACH_REUSEPORT_BPF, 0)
+}
+
 /// The kernel's view of a listening socket, from `TCP_INFO`: for a socket in
 /// LISTEN state Linux reports the accept-queue length in `tcpi_unacked` and
 /// the effective backlog in `tcpi_sacked`.

@@ -222,6 +222,7 @@ pub struct Listener {
     pub(crate) setup: RingSetup,
     pub(crate) backend: Option<crate::driver::BackendChoice>,
     pub(crate) pending_timeout: Duration,
+    pub(crate) steering: crate::listen::group::SteeringInForce,
 }
 
 impl Listener {
@@ -233,6 +234,14 @@ impl Listener {
     /// The backlog lengths; `effective` is `min(requested, ceiling)`.
     pub fn backlog(&self) -> BacklogLength {
         self.backlog
+    }
+
+    /// How the kernel spreads connections over the shards' sockets: the
+    /// CPU program on a group of this listener's own, or the kernel's
+    /// choice on `SO_INCOMING_CPU` after joining the group of listeners
+    /// that were on the port first (another instance, or one that died).
+    pub fn steering(&self) -> crate::listen::group::SteeringInForce {
+        self.steering
     }
 
     /// The number of shards.

@@ -3,20 +3,17 @@
 //! binds the shards' sockets and starts their threads.
 
 use std::net::SocketAddr;
-use std::os::fd::AsFd;
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
-
-use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::admit::attrs::SocketAttrs;
 use crate::admit::condition::{Condition, MAX_PEEK};
 use crate::admit::AdmissionConfig;
-use crate::driver::sys;
 use crate::error::{ConfigError, Error};
 use crate::listen::accept::{BacklogLength, Delivery, Listener, ShardShared};
 use crate::listen::acceptor::{Acceptor, Handler};
 use crate::listen::conn::Admitted;
+use crate::listen::group::{self, SocketSpec};
 use crate::relay::context::ShardContext;
 use crate::shard::{self, Coalesce, Placement, ShardControl};
 
@@ -505,19 +502,20 @@ impl ListenerBuilder {
     /// left running or open on error.
     pub fn build(self) -> Result<Listener, Error> {
         let (n, placements, backlog) = self.validate()?;
-        let sockets = bind_group(
-            self.addr,
-            n,
-            backlog.effective,
-            self.steering,
-            &self.attrs,
-            self.save_syn,
-        )?;
-        let local_addr = sockets[0]
-            .local_addr()
-            .ok()
-            .and_then(|a| a.as_socket())
-            .ok_or_else(|| Error::setup("getsockname", std::io::Error::other("no address")))?;
+        let cpus: Vec<usize> = placements
+            .iter()
+            .enumerate()
+            .map(|(k, c)| c.map_or(k, |c| c.id))
+            .collect();
+        let spec = SocketSpec {
+            backlog: backlog.effective,
+            attrs: &self.attrs,
+            save_syn: self.save_syn,
+        };
+        let group = group::bind_group(self.addr, n, &spec, self.steering, &cpus)?;
+        let local_addr = group.local_addr;
+        let steering = group.steering;
+        let sockets = group.sockets;
         let admission = Arc::new(AdmissionConfig {
             condition: self.condition.clone(),
             peek: self.peek,
@@ -583,6 +581,7 @@ impl ListenerBuilder {
                         setup: setup.unwrap_or_default(),
                         backend: backend.clone(),
                         pending_timeout: self.pending_timeout,
+                        steering,
                     };
                     partial.shutdown();
                     return Err(e);
@@ -600,73 +599,7 @@ impl ListenerBuilder {
             setup: setup.unwrap_or_default(),
             backend,
             pending_timeout: self.pending_timeout,
+            steering,
         })
     }
-}
-
-/// Binds `n` sockets to `addr` with `SO_REUSEPORT`, in order (socket `k`
-/// is index `k` of the kernel's reuseport group), attaching the steering
-/// program to the first, and puts them in listening mode.
-fn bind_group(
-    addr: SocketAddr,
-    n: usize,
-    backlog: usize,
-    steering: Steering,
-    attrs: &SocketAttrs,
-    save_syn: bool,
-) -> Result<Vec<Socket>, Error> {
-    let mut sockets: Vec<Socket> = Vec::with_capacity(n);
-    let mut bind_addr = addr;
-    for k in 0..n {
-        let bind_err = |e| Error::Bind {
-            addr: bind_addr,
-            source: e,
-        };
-        let socket = Socket::new(
-            Domain::for_address(addr),
-            Type::STREAM.cloexec(),
-            Some(Protocol::TCP),
-        )
-        .map_err(|e| Error::setup("socket", e))?;
-        socket
-            .set_reuse_address(true)
-            .map_err(|e| Error::setup("setsockopt(SO_REUSEADDR)", e))?;
-        socket
-            .set_reuse_port(true)
-            .map_err(|e| Error::setup("setsockopt(SO_REUSEPORT)", e))?;
-        // Declared attributes go on the listener: Linux copies most of them
-        // into every accepted socket (see `attrs::INHERITED`).
-        attrs
-            .apply_named(&socket, addr.is_ipv6(), false)
-            .map_err(|(a, e)| {
-                let (field, value) = attrs.field(a);
-                Error::Config(ConfigError::new(
-                    field,
-                    value,
-                    format!("the kernel refused it: {e}"),
-                ))
-            })?;
-        if save_syn {
-            sys::setsockopt::<i32>(socket.as_fd(), libc::IPPROTO_TCP, libc::TCP_SAVE_SYN, 1)
-                .map_err(|e| Error::setup("setsockopt(TCP_SAVE_SYN)", e))?;
-        }
-        socket.bind(&bind_addr.into()).map_err(bind_err)?;
-        if k == 0 {
-            // Port 0: every other shard binds the port the first one got.
-            if let Some(a) = socket.local_addr().ok().and_then(|a| a.as_socket()) {
-                bind_addr = a;
-            }
-            if steering == Steering::Cpu && n > 1 {
-                sys::attach_cpu_steering(socket.as_fd(), n as u32)
-                    .map_err(|e| Error::setup("setsockopt(SO_ATTACH_REUSEPORT_CBPF)", e))?;
-            }
-        }
-        let len = i32::try_from(backlog).unwrap_or(i32::MAX);
-        socket.listen(len).map_err(|e| Error::Bind {
-            addr: bind_addr,
-            source: e,
-        })?;
-        sockets.push(socket);
-    }
-    Ok(sockets)
 }

@@ -4,6 +4,8 @@
 //!   `SO_REUSEPORT` sockets, starts their threads;
 //! - [`acceptor`]: the listener's service on each shard: multishot ACCEPT,
 //!   re-arm, backpressure and backoff, handing sockets to admission;
+//! - [`group`]: the shards' `SO_REUSEPORT` group: a fresh one, or joining
+//!   the group of listeners already on the port, and its steering;
 //! - [`backlog`]: the per-shard lock-free ring admitted sockets wait in;
 //! - [`accept`]: the running [`Listener`](accept::Listener) and its delivery
 //!   (blocking, try, timeout, the accept event), shutdown and drain;
@@ -14,3 +16,4 @@ pub(crate) mod acceptor;
 pub(crate) mod backlog;
 pub(crate) mod config;
 pub(crate) mod conn;
+pub(crate) mod group;
