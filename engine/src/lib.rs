@@ -105,7 +105,9 @@ pub use listen::config::{
     DEFAULT_PENDING_TIMEOUT, MAX_CEILING,
 };
 pub use listen::conn::Admitted;
+pub use listen::drain::Drained;
 pub use listen::group::SteeringInForce;
+pub use listen::handover::{Handover, Successor, Takeover};
 pub use relay::context::ShardContext;
 pub use relay::{
     RelayEnd, RelayOptions, RelayOutcome, RelaySide, DEFAULT_RELAY_BUFFER,

@@ -1,5 +1,6 @@
-//! The accept path of one shard: a multishot ACCEPT on the shard's own
-//! `SO_REUSEPORT` listener, re-armed when a completion comes without
+//! The accept path of one shard: a multishot ACCEPT on each of the shard's
+//! `SO_REUSEPORT` listeners (usually one; several when a listener adopted
+//! more sockets than it has shards), each re-armed when a completion comes without
 //! `IORING_CQE_F_MORE`; accepted sockets go into the shard's backlog ring.
 //!
 //! Backpressure: when the ring is full the accept is cancelled; completions
@@ -97,13 +98,19 @@ pub(crate) fn classify(errno: i32) -> AcceptErrorKind {
 /// One shard's accept service.
 pub(crate) struct Acceptor {
     index: usize,
-    socket: Option<Arc<Socket>>,
+    /// The shard's listening sockets; emptied once it stopped accepting
+    /// (drain or hand-over) and every accept on them is over.
+    sockets: Vec<Arc<Socket>>,
+    /// One accept state per socket (the accept's user data payload is the
+    /// socket's position here).
+    arms: Vec<Arm>,
+    /// Stopped accepting for good (drain): no re-arm; the rest goes on.
+    draining: bool,
     shard: Arc<ShardShared>,
     delivery: Arc<Delivery>,
     handler: Option<Arc<Handler>>,
     multishot: bool,
     accepted_any: bool,
-    arm: Arm,
     armed_before: bool,
     backoff_step: Duration,
     backoff_timer: bool,
@@ -126,7 +133,7 @@ impl std::fmt::Debug for Acceptor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Acceptor")
             .field("index", &self.index)
-            .field("arm", &self.arm)
+            .field("arms", &self.arms)
             .field("held", &self.held.len())
             .field("paused", &self.paused)
             .finish_non_exhaustive()
@@ -136,7 +143,7 @@ impl std::fmt::Debug for Acceptor {
 impl Acceptor {
     pub fn new(
         index: usize,
-        socket: Arc<Socket>,
+        sockets: Vec<Arc<Socket>>,
         shard: Arc<ShardShared>,
         delivery: Arc<Delivery>,
         handler: Option<Arc<Handler>>,
@@ -149,13 +156,14 @@ impl Acceptor {
         let relays = Relays::new(Arc::clone(&shard.counters.relay));
         Acceptor {
             index,
-            socket: Some(socket),
+            arms: vec![Arm::Idle; sockets.len()],
+            sockets,
+            draining: false,
             shard,
             delivery,
             handler,
             multishot: true,
             accepted_any: false,
-            arm: Arm::Idle,
             armed_before: false,
             backoff_step: MIN_BACKOFF,
             backoff_timer: false,
@@ -203,36 +211,49 @@ impl Acceptor {
         &self.shard.counters
     }
 
+    /// Arms an accept on every socket that has none.
     fn arm(&mut self, ring: &mut Driver) -> io::Result<()> {
-        let Some(socket) = &self.socket else {
-            return Ok(());
-        };
-        let fd = socket.as_raw_fd();
-        let ud = user_data(AcceptOp::Accept, 0);
-        if self.multishot {
-            ring.accept_multi(fd, ud)?;
-        } else {
-            ring.accept_once(fd, ud)?;
-        }
-        if self.armed_before {
-            Counters::add(&self.counters().rearms, 1);
+        for j in 0..self.sockets.len() {
+            if self.arms[j] != Arm::Idle {
+                continue;
+            }
+            let fd = self.sockets[j].as_raw_fd();
+            let ud = user_data(AcceptOp::Accept, j as u64);
+            if self.multishot {
+                ring.accept_multi(fd, ud)?;
+            } else {
+                ring.accept_once(fd, ud)?;
+            }
+            if self.armed_before {
+                Counters::add(&self.counters().rearms, 1);
+            }
+            self.arms[j] = Arm::Armed;
         }
         self.armed_before = true;
-        self.arm = Arm::Armed;
         Ok(())
     }
 
     fn cancel(&mut self, ring: &mut Driver) {
-        if self.arm == Arm::Armed
-            && ring
-                .cancel(
-                    user_data(AcceptOp::Accept, 0),
-                    user_data(ShardOp::Cancel, 0),
-                )
-                .is_ok()
-        {
-            self.arm = Arm::Cancelling;
+        for j in 0..self.arms.len() {
+            if self.arms[j] == Arm::Armed
+                && ring
+                    .cancel(
+                        user_data(AcceptOp::Accept, j as u64),
+                        user_data(ShardOp::Cancel, 0),
+                    )
+                    .is_ok()
+            {
+                self.arms[j] = Arm::Cancelling;
+            }
         }
+    }
+
+    fn all_idle(&self) -> bool {
+        self.arms.iter().all(|a| *a == Arm::Idle)
+    }
+
+    fn any_armed(&self) -> bool {
+        self.arms.iter().any(|a| *a == Arm::Armed)
     }
 
     fn start_backoff(&mut self, ring: &mut Driver) {
@@ -399,7 +420,9 @@ impl Service for Acceptor {
         match AcceptOp::from_byte(kind) {
             Some(AcceptOp::Accept) => {
                 if !cqe.more() {
-                    self.arm = Arm::Idle;
+                    if let Some(a) = self.arms.get_mut(payload as usize) {
+                        *a = Arm::Idle;
+                    }
                 }
                 if cqe.result >= 0 {
                     self.accepted(ring, cqe.result, now);
@@ -495,17 +518,46 @@ impl Service for Acceptor {
             self.shard.backlog.set_paused(false);
             Counters::add(&self.counters().resumes, 1);
         }
-        let want = !self.paused && !self.backoff_timer;
-        match (want, self.arm) {
-            (true, Arm::Idle) => {
-                if let Err(e) = self.arm(ring) {
-                    self.shard.surface(e);
-                    self.start_backoff(ring);
-                }
+        if self.draining {
+            // Stopped accepting: the listening sockets go once no accept
+            // is on them (the kernel's queues stay with whoever else holds
+            // them: a successor after a hand-over).
+            self.cancel(ring);
+            if self.all_idle() && !self.sockets.is_empty() {
+                self.sockets.clear();
+                self.shard.release_sockets();
             }
-            (false, Arm::Armed) => self.cancel(ring),
-            _ => {}
+            return;
         }
+        let want = !self.paused && !self.backoff_timer;
+        if want {
+            if let Err(e) = self.arm(ring) {
+                self.shard.surface(e);
+                self.start_backoff(ring);
+            }
+        } else if self.any_armed() {
+            self.cancel(ring);
+        }
+    }
+
+    fn drain(&mut self, ring: &mut Driver) {
+        self.draining = true;
+        self.cancel(ring);
+    }
+
+    fn drained(&self) -> bool {
+        self.draining
+            && self.sockets.is_empty()
+            && self.all_idle()
+            && self.held.is_empty()
+            && self.shard.backlog.len() == 0
+            && self.replies.is_empty()
+            && self.relays.live() == 0
+            && self
+                .registry
+                .as_ref()
+                .map_or(true, crate::admit::register::Registry::is_empty)
+            && self.admission.as_ref().map_or(true, |a| a.waiting() == 0)
     }
 
     fn stop(&mut self, ring: &mut Driver) {
@@ -527,7 +579,7 @@ impl Service for Acceptor {
     }
 
     fn idle(&self) -> bool {
-        self.arm == Arm::Idle
+        self.all_idle()
             && !self.backoff_timer
             && self.replies.is_empty()
             && self.relays.is_idle()
@@ -551,7 +603,7 @@ impl Service for Acceptor {
     fn finish(&mut self) {
         // The accept is over: close the listening socket (the handle's copy
         // goes at shutdown too), then every connection not delivered.
-        self.socket = None;
+        self.sockets.clear();
         if let Some(r) = &mut self.registry {
             let n = r.close_all(&self.shard.counters);
             Counters::add(&self.shard.counters.closed_at_shutdown, n);

@@ -16,6 +16,7 @@ use crate::listen::conn::Admitted;
 use crate::listen::group::{self, SocketSpec};
 use crate::relay::context::ShardContext;
 use crate::shard::{self, Coalesce, Placement, ShardControl};
+use socket2::Socket;
 
 /// The ceiling used when `net.core.somaxconn` cannot be read (the kernel's
 /// own default since 5.4).
@@ -88,6 +89,14 @@ pub struct ListenerBuilder {
     replies_at_once: bool,
     registration: Option<crate::admit::register::Registration>,
     relay_limits: crate::relay::RelayLimits,
+    adopted: Option<Adopted>,
+}
+
+/// Listening sockets a builder adopts instead of binding its own.
+pub(crate) struct Adopted {
+    pub sockets: Vec<Socket>,
+    /// The steering their group had, when a hand-over says it.
+    pub steering: Option<crate::listen::group::SteeringInForce>,
 }
 
 impl Listener {
@@ -97,6 +106,42 @@ impl Listener {
     // builder builds the listener, so `accept` need not know the builder.
     pub fn builder(addr: SocketAddr) -> ListenerBuilder {
         ListenerBuilder::new(addr)
+    }
+
+    /// Starts configuring a listener on sockets the application already
+    /// has listening (a parent's, or its own: anything that converts into
+    /// an [`OwnedFd`](std::os::fd::OwnedFd), such as
+    /// [`std::net::TcpListener`] or [`socket2::Socket`]), all on one
+    /// address, in the order of their reuseport group. `build()` checks
+    /// each is a listening TCP socket (`SO_ACCEPTCONN`, `SO_TYPE`,
+    /// `SO_DOMAIN`, `SO_PROTOCOL`) and refuses one that is not in the field
+    /// `sockets`; sets close-on-exec and the declared attributes on them;
+    /// with fewer sockets than shards adds `SO_REUSEPORT` siblings on the
+    /// same address (refused in the field `shards` when the sockets lack
+    /// `SO_REUSEPORT`); with more, a shard accepts on several (shard `k` on
+    /// sockets `k`, `k + n`, ...), all kept open, since closing a reuseport
+    /// listener resets the connections in its queue. CPU steering is
+    /// attached either way.
+    ///
+    /// ```
+    /// use floodgate::Listener;
+    ///
+    /// let std_listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    /// let addr = std_listener.local_addr()?;
+    /// let listener = Listener::adopt([std_listener]).shards(1).build()?;
+    /// assert_eq!(listener.local_addr(), addr);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn adopt<I, S>(sockets: I) -> ListenerBuilder
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<std::os::fd::OwnedFd>,
+    {
+        let sockets = sockets
+            .into_iter()
+            .map(|s| Socket::from(s.into()))
+            .collect();
+        ListenerBuilder::adopting(sockets, None)
     }
 }
 
@@ -121,6 +166,10 @@ impl std::fmt::Debug for ListenerBuilder {
             .field("replies_at_once", &self.replies_at_once)
             .field("registration", &self.registration)
             .field("relay_limits", &self.relay_limits)
+            .field(
+                "adopted",
+                &self.adopted.as_ref().map_or(0, |a| a.sockets.len()),
+            )
             .finish()
     }
 }
@@ -147,7 +196,23 @@ impl ListenerBuilder {
             replies_at_once: false,
             registration: None,
             relay_limits: crate::relay::RelayLimits::default(),
+            adopted: None,
         }
+    }
+
+    /// A builder for a listener on sockets that are already listening.
+    pub(crate) fn adopting(
+        sockets: Vec<Socket>,
+        steering: Option<crate::listen::group::SteeringInForce>,
+    ) -> Self {
+        let addr = sockets
+            .first()
+            .and_then(|s| s.local_addr().ok())
+            .and_then(|a| a.as_socket())
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let mut b = ListenerBuilder::new(addr);
+        b.adopted = Some(Adopted { sockets, steering });
+        b
     }
 
     /// The most relays ([`ShardContext::relay`]) each shard runs at once,
@@ -500,7 +565,12 @@ impl ListenerBuilder {
     /// [`Error::Bind`] if the address is taken (without `SO_REUSEPORT`) or
     /// not local; [`Error::Setup`] for other system failures. Nothing is
     /// left running or open on error.
-    pub fn build(self) -> Result<Listener, Error> {
+    pub fn build(mut self) -> Result<Listener, Error> {
+        let adopted = self.adopted.take();
+        if let Some(a) = &adopted {
+            // Validation sees the address the adopted sockets listen on.
+            self.addr = group::adopted_addr(&a.sockets)?;
+        }
         let (n, placements, backlog) = self.validate()?;
         let cpus: Vec<usize> = placements
             .iter()
@@ -512,10 +582,18 @@ impl ListenerBuilder {
             attrs: &self.attrs,
             save_syn: self.save_syn,
         };
-        let group = group::bind_group(self.addr, n, &spec, self.steering, &cpus)?;
+        let group = match adopted {
+            None => group::bind_group(self.addr, n, &spec, self.steering, &cpus)?,
+            Some(a) => group::adopt_group(a.sockets, n, &spec, self.steering, &cpus, a.steering)?,
+        };
         let local_addr = group.local_addr;
         let steering = group.steering;
-        let sockets = group.sockets;
+        let all: Vec<Arc<Socket>> = group.sockets.into_iter().map(Arc::new).collect();
+        // Shard k accepts on sockets k, k + n, k + 2n... (one, unless more
+        // sockets were adopted than there are shards).
+        let owned: Vec<Vec<Arc<Socket>>> = (0..n)
+            .map(|k| all.iter().skip(k).step_by(n).cloned().collect())
+            .collect();
         let admission = Arc::new(AdmissionConfig {
             condition: self.condition.clone(),
             peek: self.peek,
@@ -532,18 +610,17 @@ impl ListenerBuilder {
         let mut threads = Vec::with_capacity(n);
         let mut setup = None;
         let mut backend = None;
-        for (k, socket) in sockets.into_iter().enumerate() {
-            let socket = Arc::new(socket);
+        for (k, sockets) in owned.into_iter().enumerate() {
             let started = ShardControl::new().and_then(|control| {
                 let control = Arc::new(control);
                 let shared = Arc::new(ShardShared::new(
                     backlog.effective,
                     control.clone(),
-                    socket.clone(),
+                    sockets.clone(),
                 ));
                 let acceptor = Acceptor::new(
                     k,
-                    socket,
+                    sockets,
                     shared.clone(),
                     delivery.clone(),
                     self.handler.clone(),
@@ -582,6 +659,7 @@ impl ListenerBuilder {
                         backend: backend.clone(),
                         pending_timeout: self.pending_timeout,
                         steering,
+                        group: Mutex::new(Vec::new()),
                     };
                     partial.shutdown();
                     return Err(e);
@@ -600,6 +678,7 @@ impl ListenerBuilder {
             backend,
             pending_timeout: self.pending_timeout,
             steering,
+            group: Mutex::new(all),
         })
     }
 }

@@ -215,3 +215,154 @@ pub(crate) fn bind_group(
         steering: in_force,
     })
 }
+
+/// What an adopted socket was refused for, in the `sockets` field.
+fn refused(i: usize, socket: &Socket, reason: impl Into<String>) -> Error {
+    use std::os::fd::AsRawFd;
+    Error::Config(ConfigError::new(
+        "sockets",
+        format!("sockets[{i}] (fd {})", socket.as_raw_fd()),
+        reason,
+    ))
+}
+
+/// Checks that `socket` is a listening TCP socket (`SO_ACCEPTCONN`,
+/// `SO_TYPE`, `SO_DOMAIN`, `SO_PROTOCOL`) and returns its address.
+fn check_listening(i: usize, socket: &Socket) -> Result<SocketAddr, Error> {
+    let domain = socket
+        .domain()
+        .map_err(|e| refused(i, socket, format!("not a socket (SO_DOMAIN: {e})")))?;
+    if domain != Domain::IPV4 && domain != Domain::IPV6 {
+        return Err(refused(i, socket, "not an IPv4 or IPv6 socket (SO_DOMAIN)"));
+    }
+    let ty = socket
+        .r#type()
+        .map_err(|e| refused(i, socket, format!("SO_TYPE: {e}")))?;
+    if ty != Type::STREAM {
+        return Err(refused(i, socket, "not a stream socket (SO_TYPE)"));
+    }
+    if !matches!(socket.protocol(), Ok(Some(p)) if p == Protocol::TCP) {
+        return Err(refused(i, socket, "not a TCP socket (SO_PROTOCOL)"));
+    }
+    if !socket
+        .is_listener()
+        .map_err(|e| refused(i, socket, format!("SO_ACCEPTCONN: {e}")))?
+    {
+        return Err(refused(
+            i,
+            socket,
+            "not listening (SO_ACCEPTCONN is 0): call listen() first",
+        ));
+    }
+    socket
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .ok_or_else(|| refused(i, socket, "it has no local address"))
+}
+
+/// The address every socket of an adopted group listens on, checking each
+/// is a listening TCP socket on that one address. Nothing is changed.
+pub(crate) fn adopted_addr(sockets: &[Socket]) -> Result<SocketAddr, Error> {
+    let Some(first) = sockets.first() else {
+        return Err(Error::Config(ConfigError::new(
+            "sockets",
+            "none",
+            "at least one listening socket is needed",
+        )));
+    };
+    let addr = check_listening(0, first)?;
+    for (i, s) in sockets.iter().enumerate().skip(1) {
+        let a = check_listening(i, s)?;
+        if a != addr {
+            return Err(refused(
+                i,
+                s,
+                format!("it listens on {a}, sockets[0] on {addr}: one listener per address"),
+            ));
+        }
+    }
+    Ok(addr)
+}
+
+/// Makes a group of the sockets an application adopted (or a successor
+/// took over), in the order given, which is taken as the group's order:
+/// close-on-exec, the declared attributes, `SO_REUSEPORT` siblings on the
+/// same address up to `n` (where the sockets allow it) and the steering.
+/// `known` is the steering the group had (a hand-over says it); without
+/// it the sockets are taken to be a group of their own.
+pub(crate) fn adopt_group(
+    mut sockets: Vec<Socket>,
+    n: usize,
+    spec: &SocketSpec<'_>,
+    steering: Steering,
+    cpus: &[usize],
+    known: Option<SteeringInForce>,
+) -> Result<Group, Error> {
+    let addr = adopted_addr(&sockets)?;
+    let reuseport = sockets.iter().all(|s| s.reuse_port().unwrap_or(false));
+    for (i, s) in sockets.iter().enumerate() {
+        // LISTEN_FDS descriptors come without FD_CLOEXEC (sd_listen_fds
+        // sets it); so may a parent's.
+        s.set_cloexec(true)
+            .map_err(|e| refused(i, s, format!("fcntl(FD_CLOEXEC): {e}")))?;
+        apply_spec(s, addr.is_ipv6(), spec)?;
+    }
+    if sockets.len() < n {
+        if !reuseport {
+            return Err(Error::Config(ConfigError::new(
+                "shards",
+                n,
+                format!(
+                    "{} adopted socket(s) without SO_REUSEPORT: no sibling can share \
+                     {addr}; use at most {} shard(s), or set SO_REUSEPORT on them",
+                    sockets.len(),
+                    sockets.len()
+                ),
+            )));
+        }
+        // Siblings join the group at listen (same user, SO_REUSEPORT) and
+        // take the next places in its order.
+        while sockets.len() < n {
+            let s = new_socket(addr, spec)?;
+            s.bind(&addr.into())
+                .map_err(|e| Error::Bind { addr, source: e })?;
+            listen(&s, addr, spec.backlog)?;
+            sockets.push(s);
+        }
+    }
+    let cpu = |k: usize| cpus.get(k % n.max(1)).copied().unwrap_or(k % n.max(1));
+    let in_force = match steering {
+        Steering::Hash => {
+            // A program the group kept from before would still steer.
+            if reuseport {
+                let _ = sys::detach_reuseport_program(sockets[0].as_fd());
+            }
+            SteeringInForce::Hash
+        }
+        Steering::Cpu if !reuseport => SteeringInForce::Hash,
+        Steering::Cpu => {
+            // Socket j belongs to shard j % n.
+            for (j, s) in sockets.iter().enumerate() {
+                incoming_cpu(s, cpu(j));
+            }
+            match known {
+                // A joined group stays steered by the kernel's choice.
+                Some(SteeringInForce::IncomingCpu) => SteeringInForce::IncomingCpu,
+                _ => {
+                    // Socket cpu % n of the group: shard cpu % n; sockets
+                    // past n (a shard's second, third...) keep what is in
+                    // their queues and get no new connection.
+                    sys::attach_cpu_steering(sockets[0].as_fd(), n as u32)
+                        .map_err(|e| Error::setup("setsockopt(SO_ATTACH_REUSEPORT_CBPF)", e))?;
+                    SteeringInForce::Program
+                }
+            }
+        }
+    };
+    Ok(Group {
+        sockets,
+        local_addr: addr,
+        steering: in_force,
+    })
+}

@@ -9,6 +9,8 @@
 //! - [`backlog`]: the per-shard lock-free ring admitted sockets wait in;
 //! - [`accept`]: the running [`Listener`](accept::Listener) and its delivery
 //!   (blocking, try, timeout, the accept event), shutdown and drain;
+//! - [`drain`]: stop accepting, let work finish, close the rest;
+//! - [`handover`]: the listening sockets to a successor process;
 //! - [`conn`]: [`Admitted`](conn::Admitted), the connection as delivered.
 
 pub(crate) mod accept;
@@ -16,4 +18,6 @@ pub(crate) mod acceptor;
 pub(crate) mod backlog;
 pub(crate) mod config;
 pub(crate) mod conn;
+pub(crate) mod drain;
 pub(crate) mod group;
+pub(crate) mod handover;

@@ -101,6 +101,7 @@ pub(crate) fn split(user_data: u64) -> (u8, u64) {
 #[derive(Debug)]
 pub(crate) struct ShardControl {
     stop: AtomicBool,
+    drain: AtomicBool,
     wake_pending: AtomicBool,
     wake: OwnedFd,
 }
@@ -109,6 +110,7 @@ impl ShardControl {
     pub fn new() -> Result<Self, Error> {
         Ok(ShardControl {
             stop: AtomicBool::new(false),
+            drain: AtomicBool::new(false),
             wake_pending: AtomicBool::new(false),
             wake: sys::eventfd().map_err(|e| Error::setup("eventfd", e))?,
         })
@@ -125,6 +127,13 @@ impl ShardControl {
     /// Asks the shard to stop and wakes it.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
+        self.wake();
+    }
+
+    /// Asks the shard to drain (see [`Service::drain`]) and wakes it; it
+    /// stops by itself once drained.
+    pub fn drain(&self) {
+        self.drain.store(true, Ordering::SeqCst);
         self.wake();
     }
 
@@ -150,6 +159,13 @@ pub(crate) trait Service: Send + 'static {
     fn idle(&self) -> bool;
     /// Last thing on the shard thread, after `idle`: release what is held.
     fn finish(&mut self);
+    /// Drain: stop taking new work (a listener stops accepting) and let
+    /// what is under way finish; the shard stops once `drained`.
+    fn drain(&mut self, _ring: &mut Driver) {}
+    /// Whether a drain has finished all the work it let run.
+    fn drained(&self) -> bool {
+        false
+    }
     /// Wake-up coalescing, asked after each turn: `Some(d)` makes the
     /// shard submit what is queued and pause `d` before waiting again, so
     /// that the next wait finds a batch instead of a single completion.
@@ -269,6 +285,7 @@ fn run<S: Service>(ring: &mut Driver, control: &ShardControl, service: &mut S) {
     let mut batch = Vec::with_capacity(256);
     let mut wake_armed = true;
     let mut stopping = false;
+    let mut draining = false;
     loop {
         if stopping && !wake_armed && service.idle() {
             return;
@@ -298,6 +315,10 @@ fn run<S: Service>(ring: &mut Driver, control: &ShardControl, service: &mut S) {
                 None => service.complete(ring, kind, payload, cqe, now),
             }
         }
+        if !stopping && !draining && control.drain.load(Ordering::SeqCst) {
+            draining = true;
+            service.drain(ring);
+        }
         if !stopping && control.stop_requested() {
             stopping = true;
             service.stop(ring);
@@ -320,6 +341,10 @@ fn run<S: Service>(ring: &mut Driver, control: &ShardControl, service: &mut S) {
             }
         }
         service.turn(ring, now);
+        if draining && !stopping && service.drained() {
+            // Stop on the next turn, which the wake-up starts at once.
+            control.stop();
+        }
         if let Some(pause) = service.pause() {
             // Submit first: a reply or close left queued would wait out the
             // pause (PERF-NOTES measured p50 314 µs that way).
