@@ -363,6 +363,22 @@ pub(crate) fn inherited_fd(fd: i32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Sets FD_CLOEXEC on a descriptor this process inherited by number and
+/// does not own (EBADF if it is not open).
+pub(crate) fn set_cloexec_raw(fd: i32) -> io::Result<()> {
+    // SAFETY: fcntl on an integer; a closed number fails with EBADF and
+    // nothing is dereferenced.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above, setting only the close-on-exec flag.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// The most descriptors one message carries (the kernel's SCM_MAX_FD is 253).
 pub(crate) const MAX_FDS_PER_MESSAGE: usize = 250;
 

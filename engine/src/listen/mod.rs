@@ -9,12 +9,14 @@
 //! - [`backlog`]: the per-shard lock-free ring admitted sockets wait in;
 //! - [`accept`]: the running [`Listener`](accept::Listener) and its delivery
 //!   (blocking, try, timeout, the accept event), shutdown and drain;
+//! - [`activation`]: systemd socket activation (`LISTEN_FDS`);
 //! - [`drain`]: stop accepting, let work finish, close the rest;
 //! - [`handover`]: the listening sockets to a successor process;
 //! - [`conn`]: [`Admitted`](conn::Admitted), the connection as delivered.
 
 pub(crate) mod accept;
 pub(crate) mod acceptor;
+pub(crate) mod activation;
 pub(crate) mod backlog;
 pub(crate) mod config;
 pub(crate) mod conn;
