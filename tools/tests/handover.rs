@@ -69,6 +69,9 @@ fn handovers(count: usize, shard_counts: &[usize]) {
         .expect("spawn flood run");
     let mut servers = vec![first];
     for i in 1..=count {
+        // The current server offers once it is serving (and, after a
+        // takeover, once its predecessor let go): wait for its socket.
+        wait_for_socket(&path, false);
         let last = i == count;
         let si = shards(i);
         let mut args = vec!["--takeover", path_s.as_str(), "--shards", si.as_str()];
@@ -80,7 +83,6 @@ fn handovers(count: usize, shard_counts: &[usize]) {
         let (s, a) = serve(&args);
         assert_eq!(a, addr, "the successor serves the same address");
         servers.push(s);
-        wait_for_socket(&path, last);
     }
     let mut run = String::new();
     flood
