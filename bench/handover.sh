@@ -13,12 +13,12 @@ D=$(mktemp -d); S=$D/sock
 $F serve --listen 127.0.0.1:0 --shards 2 --stats-interval 0 --handover "$S" > "$D/s0" 2>/dev/null &
 until [ -s "$D/s0" ]; do sleep 0.01; done
 ADDR=$(head -1 "$D/s0" | sed 's/LISTENING //')
-$F run --target "$ADDR" --concurrency 64 --duration 30s --json > "$D/run" 2>/dev/null &
+$F run --target "$ADDR" --concurrency 64 --duration 15s --json > "$D/run" 2>/dev/null &
 RUN=$!
 sleep 0.5
 for i in $(seq 1 "$N"); do
   sh=$(( i % 2 == 0 ? 2 : 1 ))
-  extra=(--handover "$S"); [ "$i" -eq "$N" ] && extra=(--max-seconds 5)
+  extra=(--handover "$S"); [ "$i" -eq "$N" ] && extra=(--max-seconds 120)
   $F serve --takeover "$S" --shards $sh --stats-interval 0 "${extra[@]}" > "$D/s$i" 2>/dev/null &
   until [ -s "$D/s$i" ]; do sleep 0.005; done
   if [ "$i" -lt "$N" ]; then
@@ -27,7 +27,10 @@ for i in $(seq 1 "$N"); do
   fi
   sleep 0.2
 done
-wait $RUN; wait
+wait $RUN
+LAST=$(pgrep -n -f -- "--takeover $S --shards" || true)
+[ -n "$LAST" ] && kill -TERM "$LAST"
+wait
 python3 - "$D" "$N" <<'PY'
 import json, sys, statistics
 d, n = sys.argv[1], int(sys.argv[2])
@@ -36,6 +39,7 @@ srv = [json.loads(open(f"{d}/s{i}").read().splitlines()[-1]) for i in range(n + 
 served = sum(s["served"] for s in srv)
 gaps = [(srv[i + 1]["first_accept_at_us"] - srv[i]["stopped_accepting_at_us"]) / 1000
         for i in range(n)]
+print("errors by kind", {k: v for k, v in run["errors_by_kind"].items() if v})
 print(f"hand-overs {n}  flood ok {run['ok']}  errors {run['errors']}  conn/s {run['conn_per_s']:.0f}  served total {served}  conserved {all(s['conserved'] for s in srv)}")
 print("gap stop-accepting -> successor's first connection, ms: median %.3f  min %.3f  max %.3f" % (statistics.median(gaps), min(gaps), max(gaps)))
 PY
