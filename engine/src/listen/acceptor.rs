@@ -253,7 +253,7 @@ impl Acceptor {
     }
 
     fn any_armed(&self) -> bool {
-        self.arms.iter().any(|a| *a == Arm::Armed)
+        self.arms.contains(&Arm::Armed)
     }
 
     fn start_backoff(&mut self, ring: &mut Driver) {

@@ -352,8 +352,8 @@ mod tests {
     #[test]
     fn a_truncated_or_foreign_header_is_refused() {
         assert!(parse_header(b"FLDGHOV1").is_err());
-        assert!(parse_header(b"GARBAGE!\x01\0\0\0\0\x01\0\x0e\0127.0.0.1:9000\0\0").is_err());
-        let ok = b"FLDGHOV1\x01\0\0\0\0\x01\0\x0e\0127.0.0.1:9000\0\0";
+        assert!(parse_header(b"GARBAGE!\x01\0\0\0\0\x01\0\x0e\x00127.0.0.1:9000\0\0").is_err());
+        let ok = b"FLDGHOV1\x01\0\0\0\0\x01\0\x0e\x00127.0.0.1:9000\0\0";
         let (count, steering, shards, addr) = parse_header(ok).expect("a good header");
         assert_eq!((count, steering, shards), (1, SteeringInForce::Program, 1));
         assert_eq!(addr, "127.0.0.1:9000".parse().unwrap());
