@@ -8,6 +8,14 @@
 //!   default profiles do; 38, ENOSYS, as Podman's), checks that a strict
 //!   io_uring listener names the error and that `Auto` serves on epoll.
 //! - `seccomp-exec ERRNO CMD ARGS..`: runs CMD under that filter.
+//! - `serve SHARDS [PORT]`: a listener of SHARDS shards (CPU steering) on
+//!   127.0.0.1:PORT (default 0); prints `PORT <port> BACKEND <backend>` and
+//!   serves until killed (the crash-restart test SIGKILLs it).
+//! - `systemd NAME SHARDS`: started as systemd starts a socket-activated
+//!   service (sockets at fd 3.., LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES);
+//!   builds a listener with `Listener::from_systemd`, prints `OK addr=..
+//!   shards=.. unset=.. cloexec=..` (or `REFUSED <field>`), serves until its
+//!   stdin closes.
 //! - `connect-emfile PORT SPARE TOTAL`: runs TOTAL sequences against PORT
 //!   with RLIMIT_NOFILE lowered so that only SPARE sockets fit, and reports
 //!   how the connector classified the failures and backed off.
@@ -24,6 +32,8 @@ fn main() {
         "seccomp" => seccomp(),
         "seccomp-exec" => seccomp_exec(),
         "connect-emfile" => connect_emfile(),
+        "serve" => serve(),
+        "systemd" => systemd(),
         _ => {
             eprintln!("usage: floodgate-probe emfile|seccomp|connect-emfile PORT");
             2
@@ -375,4 +385,88 @@ fn set_nofile(limit: u64) -> std::io::Result<()> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// `serve SHARDS [PORT]`: see the module docs.
+fn serve() -> i32 {
+    let arg = |i: usize| std::env::args().nth(i).and_then(|v| v.parse::<u64>().ok());
+    let shards = arg(2).unwrap_or(1) as usize;
+    let port = arg(3).unwrap_or(0) as u16;
+    let listener = match Listener::builder(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+        .shards(shards)
+        .handler(|conn, ctx| {
+            let _ = ctx.reply_and_close(conn, b"x");
+        })
+        .build()
+    {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("build: {e}");
+            return 1;
+        }
+    };
+    println!(
+        "PORT {} BACKEND {}",
+        listener.local_addr().port(),
+        listener.backend().backend
+    );
+    let _ = std::io::stdout().flush();
+    // Serve until killed, or until the parent closes our stdin.
+    let mut line = String::new();
+    let _ = std::io::stdin().lock().read_line(&mut line);
+    listener.shutdown();
+    0
+}
+
+/// Whether fd 3 has FD_CLOEXEC, from `/proc/self/fdinfo/3` (flags, octal).
+fn fd3_cloexec() -> bool {
+    std::fs::read_to_string("/proc/self/fdinfo/3")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("flags:"))
+                .and_then(|f| u64::from_str_radix(f.trim(), 8).ok())
+        })
+        .is_some_and(|f| f & 0o2000000 != 0)
+}
+
+/// `systemd NAME SHARDS`: see the module docs.
+fn systemd() -> i32 {
+    let name = std::env::args().nth(2).unwrap_or_default();
+    let shards = std::env::args()
+        .nth(3)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let built = Listener::from_systemd(Some(&name)).and_then(|b| {
+        b.shards(shards)
+            .handler(|conn, ctx| {
+                let _ = ctx.reply_and_close(conn, b"x");
+            })
+            .build()
+    });
+    let listener = match built {
+        Ok(l) => l,
+        Err(Error::Config(e)) => {
+            println!("REFUSED {}", e.field);
+            return 0;
+        }
+        Err(e) => {
+            println!("ERROR {e}");
+            return 1;
+        }
+    };
+    let unset = ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"]
+        .iter()
+        .all(|v| std::env::var_os(v).is_none());
+    println!(
+        "OK addr={} shards={} unset={unset} cloexec={}",
+        listener.local_addr(),
+        listener.shards(),
+        fd3_cloexec()
+    );
+    let _ = std::io::stdout().flush();
+    let mut line = String::new();
+    let _ = std::io::stdin().lock().read_line(&mut line);
+    listener.shutdown();
+    i32::from(!listener.stats().conserved())
 }

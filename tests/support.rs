@@ -176,3 +176,25 @@ pub fn tcp_socket_exists(local: u16, remote: u16) -> bool {
         port(loc) == Some(local) && port(rem) == Some(remote)
     })
 }
+
+/// How many sockets in LISTEN state the kernel has on local `port`, over
+/// `/proc/net/tcp` and `/proc/net/tcp6`, whoever holds them: a process
+/// that died keeps its listening sockets until its io_uring is torn down.
+pub fn listening_on(port: u16) -> usize {
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .map(|text| {
+            text.lines()
+                .skip(1)
+                .filter(|l| {
+                    let mut f = l.split_whitespace().skip(1);
+                    let local = f.next().and_then(|a| a.rsplit_once(':'));
+                    let state = f.nth(1);
+                    local.and_then(|(_, p)| u16::from_str_radix(p, 16).ok()) == Some(port)
+                        && state == Some("0A")
+                })
+                .count()
+        })
+        .sum()
+}

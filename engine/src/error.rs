@@ -184,6 +184,15 @@ pub enum Error {
         /// engine's own timeout, ETIMEDOUT).
         source: io::Error,
     },
+    /// A hand-over of listening sockets to or from another process failed.
+    Handover {
+        /// The step, e.g. `"connect"`, `"receive the sockets"`.
+        step: &'static str,
+        /// The Unix socket's path.
+        path: std::path::PathBuf,
+        /// The error.
+        source: io::Error,
+    },
 }
 
 /// The cause of a failed connect, as the connector classifies and counts it.
@@ -292,6 +301,9 @@ impl fmt::Display for Error {
             Error::Connect { kind, addr, source } => {
                 write!(f, "connect to {addr}: {kind} ({source})")
             }
+            Error::Handover { step, path, source } => {
+                write!(f, "hand-over on {}: {step}: {source}", path.display())
+            }
         }
     }
 }
@@ -304,7 +316,8 @@ impl std::error::Error for Error {
             | Error::Bind { source, .. }
             | Error::Setup { source, .. }
             | Error::Accept { source, .. }
-            | Error::Connect { source, .. } => Some(source),
+            | Error::Connect { source, .. }
+            | Error::Handover { source, .. } => Some(source),
             Error::InlineDelivery
             | Error::DrivenDelivery
             | Error::WrongThread { .. }

@@ -105,7 +105,10 @@ pub use listen::config::{
     DEFAULT_PENDING_TIMEOUT, MAX_CEILING,
 };
 pub use listen::conn::Admitted;
+pub use listen::drain::Drained;
 pub use listen::driven::DrivenShard;
+pub use listen::group::SteeringInForce;
+pub use listen::handover::{Handover, Successor, Takeover};
 pub use listen::limits::{
     ConnectionSlot, DEFAULT_ACCEPT_BUDGET, MAX_ACCEPT_BUDGET, MAX_ACCEPT_RATE,
 };

@@ -6,6 +6,13 @@
 //! `--stats-interval`, and its final stats as one JSON object on stdout when
 //! it stops: on SIGINT/SIGTERM, after `--max-seconds`, or (with
 //! `--exit-on-eof`) when its standard input closes.
+//!
+//! Restart under load: `--handover PATH` offers the listening sockets to a
+//! successor on the Unix socket PATH; once one has taken them and is
+//! accepting, this process stops accepting, drains and exits by itself.
+//! `--takeover PATH` takes them from the process offering there (no
+//! `--listen` then) and, given `--handover` too, offers them on once the
+//! predecessor has let go.
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -25,8 +32,24 @@ use crate::args;
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
     /// Address to listen on (loopback only); port 0 picks a free port.
-    #[arg(long, value_name = "ADDR", value_parser = args::loopback_addr)]
-    pub listen: SocketAddr,
+    /// Not with --takeover, which takes the predecessor's sockets.
+    #[arg(long, value_name = "ADDR", value_parser = args::loopback_addr,
+          required_unless_present = "takeover", conflicts_with = "takeover")]
+    pub listen: Option<SocketAddr>,
+
+    /// Offer the listening sockets to a successor on this Unix socket; when
+    /// one has taken them, stop accepting, drain and exit.
+    #[arg(long, value_name = "PATH")]
+    pub handover: Option<std::path::PathBuf>,
+
+    /// Take the listening sockets from the process offering them on this
+    /// Unix socket (its --handover), and serve on them.
+    #[arg(long, value_name = "PATH")]
+    pub takeover: Option<std::path::PathBuf>,
+
+    /// How long a drain after a hand-over lets work under way finish.
+    #[arg(long, value_name = "D", default_value = "30s", value_parser = args::duration_or_zero)]
+    pub drain_timeout: Duration,
 
     /// Shards (threads, each pinned to its core: shard k on core k).
     #[arg(long, value_name = "N", allow_hyphen_values = true,
@@ -107,6 +130,15 @@ pub struct ServeStats {
     pub conserved: bool,
     /// Seconds it ran.
     pub uptime_s: f64,
+    /// Whether it took its sockets over from a predecessor.
+    pub took_over: bool,
+    /// Whether it handed its sockets over to a successor (and drained).
+    pub handed_over: bool,
+    /// When it stopped accepting for the hand-over (µs since the Unix
+    /// epoch), if it did.
+    pub stopped_accepting_at_us: Option<u64>,
+    /// When its handler got its first connection (µs since the Unix epoch).
+    pub first_accept_at_us: Option<u64>,
 }
 
 /// Counters the handler keeps.
@@ -114,6 +146,14 @@ pub struct ServeStats {
 pub struct HandlerCounts {
     /// Banners posted.
     pub served: AtomicU64,
+    /// µs since the Unix epoch of the first connection; 0 before it.
+    pub first_at_us: AtomicU64,
+}
+
+/// Microseconds since the Unix epoch of `t`.
+pub fn unix_us(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 /// Starts a listener whose condition rejects (closes) connections from
@@ -128,11 +168,32 @@ pub fn start(
     banner: Vec<u8>,
     coalesce: Option<Coalesce>,
 ) -> Result<(Listener, Arc<HandlerCounts>), String> {
+    start_on(
+        Listener::builder(listen),
+        shards,
+        backlog,
+        reject,
+        peek,
+        banner,
+        coalesce,
+    )
+    .map_err(|e| format!("cannot start the listener on {listen}: {e}"))
+}
+
+/// As [`start`], on the listener `b` configures (a bound address, or
+/// sockets taken over).
+pub fn start_on(
+    b: floodgate::ListenerBuilder,
+    shards: Option<usize>,
+    backlog: usize,
+    reject: CidrList,
+    peek: usize,
+    banner: Vec<u8>,
+    coalesce: Option<Coalesce>,
+) -> Result<(Listener, Arc<HandlerCounts>), String> {
     let counts = Arc::new(HandlerCounts::default());
     let c = counts.clone();
-    let mut b = Listener::builder(listen)
-        .backlog(backlog)
-        .coalesce(coalesce);
+    let mut b = b.backlog(backlog).coalesce(coalesce);
     if let Some(n) = shards {
         b = b.shards(n);
     }
@@ -153,6 +214,14 @@ pub fn start(
     let listener = b
         .handler(move |conn, ctx| {
             c.served.fetch_add(1, Ordering::Relaxed);
+            if c.first_at_us.load(Ordering::Relaxed) == 0 {
+                let _ = c.first_at_us.compare_exchange(
+                    0,
+                    unix_us(std::time::SystemTime::now()),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+            }
             let _ = if peek > 0 {
                 ctx.drain_reply_and_close(conn, &banner)
             } else {
@@ -160,7 +229,7 @@ pub fn start(
             };
         })
         .build()
-        .map_err(|e| format!("cannot start the listener on {listen}: {e}"))?;
+        .map_err(|e| e.to_string())?;
     Ok((listener, counts))
 }
 
@@ -186,6 +255,13 @@ pub fn final_stats(
             pending: t.pending,
             conserved: stats.conserved(),
             uptime_s: uptime.as_secs_f64(),
+            took_over: false,
+            handed_over: false,
+            stopped_accepting_at_us: None,
+            first_accept_at_us: match counts.first_at_us.load(Ordering::Relaxed) {
+                0 => None,
+                t => Some(t),
+            },
         },
         stats,
     )
@@ -199,15 +275,28 @@ pub fn main(a: ServeArgs) -> Result<ExitCode, String> {
             .map_err(|e| format!("cannot handle signal {sig}: {e}"))?;
     }
     let reject: CidrList = a.reject_cidr.iter().copied().collect();
-    let (listener, counts) = start(
-        a.listen,
+    let mut takeover = match &a.takeover {
+        Some(p) => {
+            Some(floodgate::Takeover::connect(p).map_err(|e| format!("cannot take over: {e}"))?)
+        }
+        None => None,
+    };
+    let builder = match (&mut takeover, a.listen) {
+        (Some(t), _) => t.builder(),
+        (None, Some(addr)) => Listener::builder(addr),
+        (None, None) => return Err("--listen or --takeover is needed".into()),
+    };
+    let (listener, counts) = start_on(
+        builder,
         a.shards.map(|n| n as usize),
         a.backlog as usize,
         reject,
         a.peek,
         a.banner.0.clone(),
         a.coalesce.then(Coalesce::default),
-    )?;
+    )
+    .map_err(|e| format!("cannot start the listener: {e}"))?;
+    let listener = Arc::new(listener);
     let started = Instant::now();
     {
         let mut out = std::io::stdout().lock();
@@ -220,6 +309,34 @@ pub fn main(a: ServeArgs) -> Result<ExitCode, String> {
         "flood serve: backend {}",
         listener.backend()
     );
+    if let Some(t) = &takeover {
+        // Accepting on the sockets now: the predecessor may stop.
+        t.ready().map_err(|e| format!("cannot take over: {e}"))?;
+    }
+    let successor: Arc<std::sync::Mutex<Option<floodgate::Successor>>> = Arc::default();
+    if let Some(path) = a.handover.clone() {
+        let (stop, listener, successor) = (stop.clone(), listener.clone(), successor.clone());
+        std::thread::spawn(move || {
+            // Offer on only once the predecessor has let go (its drain is
+            // over and the path is free again).
+            if let Some(t) = takeover {
+                t.wait_released();
+            }
+            let offered = floodgate::Handover::bind(&path).and_then(|h| h.offer(&listener));
+            match offered {
+                Ok(s) => {
+                    if let Ok(mut slot) = successor.lock() {
+                        *slot = Some(s);
+                    }
+                    stop.store(true, Ordering::SeqCst);
+                }
+                Err(e) => crate::emit_err(&format!("flood serve: hand-over: {e}")),
+            }
+        });
+    } else if let Some(t) = takeover {
+        // Hold the predecessor's connection until it lets go.
+        std::thread::spawn(move || t.wait_released());
+    }
     if a.exit_on_eof {
         let stop = stop.clone();
         std::thread::spawn(move || {
@@ -260,8 +377,17 @@ pub fn main(a: ServeArgs) -> Result<ExitCode, String> {
         }
         std::thread::park_timeout(Duration::from_millis(20));
     }
+    let handed = successor.lock().ok().and_then(|mut s| s.take());
+    let drained = handed.as_ref().map(|_| listener.drain(a.drain_timeout));
     listener.shutdown();
-    let (out, _) = final_stats(&listener, &counts, started.elapsed());
+    // Let the successor offer on: this process holds no socket any more.
+    if let Some(s) = handed {
+        s.release();
+    }
+    let (mut out, _) = final_stats(&listener, &counts, started.elapsed());
+    out.took_over = a.takeover.is_some();
+    out.handed_over = drained.is_some();
+    out.stopped_accepting_at_us = drained.map(|d| unix_us(d.stopped_accepting_at));
     let text = serde_json::to_string(&out).map_err(|e| format!("JSON: {e}"))?;
     crate::emit(&text);
     Ok(if out.conserved {

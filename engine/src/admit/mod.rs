@@ -172,7 +172,7 @@ impl Admission {
         }
     }
 
-    fn waiting(&self) -> usize {
+    pub(crate) fn waiting(&self) -> usize {
         self.slots.len() - self.free.len()
     }
 

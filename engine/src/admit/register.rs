@@ -517,6 +517,11 @@ impl Registry {
         }
     }
 
+    /// Whether no connection is registered (or about to be).
+    pub fn is_empty(&self) -> bool {
+        self.slots.iter().flatten().next().is_none() && self.incoming.is_empty()
+    }
+
     /// Whether no poll is in flight.
     pub fn idle(&self) -> bool {
         self.in_flight == 0

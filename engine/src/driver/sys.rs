@@ -136,6 +136,15 @@ pub(crate) fn attach_cpu_steering(fd: BorrowedFd<'_>, groups: u32) -> io::Result
     Ok(())
 }
 
+/// `SO_DETACH_REUSEPORT_BPF` (5.3; asm-generic value).
+const SO_DETACH_REUSEPORT_BPF: libc::c_int = 68;
+
+/// Detaches the reuseport program of the group `fd` belongs to (ENOENT
+/// when it has none).
+pub(crate) fn detach_reuseport_program(fd: BorrowedFd<'_>) -> io::Result<()> {
+    setsockopt::<i32>(fd, libc::SOL_SOCKET, SO_DETACH_REUSEPORT_BPF, 0)
+}
+
 /// The kernel's view of a listening socket, from `TCP_INFO`: for a socket in
 /// LISTEN state Linux reports the accept-queue length in `tcpi_unacked` and
 /// the effective backlog in `tcpi_sacked`.
@@ -335,4 +344,163 @@ pub(crate) fn getsockopt<T: OptValue>(fd: BorrowedFd<'_>, level: i32, name: i32)
         return Err(io::Error::last_os_error());
     }
     Ok(value)
+}
+
+/// Takes ownership of a descriptor this process inherited by number
+/// (systemd's `LISTEN_FDS`: 3, 4, ...), after checking it is open.
+pub(crate) fn inherited_fd(fd: i32) -> io::Result<OwnedFd> {
+    if fd < 0 {
+        return Err(io::Error::from_raw_os_error(libc::EBADF));
+    }
+    // SAFETY: F_GETFD takes no pointer; it fails with EBADF if `fd` is not
+    // open, so nothing below adopts a closed number.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is open and, by the protocol that passed it (LISTEN_FDS,
+    // whose variables the caller unsets so that nothing adopts it twice),
+    // this process's to own; no other owner exists in this process.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Sets FD_CLOEXEC on a descriptor this process inherited by number and
+/// does not own (EBADF if it is not open).
+pub(crate) fn set_cloexec_raw(fd: i32) -> io::Result<()> {
+    // SAFETY: fcntl on an integer; a closed number fails with EBADF and
+    // nothing is dereferenced.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above, setting only the close-on-exec flag.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The most descriptors one message carries (the kernel's SCM_MAX_FD is 253).
+pub(crate) const MAX_FDS_PER_MESSAGE: usize = 250;
+
+/// Sends `bytes` as one message on a Unix socket with `fds` attached
+/// (SCM_RIGHTS): the receiver gets new descriptors for the same open files.
+pub(crate) fn send_with_fds(
+    sock: BorrowedFd<'_>,
+    bytes: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<()> {
+    if fds.len() > MAX_FDS_PER_MESSAGE || bytes.is_empty() {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let data_len = std::mem::size_of_val(raw.as_slice());
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    let space = unsafe { libc::CMSG_SPACE(data_len as u32) } as usize;
+    // u64 words keep the control buffer aligned for cmsghdr.
+    let mut control = vec![0u64; space.div_ceil(8).max(1)];
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    // SAFETY: zeroed msghdr is a valid empty header; the pointers set below
+    // point at `iov` and `control`, which outlive the sendmsg call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if !raw.is_empty() {
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = space as _;
+        // SAFETY: the control buffer is `space` bytes, enough for one
+        // cmsghdr with `data_len` bytes of data (CMSG_SPACE), so
+        // CMSG_FIRSTHDR is non-null and CMSG_DATA has room for `raw`.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(data_len as u32) as _;
+            std::ptr::copy_nonoverlapping(
+                raw.as_ptr().cast::<u8>(),
+                libc::CMSG_DATA(cmsg),
+                data_len,
+            );
+        }
+    }
+    loop {
+        // SAFETY: `msg` and everything it points at are live; the fds are
+        // borrowed, so open for the call.
+        let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+        if n >= 0 {
+            if n as usize != bytes.len() {
+                return Err(io::Error::new(io::ErrorKind::WriteZero, "short sendmsg"));
+            }
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Receives one message from a Unix socket into `buf`, with the
+/// descriptors attached to it (close-on-exec). Returns the length and the
+/// descriptors; a truncated message or control part is an error (any
+/// descriptors that did arrive are closed).
+pub(crate) fn recv_with_fds(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+) -> io::Result<(usize, Vec<OwnedFd>)> {
+    let data_len = MAX_FDS_PER_MESSAGE * size_of::<i32>();
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    let space = unsafe { libc::CMSG_SPACE(data_len as u32) } as usize;
+    let mut control = vec![0u64; space.div_ceil(8)];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: zeroed msghdr is a valid empty header; the pointers set below
+    // point at `iov` and `control`, which outlive the recvmsg call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    let n = loop {
+        // SAFETY: `msg` points at live buffers of the sizes it states.
+        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n >= 0 {
+            break n as usize;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    };
+    let mut fds = Vec::new();
+    // SAFETY: the kernel filled `msg_controllen` bytes of `control` with
+    // cmsghdrs; CMSG_FIRSTHDR/CMSG_NXTHDR walk only within it, and each
+    // SCM_RIGHTS payload is an array of descriptors newly installed in our
+    // table for us alone (adopted once each).
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let header = libc::CMSG_LEN(0) as usize;
+                let count = ((*cmsg).cmsg_len as usize).saturating_sub(header) / size_of::<i32>();
+                let data = libc::CMSG_DATA(cmsg).cast::<i32>();
+                for i in 0..count {
+                    let fd = std::ptr::read_unaligned(data.add(i));
+                    fds.push(OwnedFd::from_raw_fd(fd));
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    if msg.msg_flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "message or descriptors truncated",
+        ));
+    }
+    Ok((n, fds))
 }

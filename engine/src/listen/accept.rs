@@ -165,22 +165,30 @@ pub(crate) struct ShardShared {
     pub backlog: Backlog,
     pub counters: Counters,
     pub control: Arc<ShardControl>,
-    /// The shard's listening socket, for the kernel's view in stats; `None`
-    /// after shutdown.
-    pub socket: Mutex<Option<Arc<Socket>>>,
+    /// The shard's listening sockets, for the kernel's view in stats;
+    /// empty once it stopped accepting.
+    pub socket: Mutex<Vec<Arc<Socket>>>,
     error: Mutex<Option<io::Error>>,
     has_error: AtomicBool,
 }
 
 impl ShardShared {
-    pub fn new(capacity: usize, control: Arc<ShardControl>, socket: Arc<Socket>) -> Self {
+    pub fn new(capacity: usize, control: Arc<ShardControl>, sockets: Vec<Arc<Socket>>) -> Self {
         ShardShared {
             backlog: Backlog::new(capacity),
             counters: Counters::default(),
             control,
-            socket: Mutex::new(Some(socket)),
+            socket: Mutex::new(sockets),
             error: Mutex::new(None),
             has_error: AtomicBool::new(false),
+        }
+    }
+
+    /// Drops the shard's references to its listening sockets (it stopped
+    /// accepting on them).
+    pub fn release_sockets(&self) {
+        if let Ok(mut s) = self.socket.lock() {
+            s.clear();
         }
     }
 
@@ -303,6 +311,10 @@ pub struct Listener {
     pub(crate) pending_timeout: Duration,
     /// The open-connection count, with a maximum.
     pub(crate) open: Option<Arc<crate::listen::limits::OpenCount>>,
+    pub(crate) steering: crate::listen::group::SteeringInForce,
+    /// Every listening socket, in group order, while the listener may
+    /// still hand them over; emptied by drain and shutdown.
+    pub(crate) group: Mutex<Vec<Arc<Socket>>>,
 }
 
 impl Listener {
@@ -314,6 +326,14 @@ impl Listener {
     /// The backlog lengths; `effective` is `min(requested, ceiling)`.
     pub fn backlog(&self) -> BacklogLength {
         self.backlog
+    }
+
+    /// How the kernel spreads connections over the shards' sockets: the
+    /// CPU program on a group of this listener's own, or the kernel's
+    /// choice on `SO_INCOMING_CPU` after joining the group of listeners
+    /// that were on the port first (another instance, or one that died).
+    pub fn steering(&self) -> crate::listen::group::SteeringInForce {
+        self.steering
     }
 
     /// The number of shards.
@@ -488,18 +508,16 @@ impl Listener {
                 st.pending += st.ring_depth as u64;
                 st.ring_high_water = s.backlog.high_water();
                 st.ring_capacity = s.backlog.capacity();
-                st.kernel = s
-                    .socket
-                    .lock()
-                    .ok()
-                    .and_then(|g| {
-                        g.as_ref()
-                            .and_then(|sock| sys::listener_queue(sock.as_fd()).ok())
+                st.kernel = s.socket.lock().ok().and_then(|g| {
+                    let queues: Vec<_> = g
+                        .iter()
+                        .filter_map(|sock| sys::listener_queue(sock.as_fd()).ok())
+                        .collect();
+                    (!queues.is_empty()).then(|| KernelQueue {
+                        accept_queue: queues.iter().map(|q| q.0).sum(),
+                        backlog: queues.iter().map(|q| q.1).sum(),
                     })
-                    .map(|(accept_queue, backlog)| KernelQueue {
-                        accept_queue,
-                        backlog,
-                    });
+                });
                 st
             })
             .collect();
@@ -536,9 +554,10 @@ impl Listener {
                 closed += 1;
             }
             Counters::add(&s.counters.closed_at_shutdown, closed);
-            if let Ok(mut sock) = s.socket.lock() {
-                sock.take();
-            }
+            s.release_sockets();
+        }
+        if let Ok(mut g) = self.group.lock() {
+            g.clear();
         }
         self.delivery.notify();
     }

@@ -1,5 +1,6 @@
-//! The accept path of one shard: a multishot ACCEPT on the shard's own
-//! `SO_REUSEPORT` listener, re-armed when a completion comes without
+//! The accept path of one shard: a multishot ACCEPT on each of the shard's
+//! `SO_REUSEPORT` listeners (usually one; several when a listener adopted
+//! more sockets than it has shards), each re-armed when a completion comes without
 //! `IORING_CQE_F_MORE`; accepted sockets go into the shard's backlog ring.
 //!
 //! Backpressure: when the ring is full the accept is cancelled; completions
@@ -98,7 +99,14 @@ pub(crate) fn classify(errno: i32) -> AcceptErrorKind {
 /// One shard's accept service.
 pub(crate) struct Acceptor {
     index: usize,
-    socket: Option<Arc<Socket>>,
+    /// The shard's listening sockets; emptied once it stopped accepting
+    /// (drain or hand-over) and every accept on them is over.
+    sockets: Vec<Arc<Socket>>,
+    /// One accept state per socket (the accept's user data payload is the
+    /// socket's position here).
+    arms: Vec<Arm>,
+    /// Stopped accepting for good (drain): no re-arm; the rest goes on.
+    draining: bool,
     shard: Arc<ShardShared>,
     delivery: Arc<Delivery>,
     handler: Option<Arc<Handler>>,
@@ -107,7 +115,6 @@ pub(crate) struct Acceptor {
     driven: bool,
     multishot: bool,
     accepted_any: bool,
-    arm: Arm,
     armed_before: bool,
     backoff_step: Duration,
     backoff_timer: bool,
@@ -135,7 +142,7 @@ impl std::fmt::Debug for Acceptor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Acceptor")
             .field("index", &self.index)
-            .field("arm", &self.arm)
+            .field("arms", &self.arms)
             .field("held", &self.held.len())
             .field("paused", &self.paused)
             .finish_non_exhaustive()
@@ -145,7 +152,7 @@ impl std::fmt::Debug for Acceptor {
 impl Acceptor {
     pub fn new(
         index: usize,
-        socket: Arc<Socket>,
+        sockets: Vec<Arc<Socket>>,
         shard: Arc<ShardShared>,
         delivery: Arc<Delivery>,
         handler: Option<Arc<Handler>>,
@@ -158,14 +165,15 @@ impl Acceptor {
         let relays = Relays::new(Arc::clone(&shard.counters.relay));
         Acceptor {
             index,
-            socket: Some(socket),
+            arms: vec![Arm::Idle; sockets.len()],
+            sockets,
+            draining: false,
             shard,
             delivery,
             handler,
             driven: false,
             multishot: true,
             accepted_any: false,
-            arm: Arm::Idle,
             armed_before: false,
             backoff_step: MIN_BACKOFF,
             backoff_timer: false,
@@ -199,13 +207,13 @@ impl Acceptor {
         self
     }
 
-    /// The user data of the operation that waits for connections: the
-    /// ACCEPT, or with limits the POLL.
-    fn waiting_op(&self) -> u64 {
+    /// The user data of the operation that waits for connections on socket
+    /// `j`: the ACCEPT, or with limits the POLL.
+    fn waiting_op(&self, j: usize) -> u64 {
         if self.limits.is_some() {
-            user_data(LimitOp::Ready, 0)
+            user_data(LimitOp::Ready, j as u64)
         } else {
-            user_data(AcceptOp::Accept, 0)
+            user_data(AcceptOp::Accept, j as u64)
         }
     }
 
@@ -247,35 +255,47 @@ impl Acceptor {
         &self.shard.counters
     }
 
+    /// Arms an accept on every socket that has none.
     fn arm(&mut self, ring: &mut Driver) -> io::Result<()> {
-        let Some(socket) = &self.socket else {
-            return Ok(());
-        };
-        let fd = socket.as_raw_fd();
-        let ud = user_data(AcceptOp::Accept, 0);
-        if self.limits.is_some() {
-            ring.poll(fd, libc::POLLIN as u32, true, self.waiting_op())?;
-        } else if self.multishot {
-            ring.accept_multi(fd, ud)?;
-        } else {
-            ring.accept_once(fd, ud)?;
-        }
-        if self.armed_before {
-            Counters::add(&self.counters().rearms, 1);
+        for j in 0..self.sockets.len() {
+            if self.arms[j] != Arm::Idle {
+                continue;
+            }
+            let fd = self.sockets[j].as_raw_fd();
+            if self.limits.is_some() {
+                ring.poll(fd, libc::POLLIN as u32, true, self.waiting_op(j))?;
+            } else if self.multishot {
+                ring.accept_multi(fd, self.waiting_op(j))?;
+            } else {
+                ring.accept_once(fd, self.waiting_op(j))?;
+            }
+            if self.armed_before {
+                Counters::add(&self.counters().rearms, 1);
+            }
+            self.arms[j] = Arm::Armed;
         }
         self.armed_before = true;
-        self.arm = Arm::Armed;
         Ok(())
     }
 
     fn cancel(&mut self, ring: &mut Driver) {
-        if self.arm == Arm::Armed
-            && ring
-                .cancel(self.waiting_op(), user_data(ShardOp::Cancel, 0))
-                .is_ok()
-        {
-            self.arm = Arm::Cancelling;
+        for j in 0..self.arms.len() {
+            if self.arms[j] == Arm::Armed
+                && ring
+                    .cancel(self.waiting_op(j), user_data(ShardOp::Cancel, 0))
+                    .is_ok()
+            {
+                self.arms[j] = Arm::Cancelling;
+            }
         }
+    }
+
+    fn all_idle(&self) -> bool {
+        self.arms.iter().all(|a| *a == Arm::Idle)
+    }
+
+    fn any_armed(&self) -> bool {
+        self.arms.contains(&Arm::Armed)
     }
 
     fn start_backoff(&mut self, ring: &mut Driver) {
@@ -441,11 +461,18 @@ impl Acceptor {
         {
             return;
         }
-        let Some(socket) = self.socket.clone() else {
-            return;
-        };
+        // Each socket's queue in turn, until one stops short of empty (with
+        // several sockets on a shard the budget applies per socket).
         let mut taken = std::mem::take(&mut self.taken);
-        let stop = l.take_from_kernel(&socket, &self.shard.counters, now, &mut taken);
+        let mut stop = Stop::Drained;
+        for socket in &self.sockets {
+            stop = l.take_from_kernel(socket, &self.shard.counters, now, &mut taken);
+            if !matches!(stop, Stop::Drained) {
+                // More waits on this one.
+                l.readable = true;
+                break;
+            }
+        }
         for (fd, slot) in taken.drain(..) {
             self.accepted_fd(ring, fd, slot, now);
         }
@@ -540,7 +567,7 @@ impl Service for Acceptor {
             let _ = sys::set_timer_slack((c.pause.as_nanos() as u64 / 50).max(1_000));
         }
         if self.limits.is_some() {
-            if let Some(socket) = &self.socket {
+            for socket in &self.sockets {
                 crate::listen::limits::prepare(socket)?;
             }
         }
@@ -551,7 +578,9 @@ impl Service for Acceptor {
         match AcceptOp::from_byte(kind) {
             Some(AcceptOp::Accept) => {
                 if !cqe.more() {
-                    self.arm = Arm::Idle;
+                    if let Some(a) = self.arms.get_mut(payload as usize) {
+                        *a = Arm::Idle;
+                    }
                 }
                 if cqe.result >= 0 {
                     self.accepted(ring, cqe.result, now);
@@ -566,7 +595,9 @@ impl Service for Acceptor {
             None => match LimitOp::from_byte(kind) {
                 Some(LimitOp::Ready) => {
                     if !cqe.more() {
-                        self.arm = Arm::Idle;
+                        if let Some(a) = self.arms.get_mut(payload as usize) {
+                            *a = Arm::Idle;
+                        }
                     }
                     if cqe.result >= 0 {
                         if let Some(l) = &mut self.limits {
@@ -636,6 +667,17 @@ impl Service for Acceptor {
             self.shard.backlog.set_paused(false);
             Counters::add(&self.counters().resumes, 1);
         }
+        if self.draining {
+            // Stopped accepting: the listening sockets go once no accept
+            // is on them (the kernel's queues stay with whoever else holds
+            // them: a successor after a hand-over).
+            self.cancel(ring);
+            if self.all_idle() && !self.sockets.is_empty() {
+                self.sockets.clear();
+                self.shard.release_sockets();
+            }
+            return;
+        }
         // With limits, no poll while the shard waits at the maximum or for
         // a token: arrivals would only wake it for nothing.
         let held_back = self
@@ -643,16 +685,34 @@ impl Service for Acceptor {
             .as_ref()
             .is_some_and(|l| l.at_limit() || l.refill_timer);
         let want = !self.paused && !self.backoff_timer && !held_back;
-        match (want, self.arm) {
-            (true, Arm::Idle) => {
-                if let Err(e) = self.arm(ring) {
-                    self.shard.surface(e);
-                    self.start_backoff(ring);
-                }
+        if want {
+            if let Err(e) = self.arm(ring) {
+                self.shard.surface(e);
+                self.start_backoff(ring);
             }
-            (false, Arm::Armed) => self.cancel(ring),
-            _ => {}
+        } else if self.any_armed() {
+            self.cancel(ring);
         }
+    }
+
+    fn drain(&mut self, ring: &mut Driver) {
+        self.draining = true;
+        self.cancel(ring);
+    }
+
+    fn drained(&self) -> bool {
+        self.draining
+            && self.sockets.is_empty()
+            && self.all_idle()
+            && self.held.is_empty()
+            && self.shard.backlog.len() == 0
+            && self.replies.is_empty()
+            && self.relays.live() == 0
+            && self
+                .registry
+                .as_ref()
+                .map_or(true, crate::admit::register::Registry::is_empty)
+            && self.admission.as_ref().map_or(true, |a| a.waiting() == 0)
     }
 
     fn stop(&mut self, ring: &mut Driver) {
@@ -677,7 +737,7 @@ impl Service for Acceptor {
     }
 
     fn idle(&self) -> bool {
-        self.arm == Arm::Idle
+        self.all_idle()
             && !self.backoff_timer
             && !self.limits.as_ref().is_some_and(|l| l.refill_timer)
             && self.replies.is_empty()
@@ -707,7 +767,7 @@ impl Service for Acceptor {
     fn finish(&mut self) {
         // The accept is over: close the listening socket (the handle's copy
         // goes at shutdown too), then every connection not delivered.
-        self.socket = None;
+        self.sockets.clear();
         if let Some(l) = &mut self.limits {
             l.finish();
         }

@@ -3,24 +3,22 @@
 //! binds the shards' sockets and starts their threads.
 
 use std::net::SocketAddr;
-use std::os::fd::AsFd;
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
-
-use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::admit::attrs::SocketAttrs;
 use crate::admit::condition::{Condition, MAX_PEEK};
 use crate::admit::AdmissionConfig;
-use crate::driver::sys;
 use crate::error::{ConfigError, Error};
 use crate::listen::accept::{BacklogLength, Delivery, Listener, ShardShared};
 use crate::listen::acceptor::{Acceptor, Handler};
 use crate::listen::conn::Admitted;
 use crate::listen::driven::DrivenShard;
+use crate::listen::group::{self, SocketSpec};
 use crate::listen::limits::{Bucket, LimitConfig, Limits, OpenCount};
 use crate::relay::context::ShardContext;
 use crate::shard::{self, Coalesce, Placement, ShardControl};
+use socket2::Socket;
 
 /// The ceiling used when `net.core.somaxconn` cannot be read (the kernel's
 /// own default since 5.4).
@@ -94,6 +92,14 @@ pub struct ListenerBuilder {
     registration: Option<crate::admit::register::Registration>,
     relay_limits: crate::relay::RelayLimits,
     pub(super) limits: LimitConfig,
+    adopted: Option<Adopted>,
+}
+
+/// Listening sockets a builder adopts instead of binding its own.
+pub(crate) struct Adopted {
+    pub sockets: Vec<Socket>,
+    /// The steering their group had, when a hand-over says it.
+    pub steering: Option<crate::listen::group::SteeringInForce>,
 }
 
 impl Listener {
@@ -103,6 +109,42 @@ impl Listener {
     // builder builds the listener, so `accept` need not know the builder.
     pub fn builder(addr: SocketAddr) -> ListenerBuilder {
         ListenerBuilder::new(addr)
+    }
+
+    /// Starts configuring a listener on sockets the application already
+    /// has listening (a parent's, or its own: anything that converts into
+    /// an [`OwnedFd`](std::os::fd::OwnedFd), such as
+    /// [`std::net::TcpListener`] or [`socket2::Socket`]), all on one
+    /// address, in the order of their reuseport group. `build()` checks
+    /// each is a listening TCP socket (`SO_ACCEPTCONN`, `SO_TYPE`,
+    /// `SO_DOMAIN`, `SO_PROTOCOL`) and refuses one that is not in the field
+    /// `sockets`; sets close-on-exec and the declared attributes on them;
+    /// with fewer sockets than shards adds `SO_REUSEPORT` siblings on the
+    /// same address (refused in the field `shards` when the sockets lack
+    /// `SO_REUSEPORT`); with more, a shard accepts on several (shard `k` on
+    /// sockets `k`, `k + n`, ...), all kept open, since closing a reuseport
+    /// listener resets the connections in its queue. CPU steering is
+    /// attached either way.
+    ///
+    /// ```
+    /// use floodgate::Listener;
+    ///
+    /// let std_listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    /// let addr = std_listener.local_addr()?;
+    /// let listener = Listener::adopt([std_listener]).shards(1).build()?;
+    /// assert_eq!(listener.local_addr(), addr);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn adopt<I, S>(sockets: I) -> ListenerBuilder
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<std::os::fd::OwnedFd>,
+    {
+        let sockets = sockets
+            .into_iter()
+            .map(|s| Socket::from(s.into()))
+            .collect();
+        ListenerBuilder::adopting(sockets, None)
     }
 }
 
@@ -128,6 +170,10 @@ impl std::fmt::Debug for ListenerBuilder {
             .field("registration", &self.registration)
             .field("relay_limits", &self.relay_limits)
             .field("limits", &self.limits)
+            .field(
+                "adopted",
+                &self.adopted.as_ref().map_or(0, |a| a.sockets.len()),
+            )
             .finish()
     }
 }
@@ -155,7 +201,23 @@ impl ListenerBuilder {
             registration: None,
             relay_limits: crate::relay::RelayLimits::default(),
             limits: LimitConfig::default(),
+            adopted: None,
         }
+    }
+
+    /// A builder for a listener on sockets that are already listening.
+    pub(crate) fn adopting(
+        sockets: Vec<Socket>,
+        steering: Option<crate::listen::group::SteeringInForce>,
+    ) -> Self {
+        let addr = sockets
+            .first()
+            .and_then(|s| s.local_addr().ok())
+            .and_then(|a| a.as_socket())
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let mut b = ListenerBuilder::new(addr);
+        b.adopted = Some(Adopted { sockets, steering });
+        b
     }
 
     /// The most relays ([`ShardContext::relay`]) each shard runs at once,
@@ -522,7 +584,7 @@ impl ListenerBuilder {
     /// on that thread. Everything else is as with [`build`](Self::build):
     /// `SO_REUSEPORT` sockets with CPU steering (shard `k` receives the
     /// connections that arrive on CPU `k`, so drive it on core `k`), the
-    /// backlog ring and its backpressure, admission, registrations,
+    /// backlog ring and its backpressure, admission, registrations, limits,
     /// conservation. [`Listener::accept`] returns
     /// [`Error::DrivenDelivery`]; [`Listener::shutdown`] tells the shards to
     /// stop (each finishes at its next `drive()`, or when dropped) and does
@@ -543,21 +605,35 @@ impl ListenerBuilder {
         self.start(true)
     }
 
-    fn start(self, driven: bool) -> Result<(Listener, Vec<DrivenShard>), Error> {
+    fn start(mut self, driven: bool) -> Result<(Listener, Vec<DrivenShard>), Error> {
+        let adopted = self.adopted.take();
+        if let Some(a) = &adopted {
+            // Validation sees the address the adopted sockets listen on.
+            self.addr = group::adopted_addr(&a.sockets)?;
+        }
         let (n, placements, backlog) = self.validate()?;
-        let sockets = bind_group(
-            self.addr,
-            n,
-            backlog.effective,
-            self.steering,
-            &self.attrs,
-            self.save_syn,
-        )?;
-        let local_addr = sockets[0]
-            .local_addr()
-            .ok()
-            .and_then(|a| a.as_socket())
-            .ok_or_else(|| Error::setup("getsockname", std::io::Error::other("no address")))?;
+        let cpus: Vec<usize> = placements
+            .iter()
+            .enumerate()
+            .map(|(k, c)| c.map_or(k, |c| c.id))
+            .collect();
+        let spec = SocketSpec {
+            backlog: backlog.effective,
+            attrs: &self.attrs,
+            save_syn: self.save_syn,
+        };
+        let group = match adopted {
+            None => group::bind_group(self.addr, n, &spec, self.steering, &cpus)?,
+            Some(a) => group::adopt_group(a.sockets, n, &spec, self.steering, &cpus, a.steering)?,
+        };
+        let local_addr = group.local_addr;
+        let steering = group.steering;
+        let all: Vec<Arc<Socket>> = group.sockets.into_iter().map(Arc::new).collect();
+        // Shard k accepts on sockets k, k + n, k + 2n... (one, unless more
+        // sockets were adopted than there are shards).
+        let owned: Vec<Vec<Arc<Socket>>> = (0..n)
+            .map(|k| all.iter().skip(k).step_by(n).cloned().collect())
+            .collect();
         let admission = Arc::new(AdmissionConfig {
             condition: self.condition.clone(),
             peek: self.peek,
@@ -590,16 +666,17 @@ impl ListenerBuilder {
             backend: None,
             pending_timeout: self.pending_timeout,
             open: open.clone(),
+            steering,
+            group: Mutex::new(Vec::new()),
         };
         let mut driven_shards = Vec::new();
-        for (k, socket) in sockets.into_iter().enumerate() {
-            let socket = Arc::new(socket);
+        for (k, sockets) in owned.into_iter().enumerate() {
             let started = ShardControl::new().and_then(|control| {
                 let control = Arc::new(control);
                 let shared = Arc::new(ShardShared::new(
                     backlog.effective,
                     control.clone(),
-                    socket.clone(),
+                    sockets.clone(),
                 ));
                 if let Some(open) = &open {
                     open.add_shard(control.clone());
@@ -610,7 +687,7 @@ impl ListenerBuilder {
                     .then(|| Limits::new(&self.limits, open.clone(), bucket.clone()));
                 let acceptor = Acceptor::new(
                     k,
-                    socket,
+                    sockets,
                     shared.clone(),
                     listener.delivery.clone(),
                     self.handler.clone(),
@@ -649,80 +726,16 @@ impl ListenerBuilder {
                 Err(e) => {
                     // Stop what already runs (the shards' own threads, or
                     // the driven shards, which drop here); the rest of the
-                    // sockets close when `sockets` is dropped.
+                    // sockets close when `all` is dropped.
                     drop(driven_shards);
                     listener.shutdown();
                     return Err(e);
                 }
             }
         }
+        if let Ok(mut g) = listener.group.lock() {
+            *g = all;
+        }
         Ok((listener, driven_shards))
     }
-}
-
-/// Binds `n` sockets to `addr` with `SO_REUSEPORT`, in order (socket `k`
-/// is index `k` of the kernel's reuseport group), attaching the steering
-/// program to the first, and puts them in listening mode.
-fn bind_group(
-    addr: SocketAddr,
-    n: usize,
-    backlog: usize,
-    steering: Steering,
-    attrs: &SocketAttrs,
-    save_syn: bool,
-) -> Result<Vec<Socket>, Error> {
-    let mut sockets: Vec<Socket> = Vec::with_capacity(n);
-    let mut bind_addr = addr;
-    for k in 0..n {
-        let bind_err = |e| Error::Bind {
-            addr: bind_addr,
-            source: e,
-        };
-        let socket = Socket::new(
-            Domain::for_address(addr),
-            Type::STREAM.cloexec(),
-            Some(Protocol::TCP),
-        )
-        .map_err(|e| Error::setup("socket", e))?;
-        socket
-            .set_reuse_address(true)
-            .map_err(|e| Error::setup("setsockopt(SO_REUSEADDR)", e))?;
-        socket
-            .set_reuse_port(true)
-            .map_err(|e| Error::setup("setsockopt(SO_REUSEPORT)", e))?;
-        // Declared attributes go on the listener: Linux copies most of them
-        // into every accepted socket (see `attrs::INHERITED`).
-        attrs
-            .apply_named(&socket, addr.is_ipv6(), false)
-            .map_err(|(a, e)| {
-                let (field, value) = attrs.field(a);
-                Error::Config(ConfigError::new(
-                    field,
-                    value,
-                    format!("the kernel refused it: {e}"),
-                ))
-            })?;
-        if save_syn {
-            sys::setsockopt::<i32>(socket.as_fd(), libc::IPPROTO_TCP, libc::TCP_SAVE_SYN, 1)
-                .map_err(|e| Error::setup("setsockopt(TCP_SAVE_SYN)", e))?;
-        }
-        socket.bind(&bind_addr.into()).map_err(bind_err)?;
-        if k == 0 {
-            // Port 0: every other shard binds the port the first one got.
-            if let Some(a) = socket.local_addr().ok().and_then(|a| a.as_socket()) {
-                bind_addr = a;
-            }
-            if steering == Steering::Cpu && n > 1 {
-                sys::attach_cpu_steering(socket.as_fd(), n as u32)
-                    .map_err(|e| Error::setup("setsockopt(SO_ATTACH_REUSEPORT_CBPF)", e))?;
-            }
-        }
-        let len = i32::try_from(backlog).unwrap_or(i32::MAX);
-        socket.listen(len).map_err(|e| Error::Bind {
-            addr: bind_addr,
-            source: e,
-        })?;
-        sockets.push(socket);
-    }
-    Ok(sockets)
 }

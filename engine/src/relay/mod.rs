@@ -669,6 +669,11 @@ impl Relays {
         }
     }
 
+    /// How many relays are running (counting those closing).
+    pub(crate) fn live(&self) -> usize {
+        self.live
+    }
+
     /// Whether no relay operation and no timer is in flight.
     pub(crate) fn is_idle(&self) -> bool {
         self.live == 0 && self.timers.is_empty()

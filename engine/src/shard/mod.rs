@@ -101,6 +101,7 @@ pub(crate) fn split(user_data: u64) -> (u8, u64) {
 #[derive(Debug)]
 pub(crate) struct ShardControl {
     stop: AtomicBool,
+    drain: AtomicBool,
     wake_pending: AtomicBool,
     wake: OwnedFd,
 }
@@ -109,6 +110,7 @@ impl ShardControl {
     pub fn new() -> Result<Self, Error> {
         Ok(ShardControl {
             stop: AtomicBool::new(false),
+            drain: AtomicBool::new(false),
             wake_pending: AtomicBool::new(false),
             wake: sys::eventfd().map_err(|e| Error::setup("eventfd", e))?,
         })
@@ -125,6 +127,13 @@ impl ShardControl {
     /// Asks the shard to stop and wakes it.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
+        self.wake();
+    }
+
+    /// Asks the shard to drain (see [`Service::drain`]) and wakes it; it
+    /// stops by itself once drained.
+    pub fn drain(&self) {
+        self.drain.store(true, Ordering::SeqCst);
         self.wake();
     }
 
@@ -150,6 +159,13 @@ pub(crate) trait Service: Send + 'static {
     fn idle(&self) -> bool;
     /// Last thing on the shard thread, after `idle`: release what is held.
     fn finish(&mut self);
+    /// Drain: stop taking new work (a listener stops accepting) and let
+    /// what is under way finish; the shard stops once `drained`.
+    fn drain(&mut self, _ring: &mut Driver) {}
+    /// Whether a drain has finished all the work it let run.
+    fn drained(&self) -> bool {
+        false
+    }
     /// Wake-up coalescing, asked after each turn: `Some(d)` makes the
     /// shard submit what is queued and pause `d` before waiting again, so
     /// that the next wait finds a batch instead of a single completion.
@@ -210,6 +226,7 @@ pub(crate) struct Shard<S: Service> {
     batch: Vec<Cqe>,
     wake_armed: bool,
     stopping: bool,
+    draining: bool,
     started: bool,
     finished: bool,
 }
@@ -234,6 +251,7 @@ impl<S: Service> Shard<S> {
             batch: Vec::with_capacity(256),
             wake_armed: false,
             stopping: false,
+            draining: false,
             started: false,
             finished: false,
         }
@@ -310,6 +328,10 @@ impl<S: Service> Shard<S> {
                 None => self.service.complete(ring, kind, payload, cqe, now),
             }
         }
+        if !self.stopping && !self.draining && self.control.drain.load(Ordering::SeqCst) {
+            self.draining = true;
+            self.service.drain(ring);
+        }
         if !self.stopping && self.control.stop_requested() {
             self.stopping = true;
             self.service.stop(ring);
@@ -332,6 +354,10 @@ impl<S: Service> Shard<S> {
             }
         }
         self.service.turn(ring, now);
+        if self.draining && !self.stopping && self.service.drained() {
+            // Stop on the next turn, which the wake-up starts at once.
+            self.control.stop();
+        }
         if wait {
             if let Some(pause) = self.service.pause() {
                 // Submit first: a reply or close left queued would wait out
