@@ -99,6 +99,7 @@ impl Counters {
 /// Accept-error backoffs, by errno: each is one time the shard stopped
 /// accepting for lack of a resource and resumed after a pause.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Backoffs {
     /// EMFILE: the process is out of file descriptors (RLIMIT_NOFILE).
     pub emfile: u64,
@@ -120,6 +121,7 @@ impl Backoffs {
 /// The kernel's view of a shard's listening socket (`TCP_INFO` on a socket
 /// in LISTEN state).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct KernelQueue {
     /// Connections completed by the kernel and waiting in its accept queue
     /// (`tcpi_unacked`).
@@ -130,6 +132,7 @@ pub struct KernelQueue {
 
 /// A snapshot of one shard's counters.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct ShardStats {
     /// The shard's index.
     pub shard: usize,
@@ -219,6 +222,7 @@ impl ShardStats {
 
 /// Rejections, by how the connection ended.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Rejected {
     /// Closed with FIN.
     pub close: u64,
@@ -235,6 +239,7 @@ impl Rejected {
 
 /// Withdrawals of pending connections, by cause.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Withdrawn {
     /// The peer closed or reset before a decision.
     pub peer_gone: u64,
@@ -251,6 +256,7 @@ impl Withdrawn {
 
 /// Counters of a whole listener: per shard and summed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct ListenerStats {
     /// One entry per shard, by index.
     pub shards: Vec<ShardStats>,
@@ -373,6 +379,7 @@ impl RelayCounters {
 /// upstream_refused + upstream_timeout + errors`. Relays that never started
 /// are in `refused_cap` or `start_failed` only.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct RelayStats {
     /// Relays started (the upstream dial was posted).
     pub started: u64,

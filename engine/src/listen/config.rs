@@ -589,6 +589,7 @@ impl ListenerBuilder {
                 }
             }
         }
+        crate::driver::report_fallback(self.backend, backend.as_ref(), "listener");
         Ok(Listener {
             shards,
             delivery,
