@@ -11,6 +11,11 @@
 //! - `connect-emfile PORT SPARE TOTAL`: runs TOTAL sequences against PORT
 //!   with RLIMIT_NOFILE lowered so that only SPARE sockets fit, and reports
 //!   how the connector classified the failures and backed off.
+//!
+//! With the `tracing` feature and `FLOODGATE_PROBE_EVENTS=1`, the probe
+//! also captures the engine's tracing events and prints each, at the end,
+//! as a line `EVENT level=.. target=.. field=value ...` (used by
+//! `tests/events.rs`).
 
 use std::io::{BufRead, Write};
 use std::time::Duration;
@@ -18,6 +23,9 @@ use std::time::Duration;
 use floodgate::{Error, Listener};
 
 fn main() {
+    #[cfg(feature = "tracing")]
+    let events =
+        (std::env::var("FLOODGATE_PROBE_EVENTS").as_deref() == Ok("1")).then(capture::install);
     let mode = std::env::args().nth(1).unwrap_or_default();
     let code = match mode.as_str() {
         "emfile" => emfile(),
@@ -29,7 +37,63 @@ fn main() {
             2
         }
     };
+    #[cfg(feature = "tracing")]
+    for line in events.iter().flat_map(capture::take) {
+        println!("EVENT {line}");
+    }
     std::process::exit(code);
+}
+
+/// A tracing subscriber that keeps every event as a line of text.
+#[cfg(feature = "tracing")]
+mod capture {
+    use std::fmt::Write;
+    use std::sync::{Arc, Mutex};
+
+    use tracing::field::{Field, Visit};
+    use tracing::{Event, Subscriber};
+    use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
+
+    pub type Events = Arc<Mutex<Vec<String>>>;
+
+    struct Capture(Events);
+
+    struct Line(String);
+
+    impl Visit for Line {
+        fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+            let _ = write!(self.0, " {}={:?}", field.name(), value);
+        }
+    }
+
+    impl<S: Subscriber> Layer<S> for Capture {
+        fn on_event(&self, event: &Event<'_>, _: Context<'_, S>) {
+            let m = event.metadata();
+            let mut line = Line(format!("level={} target={}", m.level(), m.target()));
+            event.record(&mut line);
+            if let Ok(mut v) = self.0.lock() {
+                v.push(line.0);
+            }
+        }
+    }
+
+    /// Installs the capture as the global subscriber.
+    pub fn install() -> Events {
+        let events = Events::default();
+        let subscriber = tracing_subscriber::registry().with(Capture(events.clone()));
+        if tracing::subscriber::set_global_default(subscriber).is_err() {
+            eprintln!("a global tracing subscriber was already set");
+        }
+        events
+    }
+
+    /// The events captured so far.
+    pub fn take(events: &Events) -> Vec<String> {
+        events
+            .lock()
+            .map(|mut v| std::mem::take(&mut *v))
+            .unwrap_or_default()
+    }
 }
 
 fn open_fds() -> u64 {

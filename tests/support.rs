@@ -97,6 +97,18 @@ pub fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
     }
 }
 
+/// Connects to `addr` from the loopback address `src` (any port).
+pub fn connect_from(src: std::net::IpAddr, addr: SocketAddr) -> io::Result<TcpStream> {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    s.bind(&SocketAddr::new(src, 0).into())?;
+    s.connect(&addr.into())?;
+    Ok(s.into())
+}
+
 /// Sets SO_LINGER 0 so that dropping `s` sends an RST and leaves no
 /// TIME_WAIT behind (tests make tens of thousands of connections).
 pub fn reset_on_drop(s: &TcpStream) {
