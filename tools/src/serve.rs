@@ -2,9 +2,10 @@
 //! the banner and is closed, by the engine's inline handler on the shard's
 //! ring (`reply_and_close`: SEND with MSG_MORE + CLOSE, linked).
 //!
-//! Prints `LISTENING <addr>` on stdout when ready, stats on stderr every
-//! `--stats-interval`, and its final stats as one JSON object on stdout when
-//! it stops: on SIGINT/SIGTERM, after `--max-seconds`, or (with
+//! Prints `LISTENING <addr>` on stdout when ready (then, with `--metrics`,
+//! `METRICS <addr>` once `GET /metrics` is served there), stats on stderr
+//! every `--stats-interval`, and its final stats as one JSON object on
+//! stdout when it stops: on SIGINT/SIGTERM, after `--max-seconds`, or (with
 //! `--exit-on-eof`) when its standard input closes.
 
 use std::io::{Read, Write};
@@ -20,6 +21,7 @@ use floodgate::{Coalesce, ConnectRequest, Listener, ListenerStats, Verdict};
 use serde::Serialize;
 
 use crate::args;
+use crate::metrics::MetricsServer;
 
 /// `flood serve` options.
 #[derive(Args, Debug, Clone)]
@@ -76,6 +78,12 @@ pub struct ServeArgs {
     /// Stop when standard input reaches EOF (for a parent process).
     #[arg(long)]
     pub exit_on_eof: bool,
+
+    /// Serve the engine's stats as Prometheus text on `GET /metrics` at
+    /// this address (loopback only; port 0 picks a free port, printed as
+    /// `METRICS <addr>`).
+    #[arg(long, value_name = "ADDR", value_parser = args::loopback_addr)]
+    pub metrics: Option<SocketAddr>,
 }
 
 /// The final stats `flood serve` prints.
@@ -107,6 +115,9 @@ pub struct ServeStats {
     pub conserved: bool,
     /// Seconds it ran.
     pub uptime_s: f64,
+    /// The engine's own stats, every counter of every shard (what
+    /// `--metrics` serves, as JSON).
+    pub stats: ListenerStats,
 }
 
 /// Counters the handler keeps.
@@ -186,6 +197,7 @@ pub fn final_stats(
             pending: t.pending,
             conserved: stats.conserved(),
             uptime_s: uptime.as_secs_f64(),
+            stats: stats.clone(),
         },
         stats,
     )
@@ -208,12 +220,26 @@ pub fn main(a: ServeArgs) -> Result<ExitCode, String> {
         a.banner.0.clone(),
         a.coalesce.then(Coalesce::default),
     )?;
+    let listener = Arc::new(listener);
     let started = Instant::now();
-    {
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "LISTENING {}", listener.local_addr());
-        let _ = out.flush();
-    }
+    crate::emit(&format!("LISTENING {}", listener.local_addr()));
+    let metrics = match a.metrics {
+        Some(addr) => match MetricsServer::start(addr, listener.clone()) {
+            Ok(m) => {
+                crate::emit(&format!("METRICS {}", m.local_addr()));
+                crate::emit_err(&format!(
+                    "flood serve: metrics on http://{}/metrics",
+                    m.local_addr()
+                ));
+                Some(m)
+            }
+            Err(e) => {
+                listener.shutdown();
+                return Err(e);
+            }
+        },
+        None => None,
+    };
     // A closed stderr is not a reason to stop serving.
     let _ = writeln!(
         std::io::stderr(),
@@ -259,6 +285,9 @@ pub fn main(a: ServeArgs) -> Result<ExitCode, String> {
             next_stats = now.checked_add(a.stats_interval);
         }
         std::thread::park_timeout(Duration::from_millis(20));
+    }
+    if let Some(m) = metrics {
+        m.stop();
     }
     listener.shutdown();
     let (out, _) = final_stats(&listener, &counts, started.elapsed());
