@@ -16,3 +16,14 @@ macro_rules! event {
         ::tracing::$level!(target: "floodgate", $($arg)+);
     }};
 }
+
+use crate::driver::{Backend, BackendChoice};
+
+/// Emits the `tracing` event for a build whose `Auto` did not get
+/// io_uring (`what`: "listener" or "connector"); nothing otherwise.
+#[cfg_attr(not(feature = "tracing"), allow(unused_variables))]
+pub(crate) fn report_fallback(asked: Backend, chosen: Option<&BackendChoice>, what: &str) {
+    if let Some(c) = chosen.filter(|c| asked == Backend::Auto && c.backend == Backend::Epoll) {
+        event!(warn, what, reason = %c.reason, "io_uring not used: the shards run on epoll");
+    }
+}

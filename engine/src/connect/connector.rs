@@ -249,7 +249,7 @@ impl ConnectorBuilder {
                 }
             }
         }
-        crate::driver::report_fallback(self.backend, connector.backend.as_ref(), "connector");
+        crate::events::report_fallback(self.backend, connector.backend.as_ref(), "connector");
         Ok(connector)
     }
 }

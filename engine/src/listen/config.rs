@@ -589,7 +589,7 @@ impl ListenerBuilder {
                 }
             }
         }
-        crate::driver::report_fallback(self.backend, backend.as_ref(), "listener");
+        crate::events::report_fallback(self.backend, backend.as_ref(), "listener");
         Ok(Listener {
             shards,
             delivery,
