@@ -1,12 +1,17 @@
 //! Tracing events (feature `tracing`), seen by a subscriber that captures
-//! them in a child process (`floodgate-probe` with
-//! `FLOODGATE_PROBE_EVENTS=1`): the process's faults are its own.
+//! them: in a child process (`floodgate-probe` with
+//! `FLOODGATE_PROBE_EVENTS=1`) for faults that must be the process's own,
+//! in this one for the others.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
+use std::sync::OnceLock;
 
-use floodgate_tests::{connect, serial};
+use floodgate::Listener;
+use floodgate_tests::{
+    capture, connect, ended_by_server, open_fds, reset_on_drop, serial, wait_for,
+};
 
 const PROBE: &str = env!("CARGO_BIN_EXE_floodgate-probe");
 
@@ -73,11 +78,12 @@ fn hitting_the_fd_limit_emits_one_backoff_event_per_backoff() {
     // The first backoff of a run is the shortest step, 1 ms.
     assert_eq!(field(first, "backoff_ms"), Some("1"), "{first}");
     assert!(first.contains("Too many open files"), "{first}");
-    // Nothing per connection: the events are the backoffs (and the pause
-    // or resume of a full ring, which this one-at-a-time run never has).
+    // Nothing per connection: the events are the backoffs (and the
+    // backend's, at build, when an operator forces epoll).
     let others: Vec<&str> = rest
         .lines()
         .filter(|l| l.starts_with("EVENT ") && !l.contains("backing off"))
+        .filter(|l| !l.contains("run on epoll"))
         .collect();
     assert!(others.is_empty(), "unexpected events: {others:?}");
 }
@@ -104,4 +110,99 @@ fn auto_falling_back_to_epoll_emits_the_reason() {
     assert_eq!(field(e, "level"), Some("WARN"), "{e}");
     assert_eq!(field(e, "what"), Some("\"listener\""), "{e}");
     assert!(e.contains("EPERM"), "the reason names the cause: {e}");
+}
+
+/// The events of this process: one subscriber for the whole test binary.
+fn captured() -> &'static capture::Events {
+    static EVENTS: OnceLock<capture::Events> = OnceLock::new();
+    EVENTS.get_or_init(capture::install)
+}
+
+/// How many captured events (taken so far into `seen`) contain `what`.
+fn count(seen: &mut Vec<String>, what: &str) -> u64 {
+    seen.extend(capture::take(captured()));
+    seen.iter().filter(|l| l.contains(what)).count() as u64
+}
+
+#[test]
+fn a_full_ring_pause_and_its_resume_emit_one_event_each() {
+    let _g = serial();
+    let baseline = open_fds();
+    {
+        let _ = capture::take(captured());
+        const RING: usize = 4;
+        // The ring (4) and the kernel's accept queue (backlog + 1 = 5) hold
+        // them all: no SYN is dropped.
+        const CLIENTS: usize = 8;
+        let listener = Listener::builder("127.0.0.1:0".parse().unwrap())
+            .shards(1)
+            .pin(false)
+            .backlog(RING)
+            .build()
+            .expect("listener");
+        let addr = listener.local_addr();
+        let clients: Vec<TcpStream> = (0..CLIENTS).map(|_| connect(addr).unwrap()).collect();
+        wait_for("the ring full and accepting paused", || {
+            listener.stats().shards[0].ring_full_pauses >= 1
+        });
+        for _ in 0..CLIENTS {
+            drop(listener.accept().expect("accept"));
+        }
+        wait_for("accepting resumed", || {
+            listener.stats().shards[0].resumes >= 1
+        });
+        let mut seen = Vec::new();
+        wait_for("one event per pause and per resume", || {
+            let s = &listener.stats().shards[0];
+            count(&mut seen, "accepting paused") == s.ring_full_pauses
+                && count(&mut seen, "accepting resumed") == s.resumes
+        });
+        let pause = seen
+            .iter()
+            .find(|l| l.contains("accepting paused"))
+            .expect("a pause event");
+        assert_eq!(field(pause, "level"), Some("DEBUG"), "{pause}");
+        assert_eq!(field(pause, "shard"), Some("0"), "{pause}");
+        for c in &clients {
+            reset_on_drop(c);
+        }
+        drop(clients);
+        listener.shutdown();
+    }
+    assert_eq!(open_fds(), baseline, "descriptors leaked");
+}
+
+#[test]
+fn a_panicking_handler_emits_an_error_event_per_panic() {
+    let _g = serial();
+    let baseline = open_fds();
+    {
+        let _ = capture::take(captured());
+        let listener = Listener::builder("127.0.0.1:0".parse().unwrap())
+            .shards(1)
+            .pin(false)
+            .handler(|_conn, _ctx| panic!("a handler bug"))
+            .build()
+            .expect("listener");
+        for _ in 0..3 {
+            let mut c = connect(listener.local_addr()).expect("connect");
+            assert!(ended_by_server(&mut c));
+            reset_on_drop(&c);
+        }
+        wait_for("three panics", || {
+            listener.stats().total().handler_panics == 3
+        });
+        let mut seen = Vec::new();
+        wait_for("one event per panic", || {
+            count(&mut seen, "inline handler panicked") == 3
+        });
+        let e = seen
+            .iter()
+            .find(|l| l.contains("inline handler panicked"))
+            .expect("a panic event");
+        assert_eq!(field(e, "level"), Some("ERROR"), "{e}");
+        assert_eq!(field(e, "target"), Some("floodgate"), "{e}");
+        listener.shutdown();
+    }
+    assert_eq!(open_fds(), baseline, "descriptors leaked");
 }

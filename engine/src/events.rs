@@ -20,10 +20,18 @@ macro_rules! event {
 use crate::driver::{Backend, BackendChoice};
 
 /// Emits the `tracing` event for a build whose `Auto` did not get
-/// io_uring (`what`: "listener" or "connector"); nothing otherwise.
+/// io_uring (`what`: "listener" or "connector"): a warning for a fallback,
+/// information when the operator forced epoll (`FLOODGATE_BACKEND`);
+/// nothing otherwise.
 #[cfg_attr(not(feature = "tracing"), allow(unused_variables))]
 pub(crate) fn report_fallback(asked: Backend, chosen: Option<&BackendChoice>, what: &str) {
-    if let Some(c) = chosen.filter(|c| asked == Backend::Auto && c.backend == Backend::Epoll) {
+    let Some(c) = chosen.filter(|c| asked == Backend::Auto && c.backend == Backend::Epoll) else {
+        return;
+    };
+    if c.reason.starts_with(crate::driver::BACKEND_ENV) {
+        // The operator's choice, not a fallback.
+        event!(info, what, reason = %c.reason, "the shards run on epoll, as the operator asks");
+    } else {
         event!(warn, what, reason = %c.reason, "io_uring not used: the shards run on epoll");
     }
 }
