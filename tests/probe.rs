@@ -19,6 +19,11 @@
 //! - `connect-emfile PORT SPARE TOTAL`: runs TOTAL sequences against PORT
 //!   with RLIMIT_NOFILE lowered so that only SPARE sockets fit, and reports
 //!   how the connector classified the failures and backed off.
+//!
+//! With the `tracing` feature and `FLOODGATE_PROBE_EVENTS=1`, the probe
+//! also captures the engine's tracing events and prints each, at the end,
+//! as a line `EVENT level=.. target=.. field=value ...` (used by
+//! `tests/events.rs`).
 
 use std::io::{BufRead, Write};
 use std::time::Duration;
@@ -26,6 +31,9 @@ use std::time::Duration;
 use floodgate::{Error, Listener};
 
 fn main() {
+    #[cfg(feature = "tracing")]
+    let events = (std::env::var("FLOODGATE_PROBE_EVENTS").as_deref() == Ok("1"))
+        .then(floodgate_tests::capture::install);
     let mode = std::env::args().nth(1).unwrap_or_default();
     let code = match mode.as_str() {
         "emfile" => emfile(),
@@ -39,6 +47,10 @@ fn main() {
             2
         }
     };
+    #[cfg(feature = "tracing")]
+    for line in events.iter().flat_map(floodgate_tests::capture::take) {
+        println!("EVENT {line}");
+    }
     std::process::exit(code);
 }
 

@@ -97,6 +97,18 @@ pub fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
     }
 }
 
+/// Connects to `addr` from the loopback address `src` (any port).
+pub fn connect_from(src: std::net::IpAddr, addr: SocketAddr) -> io::Result<TcpStream> {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    s.bind(&SocketAddr::new(src, 0).into())?;
+    s.connect(&addr.into())?;
+    Ok(s.into())
+}
+
 /// Sets SO_LINGER 0 so that dropping `s` sends an RST and leaves no
 /// TIME_WAIT behind (tests make tens of thousands of connections).
 pub fn reset_on_drop(s: &TcpStream) {
@@ -197,4 +209,58 @@ pub fn listening_on(port: u16) -> usize {
                 .count()
         })
         .sum()
+}
+
+/// A tracing subscriber that keeps every event as a line of text,
+/// `level=.. target=.. field=value ...` (feature `tracing`).
+#[cfg(feature = "tracing")]
+pub mod capture {
+    use std::fmt::Write;
+    use std::sync::{Arc, Mutex};
+
+    use tracing::field::{Field, Visit};
+    use tracing::{Event, Subscriber};
+    use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
+
+    /// The events captured, oldest first.
+    pub type Events = Arc<Mutex<Vec<String>>>;
+
+    struct Capture(Events);
+
+    struct Line(String);
+
+    impl Visit for Line {
+        fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+            let _ = write!(self.0, " {}={:?}", field.name(), value);
+        }
+    }
+
+    impl<S: Subscriber> Layer<S> for Capture {
+        fn on_event(&self, event: &Event<'_>, _: Context<'_, S>) {
+            let m = event.metadata();
+            let mut line = Line(format!("level={} target={}", m.level(), m.target()));
+            event.record(&mut line);
+            if let Ok(mut v) = self.0.lock() {
+                v.push(line.0);
+            }
+        }
+    }
+
+    /// Installs the capture as the global subscriber.
+    pub fn install() -> Events {
+        let events = Events::default();
+        let subscriber = tracing_subscriber::registry().with(Capture(events.clone()));
+        if tracing::subscriber::set_global_default(subscriber).is_err() {
+            eprintln!("a global tracing subscriber was already set");
+        }
+        events
+    }
+
+    /// The events captured so far.
+    pub fn take(events: &Events) -> Vec<String> {
+        events
+            .lock()
+            .map(|mut v| std::mem::take(&mut *v))
+            .unwrap_or_default()
+    }
 }

@@ -197,6 +197,8 @@ pub enum Error {
 
 /// The cause of a failed connect, as the connector classifies and counts it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum ConnectErrorKind {
     /// Nobody listens there (ECONNREFUSED: the peer answered with an RST).
     Refused,

@@ -59,9 +59,23 @@
 //! [`ShardStats::multishot`]); SINGLE_ISSUER + DEFER_TASKRUN (6.1) are used
 //! when present. Where io_uring is missing or disabled, `build()` returns
 //! [`Error::UringUnavailable`] naming the cause.
+//!
+//! Optional features, all off by default:
+//! - `serde`: `Serialize` and `Deserialize` on every stats and summary
+//!   type ([`ListenerStats`], [`ConnectorStats`], [`RunSummary`],
+//!   [`BackendChoice`], [`BacklogLength`], [`RelayOutcome`], ...).
+//! - `prometheus`: the `metrics` module, collectors for the
+//!   `prometheus-client` crate that read the stats at scrape time.
+//! - `tracing`: `tracing` events (target `floodgate`) for accept backoffs,
+//!   ring-full pauses and resumes, the backend's fallback, panics caught on
+//!   a shard, errors surfaced to `accept()`, connector backoffs and relay
+//!   refusals; none per connection.
 #![deny(unsafe_code, unsafe_op_in_unsafe_fn)]
 #![deny(missing_docs, missing_debug_implementations)]
 #![doc(test(attr(deny(warnings))))]
+
+#[macro_use]
+mod events;
 
 #[allow(unsafe_code)]
 mod driver;
@@ -75,6 +89,8 @@ mod relay;
 pub mod conditions;
 
 mod error;
+#[cfg(feature = "prometheus")]
+pub mod metrics;
 mod stats;
 
 // The parsers' public paths (`floodgate::cidr`, ...) as before the folders;

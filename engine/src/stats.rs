@@ -107,6 +107,7 @@ impl Counters {
 /// Accept-error backoffs, by errno: each is one time the shard stopped
 /// accepting for lack of a resource and resumed after a pause.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Backoffs {
     /// EMFILE: the process is out of file descriptors (RLIMIT_NOFILE).
     pub emfile: u64,
@@ -128,6 +129,7 @@ impl Backoffs {
 /// The kernel's view of a shard's listening socket (`TCP_INFO` on a socket
 /// in LISTEN state).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct KernelQueue {
     /// Connections completed by the kernel and waiting in its accept queue
     /// (`tcpi_unacked`).
@@ -138,6 +140,7 @@ pub struct KernelQueue {
 
 /// A snapshot of one shard's counters.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct ShardStats {
     /// The shard's index.
     pub shard: usize,
@@ -245,6 +248,7 @@ impl ShardStats {
 
 /// Rejections, by how the connection ended.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Rejected {
     /// Closed with FIN.
     pub close: u64,
@@ -261,6 +265,7 @@ impl Rejected {
 
 /// Withdrawals of pending connections, by cause.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Withdrawn {
     /// The peer closed or reset before a decision.
     pub peer_gone: u64,
@@ -277,6 +282,7 @@ impl Withdrawn {
 
 /// Counters of a whole listener: per shard and summed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct ListenerStats {
     /// One entry per shard, by index.
     pub shards: Vec<ShardStats>,
@@ -291,6 +297,7 @@ pub struct ListenerStats {
 /// registration, a reply being sent, an [`Admitted`](crate::Admitted) the
 /// application holds, a [`ConnectionSlot`](crate::ConnectionSlot) it kept).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct OpenConnections {
     /// Open now (for a moment, plus one a shard is accepting).
     pub open: u64,
@@ -424,6 +431,7 @@ impl RelayCounters {
 /// upstream_refused + upstream_timeout + errors`. Relays that never started
 /// are in `refused_cap` or `start_failed` only.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct RelayStats {
     /// Relays started (the upstream dial was posted).
     pub started: u64,

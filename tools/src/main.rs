@@ -5,7 +5,8 @@
 //!   prints a table (or `--json`) of outcomes, conn/s, latency percentiles
 //!   and CPU per connection.
 //! - `flood serve --listen ADDR`: a Floodgate server for load tests
-//!   (banner, close), with periodic stats and final stats as JSON.
+//!   (banner, close), with periodic stats and final stats as JSON, and
+//!   with `--metrics ADDR` its stats as Prometheus text on `GET /metrics`.
 //! - `flood demo`: both in one process on loopback; checks conservation.
 //!
 //! Only loopback addresses are accepted anywhere.
@@ -22,6 +23,7 @@ use clap::{Parser, Subcommand};
 
 mod args;
 mod demo;
+mod metrics;
 mod report;
 mod run;
 mod serve;

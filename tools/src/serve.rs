@@ -2,9 +2,10 @@
 //! the banner and is closed, by the engine's inline handler on the shard's
 //! ring (`reply_and_close`: SEND with MSG_MORE + CLOSE, linked).
 //!
-//! Prints `LISTENING <addr>` on stdout when ready, stats on stderr every
-//! `--stats-interval`, and its final stats as one JSON object on stdout when
-//! it stops: on SIGINT/SIGTERM, after `--max-seconds`, or (with
+//! Prints `LISTENING <addr>` on stdout when ready (then, with `--metrics`,
+//! `METRICS <addr>` once `GET /metrics` is served there), stats on stderr
+//! every `--stats-interval`, and its final stats as one JSON object on
+//! stdout when it stops: on SIGINT/SIGTERM, after `--max-seconds`, or (with
 //! `--exit-on-eof`) when its standard input closes.
 //!
 //! Restart under load: `--handover PATH` offers the listening sockets to a
@@ -27,6 +28,7 @@ use floodgate::{Coalesce, ConnectRequest, Listener, ListenerStats, Verdict};
 use serde::Serialize;
 
 use crate::args;
+use crate::metrics::MetricsServer;
 
 /// `flood serve` options.
 #[derive(Args, Debug, Clone)]
@@ -99,6 +101,12 @@ pub struct ServeArgs {
     /// Stop when standard input reaches EOF (for a parent process).
     #[arg(long)]
     pub exit_on_eof: bool,
+
+    /// Serve the engine's stats as Prometheus text on `GET /metrics` at
+    /// this address (loopback only; port 0 picks a free port, printed as
+    /// `METRICS <addr>`).
+    #[arg(long, value_name = "ADDR", value_parser = args::loopback_addr)]
+    pub metrics: Option<SocketAddr>,
 }
 
 /// The final stats `flood serve` prints.
@@ -139,6 +147,9 @@ pub struct ServeStats {
     pub stopped_accepting_at_us: Option<u64>,
     /// When its handler got its first connection (µs since the Unix epoch).
     pub first_accept_at_us: Option<u64>,
+    /// The engine's own stats, every counter of every shard (what
+    /// `--metrics` serves, as JSON).
+    pub stats: ListenerStats,
 }
 
 /// Counters the handler keeps.
@@ -262,6 +273,7 @@ pub fn final_stats(
                 0 => None,
                 t => Some(t),
             },
+            stats: stats.clone(),
         },
         stats,
     )
@@ -298,11 +310,24 @@ pub fn main(a: ServeArgs) -> Result<ExitCode, String> {
     .map_err(|e| format!("cannot start the listener: {e}"))?;
     let listener = Arc::new(listener);
     let started = Instant::now();
-    {
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "LISTENING {}", listener.local_addr());
-        let _ = out.flush();
-    }
+    crate::emit(&format!("LISTENING {}", listener.local_addr()));
+    let metrics = match a.metrics {
+        Some(addr) => match MetricsServer::start(addr, listener.clone()) {
+            Ok(m) => {
+                crate::emit(&format!("METRICS {}", m.local_addr()));
+                crate::emit_err(&format!(
+                    "flood serve: metrics on http://{}/metrics",
+                    m.local_addr()
+                ));
+                Some(m)
+            }
+            Err(e) => {
+                listener.shutdown();
+                return Err(e);
+            }
+        },
+        None => None,
+    };
     // A closed stderr is not a reason to stop serving.
     let _ = writeln!(
         std::io::stderr(),
@@ -376,6 +401,9 @@ pub fn main(a: ServeArgs) -> Result<ExitCode, String> {
             next_stats = now.checked_add(a.stats_interval);
         }
         std::thread::park_timeout(Duration::from_millis(20));
+    }
+    if let Some(m) = metrics {
+        m.stop();
     }
     let handed = successor.lock().ok().and_then(|mut s| s.take());
     let drained = handed.as_ref().map(|_| listener.drain(a.drain_timeout));

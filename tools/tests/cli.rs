@@ -1,100 +1,13 @@
 //! The `flood` binary end to end: `flood run` against `flood serve` (both
 //! child processes), `flood demo`, and refusal of bad input.
 
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, ChildStdout, Command, Stdio};
-use std::sync::{Mutex, MutexGuard};
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
 
 use serde_json::Value;
-
-const FLOOD: &str = env!("CARGO_BIN_EXE_flood");
-
-/// The load tests share two cores: one at a time.
-fn serial() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// A `flood serve` child on a free loopback port, stopped by closing its
-/// standard input (bounded by --max-seconds should the test die).
-struct Server {
-    child: Child,
-    out: BufReader<ChildStdout>,
-    addr: String,
-}
-
-impl Server {
-    fn start(extra: &[&str]) -> Server {
-        let mut args = vec!["--stats-interval", "0", "--max-seconds", "120"];
-        args.extend_from_slice(extra);
-        Server::spawn(&args, Stdio::inherit())
-    }
-
-    /// `flood serve --listen 127.0.0.1:0 --shards 1 --exit-on-eof` and
-    /// `args`, with `stderr` as its standard error.
-    fn spawn(args: &[&str], stderr: Stdio) -> Server {
-        let mut child = Command::new(FLOOD)
-            .args(["serve", "--listen", "127.0.0.1:0", "--shards", "1"])
-            .arg("--exit-on-eof")
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .expect("spawn flood serve");
-        let mut out = BufReader::new(child.stdout.take().expect("stdout"));
-        let mut line = String::new();
-        out.read_line(&mut line).expect("read LISTENING line");
-        let addr = line
-            .trim()
-            .strip_prefix("LISTENING ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_string();
-        Server { child, out, addr }
-    }
-
-    /// Closes stdin, waits for exit, returns the final stats JSON.
-    fn stop(mut self) -> Value {
-        drop(self.child.stdin.take());
-        let mut rest = String::new();
-        self.out
-            .read_to_string(&mut rest)
-            .expect("read final stats");
-        let status = self.child.wait().expect("wait flood serve");
-        assert!(status.success(), "flood serve exited with {status}: {rest}");
-        let last = rest
-            .lines()
-            .last()
-            .unwrap_or_else(|| panic!("no final stats"));
-        serde_json::from_str(last).unwrap_or_else(|e| panic!("final stats {last:?}: {e}"))
-    }
-}
-
-fn flood(args: &[&str]) -> (bool, String, String) {
-    let (code, stdout, stderr) = flood_code(args);
-    (code == Some(0), stdout, stderr)
-}
-
-/// Runs flood; returns its exit code (None if a signal ended it), stdout
-/// and stderr.
-fn flood_code(args: &[&str]) -> (Option<i32>, String, String) {
-    let out = Command::new(FLOOD)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run flood");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn u(v: &Value, key: &str) -> u64 {
-    v[key]
-        .as_u64()
-        .unwrap_or_else(|| panic!("{key} missing in {v}"))
-}
+use support::{flood, flood_code, serial, u, Server, FLOOD};
 
 #[test]
 fn run_against_serve_accounts_for_every_connection() {
@@ -224,6 +137,20 @@ fn bad_input_is_refused_naming_the_flag() {
         ),
         (vec!["run"], "--target"),
         (vec!["serve", "--listen", "192.168.1.1:80"], "--listen"),
+        (
+            vec![
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics",
+                "192.168.1.1:9100",
+            ],
+            "--metrics",
+        ),
+        (
+            vec!["serve", "--listen", "127.0.0.1:0", "--metrics", "localhost"],
+            "--metrics",
+        ),
         (
             vec![
                 "serve",

@@ -334,6 +334,7 @@ impl Admission {
             Ok(v) => v,
             Err(_) => {
                 Counters::add(&c.condition_panics, 1);
+                event!(error, shard = self.shard, peer = %req.peer, "condition panicked: connection reset");
                 Verdict::reset()
             }
         }

@@ -461,6 +461,11 @@ impl Registry {
         .is_err()
         {
             Counters::add(&c.handler_panics, 1);
+            event!(
+                error,
+                shard = self.shard,
+                "registration handler panicked: connection closed"
+            );
             r.action = Action::Close;
         }
         // After a final hang-up (no more events can come) a connection the

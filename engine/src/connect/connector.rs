@@ -249,6 +249,7 @@ impl ConnectorBuilder {
                 }
             }
         }
+        crate::events::report_fallback(self.backend, connector.backend.as_ref(), "connector");
         Ok(connector)
     }
 }

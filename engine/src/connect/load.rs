@@ -91,6 +91,10 @@ impl SequenceOutcome {
 }
 
 /// Counts of sequence outcomes, indexed by [`SequenceOutcome::index`].
+///
+/// With the `serde` feature it is a map from each outcome's
+/// [`SequenceOutcome::name`] to its count (`{"ok": 10, "reset": 0, ...}`),
+/// and a [`SequenceOutcome`] is its name.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct OutcomeCounts(pub [u64; 12]);
 
@@ -349,6 +353,7 @@ pub struct SequenceRecord {
 
 /// What [`Connector::run`](crate::Connector::run) did, over all shards.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct RunSummary {
     /// Sequences started.
     pub started: u64,
@@ -356,4 +361,74 @@ pub struct RunSummary {
     pub outcomes: OutcomeCounts,
     /// From the run's start to the last completion.
     pub elapsed: Duration,
+}
+
+/// With the `serde` feature, an outcome is its [`SequenceOutcome::name`]
+/// and [`OutcomeCounts`] a map from those names to counts (every outcome,
+/// zeros included; a missing name reads as 0, an unknown one is refused).
+#[cfg(feature = "serde")]
+mod serde_impls {
+    use std::fmt;
+
+    use serde::de::{self, MapAccess, Visitor};
+    use serde::ser::SerializeMap;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::{OutcomeCounts, SequenceOutcome};
+
+    fn by_name<E: de::Error>(name: &str) -> Result<SequenceOutcome, E> {
+        SequenceOutcome::ALL
+            .iter()
+            .copied()
+            .find(|o| o.name() == name)
+            .ok_or_else(|| E::custom(format!("unknown sequence outcome `{name}`")))
+    }
+
+    impl Serialize for SequenceOutcome {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_str(self.name())
+        }
+    }
+
+    impl<'de> Deserialize<'de> for SequenceOutcome {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            let name = std::borrow::Cow::<'de, str>::deserialize(d)?;
+            by_name(&name)
+        }
+    }
+
+    impl Serialize for OutcomeCounts {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let mut map = s.serialize_map(Some(SequenceOutcome::ALL.len()))?;
+            for o in SequenceOutcome::ALL {
+                map.serialize_entry(o.name(), &self.get(o))?;
+            }
+            map.end()
+        }
+    }
+
+    struct CountsVisitor;
+
+    impl<'de> Visitor<'de> for CountsVisitor {
+        type Value = OutcomeCounts;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a map from sequence outcome names to counts")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<OutcomeCounts, A::Error> {
+            let mut counts = OutcomeCounts::default();
+            while let Some(name) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                let o = by_name(&name)?;
+                counts.0[o.index()] = map.next_value()?;
+            }
+            Ok(counts)
+        }
+    }
+
+    impl<'de> Deserialize<'de> for OutcomeCounts {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_map(CountsVisitor)
+        }
+    }
 }

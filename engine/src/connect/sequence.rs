@@ -477,6 +477,13 @@ impl Dialer {
             self.backoff_step = (self.backoff_step * 2).min(MAX_BACKOFF);
         }
         add(&self.counters().backoffs, 1);
+        event!(
+            warn,
+            shard = self.index,
+            in_flight = others,
+            paused = others == 0,
+            "connect out of descriptors or memory: load holding back"
+        );
     }
 
     /// A sequence connected: the pause resets, and a cap set by

@@ -340,6 +340,7 @@ impl Dialer {
                     let sink = &mut run.job.sink;
                     if catch_unwind(AssertUnwindSafe(|| sink(&record))).is_err() {
                         add(&self.shared.counters.handler_panics, 1);
+                        event!(error, shard = self.index, "load run sink panicked");
                     }
                 }
             }
@@ -363,6 +364,7 @@ impl Dialer {
                 if let Some(h) = self.common.handler.clone() {
                     if catch_unwind(AssertUnwindSafe(|| h(c))).is_err() {
                         add(&self.counters().handler_panics, 1);
+                        event!(error, shard = self.index, "connect handler panicked");
                     }
                 } else {
                     self.common.delivery.will_push();

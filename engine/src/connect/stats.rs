@@ -14,6 +14,7 @@ use super::load::OutcomeCounts;
 /// as exactly one of `connected`, one of the error kinds, or `cancelled`;
 /// [`ConnectShardStats::conserved`] checks it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct ConnectShardStats {
     /// The shard's index.
     pub shard: usize,
@@ -91,6 +92,7 @@ impl ConnectShardStats {
 
 /// Counters of a whole connector: per shard and summed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct ConnectorStats {
     /// One entry per shard.
     pub shards: Vec<ConnectShardStats>,

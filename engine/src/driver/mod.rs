@@ -63,6 +63,7 @@ pub(crate) const F_MORE: u32 = 1 << 1;
 
 /// How the ring was set up: which of the optional setup flags the kernel took.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct RingSetup {
     /// `IORING_SETUP_SINGLE_ISSUER` (6.0).
     pub single_issuer: bool,
@@ -86,6 +87,8 @@ pub struct RingSetup {
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum Backend {
     /// io_uring when a ring can be set up and the kernel has every opcode
     /// the engine uses; epoll when io_uring is denied (EPERM from a seccomp
@@ -118,6 +121,7 @@ impl std::fmt::Display for Backend {
 
 /// The backend that runs, and why it was chosen.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct BackendChoice {
     /// `IoUring` or `Epoll` (never `Auto`).
     pub backend: Backend,

@@ -255,6 +255,7 @@ impl ShardShared {
 /// The backlog lengths: what was asked, the provider ceiling, and what is in
 /// force.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct BacklogLength {
     /// The length the application asked for.
     pub requested: usize,

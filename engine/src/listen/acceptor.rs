@@ -400,6 +400,11 @@ impl Acceptor {
             let mut ctx = ShardContext::new(self.index, ring, &mut self.replies, &mut self.relays);
             if catch_unwind(AssertUnwindSafe(|| handler(conn, &mut ctx))).is_err() {
                 Counters::add(&self.counters().handler_panics, 1);
+                event!(
+                    error,
+                    shard = self.index,
+                    "inline handler panicked: connection dropped"
+                );
             }
         }
         n
@@ -420,6 +425,7 @@ impl Acceptor {
                     _ => &c.backoff_enomem,
                 };
                 Counters::add(counter, 1);
+                event!(warn, shard = self.index, errno, error = %io::Error::from_raw_os_error(errno), backoff_ms = self.backoff_step.as_millis() as u64, "accept out of resources: backing off");
                 self.cancel(ring);
                 self.start_backoff(ring);
             }
@@ -441,6 +447,7 @@ impl Acceptor {
                 c.last_errno
                     .store(errno as u64, std::sync::atomic::Ordering::Relaxed);
                 Counters::add(&c.accept_errors, 1);
+                event!(error, shard = self.index, errno, error = %io::Error::from_raw_os_error(errno), "accept failed: surfaced to accept()");
                 self.shard.surface(io::Error::from_raw_os_error(errno));
                 self.cancel(ring);
                 self.start_backoff(ring);
@@ -661,11 +668,22 @@ impl Service for Acceptor {
             self.paused = true;
             self.shard.backlog.set_paused(true);
             Counters::add(&self.counters().ring_full_pauses, 1);
+            event!(
+                debug,
+                shard = self.index,
+                held = self.held.len(),
+                "backlog ring full: accepting paused"
+            );
         }
         if self.paused && self.held.is_empty() && self.shard.backlog.drained() {
             self.paused = false;
             self.shard.backlog.set_paused(false);
             Counters::add(&self.counters().resumes, 1);
+            event!(
+                debug,
+                shard = self.index,
+                "backlog ring drained: accepting resumed"
+            );
         }
         if self.draining {
             // Stopped accepting: the listening sockets go once no accept
@@ -687,6 +705,7 @@ impl Service for Acceptor {
         let want = !self.paused && !self.backoff_timer && !held_back;
         if want {
             if let Err(e) = self.arm(ring) {
+                event!(error, shard = self.index, error = %e, "accept could not be posted: surfaced to accept()");
                 self.shard.surface(e);
                 self.start_backoff(ring);
             }

@@ -736,6 +736,7 @@ impl ListenerBuilder {
         if let Ok(mut g) = listener.group.lock() {
             *g = all;
         }
+        crate::events::report_fallback(self.backend, listener.backend.as_ref(), "listener");
         Ok((listener, driven_shards))
     }
 }

@@ -53,6 +53,7 @@ use crate::listen::config::Steering;
 /// How the kernel picks a socket of the group for a new connection, as it
 /// ended up once the group was bound, joined or adopted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum SteeringInForce {
     /// The CPU program: socket `cpu % n` of the group, in group order,
     /// which is shard order (a group this listener created, or received

@@ -272,8 +272,17 @@ impl Relays {
                 drop(client);
                 if refusal.end == RelayEnd::CapRefused {
                     Counters::add(&self.counters.refused_cap, 1);
+                    event!(
+                        warn,
+                        live = self.live,
+                        memory = self.memory,
+                        max_relays = self.limits.max_relays,
+                        max_memory = self.limits.memory,
+                        "relay refused at the shard's limit: client reset"
+                    );
                 } else {
                     Counters::add(&self.counters.start_failed, 1);
+                    event!(warn, error = %refusal.error, "relay could not start: client reset");
                 }
                 let outcome = RelayOutcome {
                     end: refusal.end,

@@ -154,6 +154,8 @@ impl Default for RelayOptions {
 
 /// One end of a relay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum RelaySide {
     /// The admitted client connection.
     Client,
@@ -165,6 +167,8 @@ pub enum RelaySide {
 /// [`RelayEnd::Completed`] resets the relay's sockets (SO_LINGER 0): both
 /// peers, or only the client of a relay that never started, see an RST.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 #[non_exhaustive]
 pub enum RelayEnd {
     /// Both directions reached end of stream (FIN) and were passed on; both
@@ -227,6 +231,7 @@ pub enum RelayEnd {
 /// # let _ = log;
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[non_exhaustive]
 pub struct RelayOutcome {
     /// How it ended.
@@ -332,6 +337,7 @@ pub(super) fn deliver(c: &RelayCounters, on_end: Option<OnEnd>, outcome: RelayOu
     if let Some(OnEnd(f)) = on_end {
         if catch_unwind(AssertUnwindSafe(move || f(outcome))).is_err() {
             Counters::add(&c.callback_panics, 1);
+            event!(error, "relay outcome callback panicked");
         }
     }
 }
