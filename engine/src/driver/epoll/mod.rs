@@ -46,8 +46,8 @@ use super::{Cqe, Desc, KeyMap, Op, OpMemory, F_MORE};
 /// Connections one try of a multishot accept takes before the shard gets
 /// their completions. Small, so that each connection is replied to and
 /// closed while its socket is still warm in the cache, as a hand-written
-/// loop that replies to each connection it accepts does (PERF.md: with 64
-/// at a time the backend cost ~7% more CPU per connection).
+/// loop that replies to each connection it accepts does (PERF.md has the
+/// interleaved A/B; on a shared machine its effect is within the noise).
 pub(crate) const ACCEPT_SLICE: usize = 8;
 
 /// Connections accepted between two looks at epoll: a listener with more
