@@ -24,9 +24,10 @@
 //! reverse); a cancel completes its target with -ECANCELED (and itself with
 //! 0, or -ENOENT when the target is gone or not yet started, as io_uring's
 //! does for an SQE behind it); a multishot ACCEPT or POLL completes with
-//! F_MORE until it ends; a multishot accept takes at most [`ACCEPT_BUDGET`]
-//! connections per turn, then lets the turn run and goes on in the next
-//! (the kernel's queue holds the rest meanwhile).
+//! F_MORE until it ends; a multishot accept hands over [`ACCEPT_SLICE`]
+//! connections at a time and takes at most [`ACCEPT_BUDGET`] between two
+//! looks at epoll, so the other descriptors wait no longer (the kernel's
+//! queue holds the rest meanwhile).
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -43,8 +44,17 @@ use slab::Slab;
 
 use super::{Cqe, Desc, KeyMap, Op, OpMemory, F_MORE};
 
-/// Connections one multishot accept takes per turn before the turn runs
-/// (HAProxy's `tune.maxaccept` is 64 per wake-up too).
+/// Connections one try of a multishot accept takes before the shard gets
+/// their completions. Small, so that each connection is replied to and
+/// closed while its socket is still warm in the cache, as a hand-written
+/// loop that replies to each connection it accepts does (PERF.md has the
+/// interleaved A/B; on a shared machine its effect is within the noise).
+pub(crate) const ACCEPT_SLICE: usize = 8;
+
+/// Connections accepted between two looks at epoll: a listener with more
+/// waiting gives its next slice in the same wait (no `epoll_pwait2`) until
+/// this many, then every other descriptor gets its turn (HAProxy's
+/// `tune.maxaccept` is 64 per wake-up too).
 pub(crate) const ACCEPT_BUDGET: usize = 64;
 
 const IN: u32 = (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLERR | libc::EPOLLHUP) as u32;
@@ -151,6 +161,8 @@ pub(crate) struct Epoll {
     park: Option<OwnedFd>,
     /// When `park` was last armed for (to skip a settime that changes nothing).
     park_at: Option<Instant>,
+    /// Accept slices taken since epoll was last asked.
+    slices: usize,
 }
 
 /// The epoll user data of the park timer (no descriptor number is this).
@@ -182,6 +194,7 @@ impl Epoll {
             spare_ready: Vec::new(),
             park: None,
             park_at: None,
+            slices: 0,
         })
     }
 
@@ -333,8 +346,16 @@ impl Epoll {
                 self.expire(now, mem);
             }
             if self.cq.len() >= want {
+                // Completions to hand over: a listener with more waiting
+                // adds its next slice to them (within the budget), so the
+                // shard replies to one slice while the next is taken.
+                // (The slice epoll reported was the first since it was asked.)
+                if !self.ready.is_empty() && self.slices + 1 < ACCEPT_BUDGET / ACCEPT_SLICE {
+                    self.take_ready(mem);
+                }
                 return Ok(());
             }
+            self.slices = 0;
             let timeout = if !self.ready.is_empty() {
                 Some(std::time::Duration::ZERO)
             } else {
@@ -389,8 +410,12 @@ impl Epoll {
         self.take_ready(mem);
     }
 
-    /// Tries again each listener whose accept used up its budget.
+    /// Gives each listener whose accept used up its slice the next one.
     fn take_ready(&mut self, mem: &mut KeyMap<OpMemory>) {
+        if self.ready.is_empty() {
+            return;
+        }
+        self.slices += 1;
         let spare = std::mem::take(&mut self.spare_ready);
         let mut ready = std::mem::replace(&mut self.ready, spare);
         for fd in ready.drain(..) {

@@ -17,7 +17,7 @@ use std::mem::size_of;
 use std::os::fd::RawFd;
 use std::time::Instant;
 
-use super::{errno, Epoll, Try, ACCEPT_BUDGET, ALWAYS, IN, OUT};
+use super::{errno, Epoll, Try, ACCEPT_SLICE, ALWAYS, IN, OUT};
 use crate::driver::{Cqe, Desc, KeyMap, Op, OpMemory, F_MORE};
 
 /// Runs a libc call that returns -1 and sets errno on failure.
@@ -226,7 +226,8 @@ impl Epoll {
 
     /// Accepts on listening socket `fd` until EAGAIN; a multishot accept
     /// completes (F_MORE) for each connection, at most
-    /// [`ACCEPT_BUDGET`] per try (then it is tried again in the next turn).
+    /// [`ACCEPT_SLICE`] per try (then it is tried again before the next
+    /// wait).
     fn try_accept(&mut self, fd: RawFd, multishot: bool, ud: u64) -> Try {
         let st = self.fds.entry(fd).or_default();
         if !st.nonblocking {
@@ -245,7 +246,7 @@ impl Epoll {
                         flags: F_MORE,
                     });
                     taken += 1;
-                    if taken >= ACCEPT_BUDGET {
+                    if taken >= ACCEPT_SLICE {
                         self.ready.push(fd);
                         return Try::Wait(fd);
                     }
