@@ -9,6 +9,8 @@
 //! - `--mode driven`: no engine thread: the main thread drives the shard (`build_driven`), waiting on
 //!   its descriptor with poll(2); its handler replies with `reply_and_close` as the inline one does;
 //! - `--mode driven-std`: the same, the application writing `x` itself and dropping the connection;
+//! - `--mode driven-accept`: a blocking `DrivenShard::accept()` loop on the main thread (it waits
+//!   in the shard's own ring): write `x`, drop;
 //! - `--condition trivial`: adds an admission condition that returns `Verdict::accept()`;
 //! - `--max-connections N`, `--accept-budget N`: the listener's limits (the shard then polls its
 //!   listener and accepts with `accept4` instead of a multishot ACCEPT).
@@ -39,6 +41,8 @@ enum Mode {
     Driven,
     /// A driven shard on the main thread: write "x", drop.
     DrivenStd,
+    /// A blocking DrivenShard::accept() loop on the main thread: write "x", drop.
+    DrivenAccept,
 }
 
 /// Which admission condition the listener runs.
@@ -137,7 +141,10 @@ fn main() {
             let _ = ctx.reply_and_close(conn, REPLY);
         });
     }
-    if matches!(cli.mode, Mode::Driven | Mode::DrivenStd) {
+    if matches!(
+        cli.mode,
+        Mode::Driven | Mode::DrivenStd | Mode::DrivenAccept
+    ) {
         let (listener, mut shards) = match builder.build_driven() {
             Ok(l) => l,
             Err(e) => peer::fatal(
@@ -152,6 +159,9 @@ fn main() {
             peer::fatal(NAME, msg);
         }
         peer::announce(NAME, listener.local_addr());
+        if cli.mode == Mode::DrivenAccept {
+            driven_accept_loop(shard);
+        }
         drive_loop(shard, cli.mode == Mode::Driven);
     }
     let listener = match builder.build() {
@@ -169,7 +179,23 @@ fn main() {
         Mode::Handler => park_forever(),
         Mode::Accept => accept_loop(&listener),
         Mode::AcceptMany => accept_many_loop(&listener),
-        Mode::Driven | Mode::DrivenStd => unreachable!("handled above"),
+        Mode::Driven | Mode::DrivenStd | Mode::DrivenAccept => unreachable!("handled above"),
+    }
+}
+
+/// A blocking accept loop on the one driven shard, on this thread.
+fn driven_accept_loop(mut shard: floodgate::DrivenShard) -> ! {
+    loop {
+        match shard.accept() {
+            // The client may already have gone (RST); that is its business.
+            Ok(mut conn) => {
+                let _ = conn.write_all(REPLY);
+            }
+            Err(Error::Accept { shard, source }) => {
+                eprintln!("{NAME}: shard {shard}: accept error (shard retries): {source}");
+            }
+            Err(e) => peer::fatal(NAME, format_args!("accept failed: {e}")),
+        }
     }
 }
 

@@ -319,6 +319,12 @@ impl<S: Service> Shard<S> {
         self.started
     }
 
+    /// Whether the next [`Shard::turn`] returns false: stopped, with
+    /// nothing in flight.
+    pub fn would_end(&self) -> bool {
+        self.finished || (self.stopping && !self.wake_armed && self.service.idle())
+    }
+
     /// Whether the shard stopped and everything it posted has ended.
     pub fn finished(&self) -> bool {
         self.finished
