@@ -3,7 +3,7 @@
 //! every sample equals the stats snapshot of the same moment.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use floodgate::metrics::{ConnectorCollector, ListenerCollector};
@@ -457,10 +457,7 @@ fn connector_collector_writes_exactly_the_connectors_stats() {
     let baseline = open_fds();
     {
         let server = banner_listener();
-        let refused: SocketAddr = {
-            let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-            l.local_addr().expect("addr")
-        };
+        let (_hold, refused) = floodgate_tests::refusing_port();
         let connector = Connector::builder()
             .shards(1)
             .pin(false)

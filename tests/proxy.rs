@@ -17,7 +17,8 @@ use floodgate::{
     RelaySide, RelayStats, Verdict,
 };
 use floodgate_tests::{
-    accept_from, connect, open_fds, reset_on_drop, serial, silent_upstream, still_relays, wait_for,
+    accept_from, connect, open_fds, refusing_port, reset_on_drop, serial, silent_upstream,
+    still_relays, wait_for,
 };
 
 /// An echo server on loopback: one thread per connection copying what it
@@ -292,10 +293,7 @@ fn denied_sources_are_rejected_by_address_or_by_proxy_header() {
 #[test]
 fn refused_upstream_ends_the_client_and_counts_a_failure() {
     let _g = serial();
-    let closed = {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    let (_hold, closed) = refusing_port();
     let baseline = open_fds();
     let listener = relay_listener(closed);
     let mut c = connect(listener.local_addr()).unwrap();
@@ -599,10 +597,7 @@ fn outcome_of_a_completed_relay_names_the_side_that_closed_first_and_the_bytes()
 #[test]
 fn outcome_of_a_refused_upstream_says_refused() {
     let _g = serial();
-    let closed = {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    let (_hold, closed) = refusing_port();
     let baseline = open_fds();
     let (listener, outcomes) = outcome_listener(closed, RelayOptions::default(), |b| b);
     let mut c = connect(listener.local_addr()).unwrap();

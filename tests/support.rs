@@ -302,3 +302,20 @@ pub fn still_relays(c: &mut TcpStream, s: &mut TcpStream) {
     c.read_exact(&mut b).unwrap();
     assert_eq!(&b, b"b");
 }
+
+/// A loopback port that refuses connections and stays so for as long as
+/// the returned socket lives: bound, never listening. (A port bound and
+/// closed again can be taken meanwhile by any other program's listener or
+/// client on the machine.)
+pub fn refusing_port() -> (socket2::Socket, SocketAddr) {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).expect("socket");
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("loopback");
+    s.bind(&any.into()).expect("bind");
+    let addr = s
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .expect("bound address");
+    (s, addr)
+}
