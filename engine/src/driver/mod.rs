@@ -183,7 +183,13 @@ impl From<RawFd> for Desc {
 #[derive(Debug, Clone)]
 pub(crate) enum Op {
     /// ACCEPT on a listening socket; multishot keeps completing (F_MORE).
-    Accept { fd: RawFd, multishot: bool },
+    /// Accepted sockets are close-on-exec, and non-blocking with
+    /// `nonblocking` (SOCK_NONBLOCK in the accept itself: no fcntl after).
+    Accept {
+        fd: RawFd,
+        multishot: bool,
+        nonblocking: bool,
+    },
     /// Cancel the operation posted with user data `target`.
     Cancel { target: u64 },
     /// Read an eventfd's 8-byte counter into the op's `Word` memory.
@@ -266,6 +272,18 @@ impl std::fmt::Debug for Driver {
             .field("backend", &self.backend())
             .field("ops_with_memory", &self.memory.len())
             .finish()
+    }
+}
+
+/// The flags of every accept the engine makes (io_uring ACCEPT, epoll's
+/// and the limits' `accept4`): close-on-exec always, SOCK_NONBLOCK when the
+/// listener asked for non-blocking sockets, so that the accepted socket has
+/// its file flags from birth and costs no fcntl.
+pub(crate) fn accept_flags(nonblocking: bool) -> i32 {
+    if nonblocking {
+        libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK
+    } else {
+        libc::SOCK_CLOEXEC
     }
 }
 
@@ -444,12 +462,14 @@ impl Driver {
         )
     }
 
-    /// Posts a multishot ACCEPT (5.19) on listening socket `fd`.
-    pub fn accept_multi(&mut self, fd: RawFd, user_data: u64) -> io::Result<()> {
+    /// Posts a multishot ACCEPT (5.19) on listening socket `fd`; the
+    /// sockets it accepts are non-blocking with `nonblocking`.
+    pub fn accept_multi(&mut self, fd: RawFd, nonblocking: bool, user_data: u64) -> io::Result<()> {
         self.post(
             Op::Accept {
                 fd,
                 multishot: true,
+                nonblocking,
             },
             None,
             false,
@@ -458,11 +478,12 @@ impl Driver {
     }
 
     /// Posts a single-shot ACCEPT (5.5), for kernels without multishot.
-    pub fn accept_once(&mut self, fd: RawFd, user_data: u64) -> io::Result<()> {
+    pub fn accept_once(&mut self, fd: RawFd, nonblocking: bool, user_data: u64) -> io::Result<()> {
         self.post(
             Op::Accept {
                 fd,
                 multishot: false,
+                nonblocking,
             },
             None,
             false,
