@@ -92,6 +92,8 @@ mod error;
 #[cfg(feature = "prometheus")]
 pub mod metrics;
 mod stats;
+#[cfg(feature = "tokio")]
+pub mod tokio;
 
 // The parsers' public paths (`floodgate::cidr`, ...) as before the folders;
 // inlined so that their pages stay where they were.

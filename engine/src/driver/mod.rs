@@ -13,7 +13,9 @@
 //!   denied (container seccomp profiles, `kernel.io_uring_disabled`);
 //! - [`sys`]: the few direct syscalls the services make themselves
 //!   (eventfds, `poll(2)`, socket options socket2 lacks, adopting a
-//!   descriptor a completion returned).
+//!   descriptor a completion returned);
+//! - `runtime` (feature `tokio`): a descriptor registered with tokio's
+//!   reactor (`AsyncFd`, whose constructors are `unsafe` since tokio 1.54).
 //!
 //! This folder is the engine's one thin unsafe layer: the crate root allows
 //! `unsafe_code` here and nowhere else.
@@ -29,6 +31,8 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 pub(crate) mod epoll;
+#[cfg(feature = "tokio")]
+pub(crate) mod runtime;
 pub(crate) mod sys;
 pub(crate) mod uring;
 

@@ -255,6 +255,12 @@ impl Acceptor {
         self
     }
 
+    /// Whether accepted sockets are non-blocking from the accept.
+    #[cfg(feature = "tokio")]
+    pub fn accepts_nonblocking(&self) -> bool {
+        self.nonblocking
+    }
+
     fn counters(&self) -> &Counters {
         &self.shard.counters
     }

@@ -602,6 +602,12 @@ impl ListenerBuilder {
         self.start(false).map(|(listener, _)| listener)
     }
 
+    /// Whether an inline handler was set.
+    #[cfg(feature = "tokio")]
+    pub(crate) fn has_handler(&self) -> bool {
+        self.handler.is_some()
+    }
+
     /// Builds the listener without starting a thread: one [`DrivenShard`]
     /// per shard, for the application to move onto threads it owns and
     /// drive there (a thread per core running its own event loop, a tokio

@@ -280,6 +280,12 @@ impl<S: Service> Shard<S> {
         self.started
     }
 
+    /// Whether the shard has stopped and its service is idle: the next
+    /// [`Shard::turn`] would return false.
+    pub fn stopped_and_idle(&self) -> bool {
+        self.stopping && !self.wake_armed && self.service.idle()
+    }
+
     /// Whether the shard stopped and everything it posted has ended.
     pub fn finished(&self) -> bool {
         self.finished
@@ -293,7 +299,7 @@ impl<S: Service> Shard<S> {
         if self.finished {
             return false;
         }
-        if self.stopping && !self.wake_armed && self.service.idle() {
+        if self.stopped_and_idle() {
             return false;
         }
         let reaped = if wait {
