@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # HTTP with a new connection per request: axum on Floodgate (floodgate::tokio::TcpListener) vs
-# axum on tokio's own TcpListener, both on a tokio multi-thread runtime, server pinned to core 0,
+# axum on tokio's own TcpListener, both on a tokio multi-thread runtime, and axum on one driven
+# shard on a current_thread runtime (floodgate-driven), server pinned to core 0,
 # `ab` (apache2-utils; no -k: no keep-alive) pinned to core 1. Prints requests/s and the server
 # process's CPU µs per request (utime+stime from /proc/PID/stat over the ab run), medians of
 # ROUNDS interleaved rounds, and the ratio of requests per server-CPU-second.
@@ -44,18 +45,20 @@ run() { # engine round
 for r in $(seq 1 "$rounds"); do
     run tokio "$r"
     run floodgate "$r"
+    run floodgate-driven "$r"
 done
 
 median() { sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
 echo
 echo "| axum on | requests/s (median) | server CPU µs/request (median) | requests per server-CPU-second |"
 echo "|---|---:|---:|---:|"
-for e in tokio floodgate; do
+for e in tokio floodgate floodgate-driven; do
     rps=$(awk '{print $1}' "$tmp/$e.all" | median)
     us=$(awk '{print $2}' "$tmp/$e.all" | median)
     per=$(awk -v u="$us" 'BEGIN {printf "%.0f", 1e6 / u}')
     printf '| %s | %.0f | %s | %s |\n' "$e" "$rps" "$us" "$per"
-    eval "us_$e=$us"
+    eval "us_${e//-/_}=$us"
 done
-awk -v f="$us_floodgate" -v t="$us_tokio" 'BEGIN {printf "\nrequests per server-CPU-second, Floodgate / tokio: %.3f (goal >= 1.2)\n", t / f}'
+awk -v f="$us_floodgate" -v d="$us_floodgate_driven" -v t="$us_tokio" 'BEGIN {
+    printf "\nrequests per server-CPU-second vs axum on tokio (goal >= 1.2): floodgate %.3f, floodgate-driven %.3f\n", t / f, t / d }'
 echo "($requests requests per run, concurrency $concurrency, $rounds interleaved rounds; client and server share 2 cores)"

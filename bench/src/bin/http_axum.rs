@@ -1,8 +1,9 @@
 //! HTTP peer: one axum app (`GET /` answers `ok`), served on tokio's own `TcpListener` or on
 //! Floodgate (`floodgate::tokio::TcpListener`, one shard), both on a tokio multi-thread runtime,
-//! for `bench/http.sh` (a new connection per request).
+//! or on one driven shard (`floodgate::tokio::DrivenListener`) on a `current_thread` runtime
+//! (no engine thread), for `bench/http.sh` (a new connection per request).
 //!
-//! `--engine tokio | floodgate`; the rest as every peer ([`PeerArgs`]: `--pin` pins the process
+//! `--engine tokio | floodgate | floodgate-driven`; the rest as every peer ([`PeerArgs`]: `--pin` pins the process
 //! before the runtime starts, so every thread shares that core). Prints `LISTENING <addr>`.
 
 use clap::{Parser, ValueEnum};
@@ -17,6 +18,8 @@ enum Engine {
     Tokio,
     /// floodgate::tokio::TcpListener (one shard, accepting non-blocking).
     Floodgate,
+    /// floodgate::tokio::DrivenListener: one driven shard on a current_thread runtime.
+    FloodgateDriven,
 }
 
 /// axum `GET /` on tokio's listener or on Floodgate.
@@ -37,7 +40,7 @@ fn main() {
     let app = axum::Router::new().route("/", axum::routing::get(|| async { "ok\n" }));
     let std_listener = match cli.engine {
         Engine::Tokio => Some(peer::start(NAME, &args)),
-        Engine::Floodgate => {
+        Engine::Floodgate | Engine::FloodgateDriven => {
             if let Err(msg) = peer::check_loopback(&args.listen) {
                 peer::fatal(NAME, msg);
             }
@@ -49,6 +52,9 @@ fn main() {
             None
         }
     };
+    if cli.engine == Engine::FloodgateDriven {
+        serve_driven(&args, app);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -79,5 +85,45 @@ fn main() {
     });
     if let Err(e) = result {
         peer::fatal(NAME, format_args!("serve failed: {e}"));
+    }
+}
+
+/// axum on one driven shard, on a current_thread runtime on this (pinned) thread.
+fn serve_driven(args: &PeerArgs, app: axum::Router) -> ! {
+    let backlog = usize::try_from(args.backlog).unwrap_or(1).max(1);
+    let built = floodgate::Listener::builder(args.listen)
+        .shards(1)
+        .pin(false)
+        .backlog(backlog)
+        .nonblocking(true)
+        .build_driven();
+    let (listener, mut shards) = match built {
+        Ok(l) => l,
+        Err(e) => peer::fatal(
+            NAME,
+            format_args!("--listen {}: cannot start the listener: {e}", args.listen),
+        ),
+    };
+    let Some(shard) = shards.pop() else {
+        peer::fatal(NAME, "no shard")
+    };
+    if let Err(msg) = peer::exit_after(args.max_seconds) {
+        peer::fatal(NAME, msg);
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => peer::fatal(NAME, format_args!("cannot build the tokio runtime: {e}")),
+    };
+    peer::announce(NAME, listener.local_addr());
+    let result = runtime.block_on(async move {
+        let driven = floodgate::tokio::DrivenListener::new(shard)?;
+        axum::serve(driven, app).await
+    });
+    match result {
+        Ok(()) => peer::fatal(NAME, "serve ended"),
+        Err(e) => peer::fatal(NAME, format_args!("serve failed: {e}")),
     }
 }

@@ -1,5 +1,5 @@
 //! tokio listeners (feature `tokio`): `accept().await` gives a
-//! [`tokio::net::TcpStream`](::tokio::net::TcpStream) with its
+//! [`tokio::net::TcpStream`] with its
 //! [`AcceptedMeta`].
 //!
 //! Two ways, as the engine has them:
