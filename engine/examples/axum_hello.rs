@@ -9,8 +9,8 @@
 //! The engine's shards accept (io_uring, or epoll where io_uring is denied)
 //! with SOCK_NONBLOCK in the accept itself; the runtime's tasks take the
 //! connections from the shards' rings and axum serves them. It serves on
-//! 127.0.0.1 until Ctrl-C, or for `--seconds` when given (> 0), then shuts
-//! down gracefully and prints the engine's counts.
+//! 127.0.0.1 until it is stopped (Ctrl-C), or for `--seconds` when given
+//! (> 0): then it shuts down gracefully and prints the engine's counts.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -29,7 +29,7 @@ fn main() -> ExitCode {
             ("--port", Some(Ok(p))) if p <= u64::from(u16::MAX) => port = p as u16,
             ("--seconds", Some(Ok(s))) => seconds = s,
             _ => {
-                eprintln!("usage: axum_hello [--port N] [--seconds N (0: until Ctrl-C)]");
+                eprintln!("usage: axum_hello [--port N] [--seconds N (0: until stopped)]");
                 return ExitCode::from(2);
             }
         }
@@ -79,7 +79,7 @@ fn main() -> ExitCode {
             if seconds > 0 {
                 tokio::time::sleep(Duration::from_secs(seconds)).await;
             } else {
-                let _ = tokio::signal::ctrl_c().await;
+                std::future::pending::<()>().await;
             }
         };
         if let Err(e) = axum::serve(listener, app)
