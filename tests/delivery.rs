@@ -332,3 +332,61 @@ fn the_accept_event_asked_for_late_reports_what_is_already_pending() {
     assert!(listener.try_accept().unwrap().is_some());
     assert!(!readable(listener.accept_event(), 0));
 }
+
+/// Whether O_NONBLOCK is set on the admitted socket (`fcntl(F_GETFL)`).
+fn is_nonblocking(conn: &floodgate::Admitted) -> bool {
+    socket2::SockRef::from(conn.as_std())
+        .nonblocking()
+        .expect("F_GETFL")
+}
+
+#[test]
+fn nonblocking_accept_gives_o_nonblock_sockets_on_every_accept_path() {
+    let _g = serial();
+    let baseline = open_fds();
+    // The multishot ACCEPT (epoll: accept4), the limits' poll + accept4,
+    // and a driven shard's accept, each with and without the option.
+    for nonblocking in [false, true] {
+        for limited in [false, true] {
+            let mut b = Listener::builder("127.0.0.1:0".parse().unwrap())
+                .shards(1)
+                .nonblocking(nonblocking);
+            if limited {
+                b = b.accept_budget(4);
+            }
+            let listener = b.build().expect("build");
+            let _client = connect(listener.local_addr()).expect("connect");
+            let conn = listener.accept().expect("accept");
+            assert_eq!(
+                is_nonblocking(&conn),
+                nonblocking,
+                "limited {limited}, on {}",
+                listener.backend()
+            );
+            drop(conn);
+            listener.shutdown();
+            assert!(listener.stats().conserved());
+        }
+        let (listener, mut shards) = Listener::builder("127.0.0.1:0".parse().unwrap())
+            .shards(1)
+            .nonblocking(nonblocking)
+            .build_driven()
+            .expect("build driven");
+        let mut shard = shards.pop().expect("one shard");
+        let _client = connect(listener.local_addr()).expect("connect");
+        let mut got = None;
+        while got.is_none() {
+            shard
+                .drive(|conn, _| got = Some(is_nonblocking(&conn)))
+                .expect("drive");
+            if got.is_none() {
+                shard.wait(Some(Duration::from_secs(1))).expect("wait");
+            }
+        }
+        assert_eq!(got, Some(nonblocking), "driven, on {}", listener.backend());
+        drop(shard);
+        listener.shutdown();
+        assert!(listener.stats().conserved());
+    }
+    assert_eq!(open_fds(), baseline);
+}

@@ -333,3 +333,73 @@ impl From<ConfigError> for Error {
         Error::Config(e)
     }
 }
+
+impl From<Error> for io::Error {
+    /// An [`io::Error`] for code that speaks `io::Result` (an async
+    /// runtime's accept loop, `?` in a function returning `io::Result`).
+    /// The kind follows the cause: the kernel's own error's kind where
+    /// there is one (`Bind`: `AddrInUse`, ...; `Setup`, `Accept`, `Connect`,
+    /// `Handover`), `InvalidInput` for a refused configuration,
+    /// `Unsupported` / `PermissionDenied` / `OutOfMemory` for io_uring
+    /// unavailable, `Unsupported` for the delivery paths a listener does
+    /// not offer, `NotConnected` once shut down, `Other` for a driven shard
+    /// on the wrong thread. The engine's error is kept whole:
+    /// [`io::Error::get_ref`] / [`io::Error::into_inner`] give it back, and
+    /// the message is its message.
+    ///
+    /// ```
+    /// use std::io;
+    ///
+    /// let e: io::Error = floodgate::Error::Closed.into();
+    /// assert_eq!(e.kind(), io::ErrorKind::NotConnected);
+    /// let inner = e.get_ref().and_then(|i| i.downcast_ref::<floodgate::Error>());
+    /// assert!(matches!(inner, Some(floodgate::Error::Closed)));
+    /// ```
+    fn from(e: Error) -> Self {
+        let kind = match &e {
+            Error::Config(_) => io::ErrorKind::InvalidInput,
+            Error::UringUnavailable { cause, .. } => match cause {
+                UringUnavailable::NotInKernel => io::ErrorKind::Unsupported,
+                UringUnavailable::DisabledBySysctl
+                | UringUnavailable::RestrictedToGroup
+                | UringUnavailable::DeniedBySandbox => io::ErrorKind::PermissionDenied,
+                UringUnavailable::OutOfMemory => io::ErrorKind::OutOfMemory,
+            },
+            Error::Bind { source, .. }
+            | Error::Setup { source, .. }
+            | Error::Accept { source, .. }
+            | Error::Connect { source, .. }
+            | Error::Handover { source, .. } => source.kind(),
+            Error::InlineDelivery | Error::DrivenDelivery => io::ErrorKind::Unsupported,
+            Error::WrongThread { .. } => io::ErrorKind::Other,
+            Error::Closed => io::ErrorKind::NotConnected,
+        };
+        io::Error::new(kind, e)
+    }
+}
+
+#[cfg(test)]
+mod io_error_tests {
+    use super::*;
+
+    #[test]
+    fn io_error_keeps_the_kernel_kind_and_the_engine_error() {
+        let addr: SocketAddr = "127.0.0.1:1".parse().expect("addr");
+        let e: io::Error = Error::Bind {
+            addr,
+            source: io::Error::from_raw_os_error(libc::EADDRINUSE),
+        }
+        .into();
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
+        assert!(e.to_string().contains("127.0.0.1:1"), "{e}");
+        let inner = e.into_inner().expect("inner");
+        assert!(matches!(
+            inner.downcast_ref::<Error>(),
+            Some(Error::Bind { .. })
+        ));
+        let e: io::Error = Error::Config(ConfigError::new("shards", 0, "at least 1")).into();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        let e: io::Error = Error::DrivenDelivery.into();
+        assert_eq!(e.kind(), io::ErrorKind::Unsupported);
+    }
+}

@@ -327,6 +327,18 @@ fn goals(t: &Table) -> Vec<Value> {
             ),
             ("floodgate_driven", "driven shard", "handler", 1.1),
             (
+                "floodgate_tokio",
+                "tokio async accept (multi-thread)",
+                "tokio_mt",
+                0.85,
+            ),
+            (
+                "floodgate_tokio_driven",
+                "driven shard, current_thread runtime",
+                "handler",
+                1.1,
+            ),
+            (
                 "floodgate_driven_std",
                 "driven shard, app writes",
                 "handler",
@@ -366,6 +378,7 @@ fn main() -> ExitCode {
         Server::peer(b, "peer_epoll", "peer_epoll", &[]),
         Server::peer(b, "epoll_msg_more", "peer_epoll", &["--msg-more"]),
         Server::peer(b, "peer_tokio", "peer_tokio", &[]),
+        Server::peer(b, "tokio_mt", "peer_tokio", &["--multi-thread"]),
         Server::peer(b, "peer_uring", "peer_uring", &[]),
         Server::peer(
             b,
@@ -432,6 +445,18 @@ fn main() -> ExitCode {
         "floodgate_driven_accept",
         "peer_floodgate",
         &["--mode", "driven-accept"],
+    ));
+    servers.push(Server::peer(
+        b,
+        "floodgate_tokio",
+        "peer_floodgate",
+        &["--mode", "tokio"],
+    ));
+    servers.push(Server::peer(
+        b,
+        "floodgate_tokio_driven",
+        "peer_floodgate",
+        &["--mode", "tokio-driven"],
     ));
     servers.push(Server::peer(
         b,

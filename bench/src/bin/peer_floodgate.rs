@@ -11,6 +11,11 @@
 //! - `--mode driven-std`: the same, the application writing `x` itself and dropping the connection;
 //! - `--mode driven-accept`: a blocking `DrivenShard::accept()` loop on the main thread (it waits
 //!   in the shard's own ring): write `x`, drop;
+//! - `--mode tokio`: `floodgate::tokio::TcpListener` on a tokio multi-thread runtime: one task
+//!   `loop { let (mut s, _) = listener.accept().await?; s.write_all(b"x").await; }`, as
+//!   `peer_tokio --multi-thread` does with tokio's own listener;
+//! - `--mode tokio-driven`: no engine thread: `floodgate::tokio::DrivenListener` on a
+//!   `current_thread` runtime on the main thread, the same loop;
 //! - `--condition trivial`: adds an admission condition that returns `Verdict::accept()`;
 //! - `--max-connections N`, `--accept-budget N`: the listener's limits (the shard then polls its
 //!   listener and accepts with `accept4` instead of a multishot ACCEPT).
@@ -43,6 +48,10 @@ enum Mode {
     DrivenStd,
     /// A blocking DrivenShard::accept() loop on the main thread: write "x", drop.
     DrivenAccept,
+    /// floodgate::tokio::TcpListener on a multi-thread runtime: write "x", drop.
+    Tokio,
+    /// floodgate::tokio::DrivenListener on a current_thread runtime: write "x", drop.
+    TokioDriven,
 }
 
 /// Which admission condition the listener runs.
@@ -141,10 +150,16 @@ fn main() {
             let _ = ctx.reply_and_close(conn, REPLY);
         });
     }
+    if cli.mode == Mode::Tokio {
+        tokio_loop(builder, args);
+    }
     if matches!(
         cli.mode,
-        Mode::Driven | Mode::DrivenStd | Mode::DrivenAccept
+        Mode::Driven | Mode::DrivenStd | Mode::DrivenAccept | Mode::TokioDriven
     ) {
+        if cli.mode == Mode::TokioDriven {
+            builder = builder.nonblocking(true);
+        }
         let (listener, mut shards) = match builder.build_driven() {
             Ok(l) => l,
             Err(e) => peer::fatal(
@@ -161,6 +176,9 @@ fn main() {
         peer::announce(NAME, listener.local_addr());
         if cli.mode == Mode::DrivenAccept {
             driven_accept_loop(shard);
+        }
+        if cli.mode == Mode::TokioDriven {
+            tokio_driven_loop(shard);
         }
         drive_loop(shard, cli.mode == Mode::Driven);
     }
@@ -179,7 +197,9 @@ fn main() {
         Mode::Handler => park_forever(),
         Mode::Accept => accept_loop(&listener),
         Mode::AcceptMany => accept_many_loop(&listener),
-        Mode::Driven | Mode::DrivenStd | Mode::DrivenAccept => unreachable!("handled above"),
+        Mode::Driven | Mode::DrivenStd | Mode::DrivenAccept | Mode::Tokio | Mode::TokioDriven => {
+            unreachable!("handled above")
+        }
     }
 }
 
@@ -267,4 +287,85 @@ fn accept_loop(listener: &Listener) -> ! {
             Err(e) => peer::fatal(NAME, format_args!("accept failed: {e}")),
         }
     }
+}
+
+/// Transient per-connection errors an async accept loop skips; the shard retries its own.
+fn skip(e: &std::io::Error) -> bool {
+    let engine = e.get_ref().and_then(|i| i.downcast_ref::<Error>());
+    matches!(engine, Some(Error::Accept { .. }))
+        || matches!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::ConnectionReset
+        )
+}
+
+/// floodgate::tokio::TcpListener on a multi-thread runtime, the accept loop one task.
+fn tokio_loop(builder: floodgate::ListenerBuilder, args: &PeerArgs) -> ! {
+    use tokio::io::AsyncWriteExt;
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_io()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => peer::fatal(NAME, format_args!("cannot build the tokio runtime: {e}")),
+    };
+    let listen = args.listen;
+    let max_seconds = args.max_seconds;
+    let served = runtime.block_on(async move {
+        let listener = match floodgate::tokio::TcpListener::from_builder(builder) {
+            Ok(l) => l,
+            Err(e) => peer::fatal(
+                NAME,
+                format_args!("--listen {listen}: cannot start the listener: {e}"),
+            ),
+        };
+        if let Err(msg) = peer::exit_after(max_seconds) {
+            peer::fatal(NAME, msg);
+        }
+        peer::announce(NAME, listener.local_addr());
+        tokio::spawn(async move {
+            loop {
+                match listener.accept().await {
+                    Ok((mut s, _)) => {
+                        let _ = s.write_all(REPLY).await;
+                    }
+                    Err(e) if skip(&e) => {}
+                    Err(e) => return e,
+                }
+            }
+        })
+        .await
+    });
+    match served {
+        Ok(e) => peer::fatal(NAME, format_args!("accept failed: {e}")),
+        Err(e) => peer::fatal(NAME, format_args!("accept task failed: {e}")),
+    }
+}
+
+/// floodgate::tokio::DrivenListener on a current_thread runtime on this thread.
+fn tokio_driven_loop(shard: floodgate::DrivenShard) -> ! {
+    use tokio::io::AsyncWriteExt;
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => peer::fatal(NAME, format_args!("cannot build the tokio runtime: {e}")),
+    };
+    let e = runtime.block_on(async move {
+        let mut listener = match floodgate::tokio::DrivenListener::new(shard) {
+            Ok(l) => l,
+            Err(e) => return e,
+        };
+        loop {
+            match listener.accept().await {
+                Ok((mut s, _)) => {
+                    let _ = s.write_all(REPLY).await;
+                }
+                Err(e) if skip(&e) => {}
+                Err(e) => return e,
+            }
+        }
+    });
+    peer::fatal(NAME, format_args!("accept failed: {e}"))
 }

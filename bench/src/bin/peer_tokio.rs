@@ -2,7 +2,9 @@
 //!
 //! Default: the accept loop writes `b"x"` inline (no task per connection):
 //! `loop { let (mut s, _) = listener.accept().await?; let _ = s.write_all(b"x").await; }`.
-//! With `--spawn`, each accepted connection is handed to its own task instead.
+//! With `--spawn`, each accepted connection is handed to its own task instead. With
+//! `--multi-thread`, the same loop runs on a multi-thread runtime (its workers: one per core
+//! the process may use).
 
 use std::io::ErrorKind;
 
@@ -23,6 +25,10 @@ struct Cli {
     /// Spawn a task per connection instead of writing inline in the accept loop.
     #[arg(long)]
     spawn: bool,
+
+    /// A multi-thread runtime instead of `current_thread` (the accept loop is one task on it).
+    #[arg(long)]
+    multi_thread: bool,
 }
 
 fn main() {
@@ -34,21 +40,32 @@ fn main() {
             format_args!("cannot make the listener nonblocking: {e}"),
         );
     }
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .build()
-    {
+    let mut builder = if cli.multi_thread {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    let runtime = match builder.enable_io().build() {
         Ok(rt) => rt,
         Err(e) => peer::fatal(NAME, format_args!("cannot build the tokio runtime: {e}")),
     };
-    let result = runtime.block_on(async move {
+    let serve = async move {
         let listener = TcpListener::from_std(std_listener)?;
         if cli.spawn {
             serve_spawn(listener).await
         } else {
             serve_inline(listener).await
         }
-    });
+    };
+    // On a multi-thread runtime the loop is a task (on a worker), as an application's is.
+    let result = if cli.multi_thread {
+        let task = runtime.spawn(serve);
+        runtime
+            .block_on(task)
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+    } else {
+        runtime.block_on(serve)
+    };
     if let Err(e) = result {
         peer::fatal(NAME, format_args!("accept failed: {e}"));
     }

@@ -53,8 +53,11 @@ fn every_peer_reports_each_accept_and_leaves_no_descriptor() {
         drop(running);
         // Stopping wakes the thread peers with one connection they close without reporting.
         assert_eq!(probe.discard(), 0, "{}: stamps after stop", peer.name);
+        // At most as many as before: the other tests of this binary (the /proc readers of
+        // `measure`, `peer`'s bind) run in parallel and may hold one for a moment when
+        // `before` is counted, and then the table never comes back up to that count.
         wait_for(&format!("{}'s descriptors to close", peer.name), || {
-            open_fds() == before
+            open_fds() <= before
         });
     }
 }

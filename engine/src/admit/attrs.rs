@@ -117,7 +117,10 @@ pub struct SocketAttrs {
     /// `net.ipv4.tcp_allowed_congestion_control`).
     pub congestion: Option<String>,
     /// O_NONBLOCK on the admitted socket (default false: blocking, as
-    /// `std::net::TcpListener::accept` gives).
+    /// `std::net::TcpListener::accept` gives). The listener's accept itself
+    /// gives it (SOCK_NONBLOCK in the io_uring ACCEPT's or `accept4`'s
+    /// flags), so it costs no syscall per connection; an async runtime's
+    /// stream wants it ([`ListenerBuilder::nonblocking`](crate::ListenerBuilder::nonblocking)).
     pub nonblocking: bool,
     /// FD_CLOEXEC (default true).
     pub close_on_exec: bool,
@@ -144,6 +147,44 @@ impl SocketAttrs {
     /// Whether nothing needs doing on an admitted socket.
     pub(crate) fn is_default(&self) -> bool {
         self == &SocketAttrs::default()
+    }
+
+    /// Whether an accepted socket needs nothing more than its accept gave
+    /// it: close-on-exec and `nonblocking` come with the accept's flags,
+    /// every other attribute is at its default.
+    pub(crate) fn nothing_after_accept(&self) -> bool {
+        let SocketAttrs {
+            nodelay,
+            keepalive,
+            recv_buffer,
+            send_buffer,
+            linger,
+            qos,
+            user_timeout,
+            congestion,
+            nonblocking: _,
+            close_on_exec,
+        } = self;
+        nodelay.is_none()
+            && keepalive.is_none()
+            && recv_buffer.is_none()
+            && send_buffer.is_none()
+            && linger.is_none()
+            && *qos == Qos::default()
+            && user_timeout.is_none()
+            && congestion.is_none()
+            && *close_on_exec
+    }
+
+    /// Sets what an accepted socket still lacks after its accept: the
+    /// non-inherited attributes, and close-on-exec off if so declared
+    /// (O_NONBLOCK came with the accept's flags and is not set again).
+    pub(crate) fn apply_after_accept(&self, fd: impl AsFd, ipv6: bool) -> io::Result<()> {
+        self.apply(fd.as_fd(), ipv6, true)?;
+        if !self.close_on_exec {
+            SockRef::from(&fd).set_cloexec(false)?;
+        }
+        Ok(())
     }
 
     /// Sets every declared attribute, or only the non-inherited ones
@@ -260,8 +301,9 @@ impl SocketAttrs {
         }
     }
 
-    /// Sets the file flags of an admitted socket (never inherited). The
-    /// engine accepts with close-on-exec set and the socket blocking.
+    /// Sets the file flags (never inherited) of a socket the engine did not
+    /// accept itself (a connector's connected socket): O_NONBLOCK and
+    /// close-on-exec as declared.
     pub(crate) fn apply_file_flags(&self, fd: impl AsFd) -> io::Result<()> {
         let s = SockRef::from(&fd);
         if self.nonblocking {

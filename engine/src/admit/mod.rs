@@ -63,7 +63,7 @@ pub(crate) struct AdmissionConfig {
 impl AdmissionConfig {
     /// Whether admission has nothing to do (the fast path skips it).
     pub fn is_noop(&self) -> bool {
-        self.condition.is_none() && self.attrs.is_default() && self.peek == 0
+        self.condition.is_none() && self.attrs.nothing_after_accept() && self.peek == 0
     }
 }
 
@@ -501,9 +501,8 @@ impl Admission {
             w.lowat = 1;
         }
         let attrs = &self.cfg.attrs;
-        if !attrs.is_default() {
-            attrs.apply(fd, self.cfg.ipv6, true)?;
-            attrs.apply_file_flags(fd)?;
+        if !attrs.nothing_after_accept() {
+            attrs.apply_after_accept(fd, self.cfg.ipv6)?;
         }
         if let Some(mut q) = qos {
             // Linux resets SO_PRIORITY when IP_TOS changes: put the

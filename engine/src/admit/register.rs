@@ -356,7 +356,8 @@ impl Registry {
             let was_nonblocking = socket2::SockRef::from(&stream)
                 .nonblocking()
                 .unwrap_or(false);
-            if stream.set_nonblocking(true).is_err() {
+            // Accepted non-blocking already (SOCK_NONBLOCK) when declared.
+            if !was_nonblocking && stream.set_nonblocking(true).is_err() {
                 // Not a usable socket any more: it was delivered to the
                 // registration and ends here.
                 Self::gone(c);

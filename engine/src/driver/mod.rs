@@ -13,7 +13,9 @@
 //!   denied (container seccomp profiles, `kernel.io_uring_disabled`);
 //! - [`sys`]: the few direct syscalls the services make themselves
 //!   (eventfds, `poll(2)`, socket options socket2 lacks, adopting a
-//!   descriptor a completion returned).
+//!   descriptor a completion returned);
+//! - `runtime` (feature `tokio`): a descriptor registered with tokio's
+//!   reactor (`AsyncFd`, whose constructors are `unsafe` since tokio 1.54).
 //!
 //! This folder is the engine's one thin unsafe layer: the crate root allows
 //! `unsafe_code` here and nowhere else.
@@ -29,6 +31,8 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 pub(crate) mod epoll;
+#[cfg(feature = "tokio")]
+pub(crate) mod runtime;
 pub(crate) mod sys;
 pub(crate) mod uring;
 
@@ -183,7 +187,13 @@ impl From<RawFd> for Desc {
 #[derive(Debug, Clone)]
 pub(crate) enum Op {
     /// ACCEPT on a listening socket; multishot keeps completing (F_MORE).
-    Accept { fd: RawFd, multishot: bool },
+    /// Accepted sockets are close-on-exec, and non-blocking with
+    /// `nonblocking` (SOCK_NONBLOCK in the accept itself: no fcntl after).
+    Accept {
+        fd: RawFd,
+        multishot: bool,
+        nonblocking: bool,
+    },
     /// Cancel the operation posted with user data `target`.
     Cancel { target: u64 },
     /// Read an eventfd's 8-byte counter into the op's `Word` memory.
@@ -266,6 +276,18 @@ impl std::fmt::Debug for Driver {
             .field("backend", &self.backend())
             .field("ops_with_memory", &self.memory.len())
             .finish()
+    }
+}
+
+/// The flags of every accept the engine makes (io_uring ACCEPT, epoll's
+/// and the limits' `accept4`): close-on-exec always, SOCK_NONBLOCK when the
+/// listener asked for non-blocking sockets, so that the accepted socket has
+/// its file flags from birth and costs no fcntl.
+pub(crate) fn accept_flags(nonblocking: bool) -> i32 {
+    if nonblocking {
+        libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK
+    } else {
+        libc::SOCK_CLOEXEC
     }
 }
 
@@ -444,12 +466,14 @@ impl Driver {
         )
     }
 
-    /// Posts a multishot ACCEPT (5.19) on listening socket `fd`.
-    pub fn accept_multi(&mut self, fd: RawFd, user_data: u64) -> io::Result<()> {
+    /// Posts a multishot ACCEPT (5.19) on listening socket `fd`; the
+    /// sockets it accepts are non-blocking with `nonblocking`.
+    pub fn accept_multi(&mut self, fd: RawFd, nonblocking: bool, user_data: u64) -> io::Result<()> {
         self.post(
             Op::Accept {
                 fd,
                 multishot: true,
+                nonblocking,
             },
             None,
             false,
@@ -458,11 +482,12 @@ impl Driver {
     }
 
     /// Posts a single-shot ACCEPT (5.5), for kernels without multishot.
-    pub fn accept_once(&mut self, fd: RawFd, user_data: u64) -> io::Result<()> {
+    pub fn accept_once(&mut self, fd: RawFd, nonblocking: bool, user_data: u64) -> io::Result<()> {
         self.post(
             Op::Accept {
                 fd,
                 multishot: false,
+                nonblocking,
             },
             None,
             false,
@@ -624,16 +649,14 @@ impl Driver {
     /// the descriptor readable at the next thing due. On io_uring it clears
     /// the registered eventfd and sets it again if work already waits; the
     /// epoll backend arms its timer descriptor for its earliest deadline, or
-    /// at once when completions are already queued. `ready`: make it
-    /// readable at once anyway (the caller has something to finish that no
-    /// completion will announce: a stopped shard gone idle).
-    pub fn prepare_wait(&mut self, ready: bool) -> io::Result<()> {
+    /// at once when completions are already queued.
+    pub fn prepare_wait(&mut self) -> io::Result<()> {
         match &mut self.imp {
             Imp::Uring(r) => {
-                r.prepare_wait(ready);
+                r.prepare_wait();
                 Ok(())
             }
-            Imp::Epoll(e) => e.prepare_wait(ready),
+            Imp::Epoll(e) => e.prepare_wait(),
         }
     }
 

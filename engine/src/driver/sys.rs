@@ -504,3 +504,24 @@ pub(crate) fn recv_with_fds(
     }
     Ok((n, fds))
 }
+
+/// accept4(2) on listening socket `listener` (non-blocking itself): the
+/// next connection of its queue, close-on-exec, and non-blocking with
+/// `nonblocking` (SOCK_NONBLOCK in the call: no fcntl after); no peer
+/// address asked. EAGAIN when the queue is empty.
+pub(crate) fn accept4(listener: BorrowedFd<'_>, nonblocking: bool) -> io::Result<OwnedFd> {
+    // SAFETY: null address pointers make the kernel write nothing of ours;
+    // the listener is borrowed, so open for the call.
+    let fd = unsafe {
+        libc::accept4(
+            listener.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            super::accept_flags(nonblocking),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(adopt_fd(fd))
+}

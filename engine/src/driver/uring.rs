@@ -7,7 +7,7 @@ use std::mem::size_of;
 
 use io_uring::{opcode, squeue, types, IoUring};
 
-use super::{Cqe, Desc, Op, OpMemory, RingSetup};
+use super::{accept_flags, Cqe, Desc, Op, OpMemory, RingSetup};
 
 /// An `AF_UNSPEC` address: CONNECT to it disconnects a TCP socket (an RST
 /// if it was connected) and leaves it ready to connect again. A static, so
@@ -195,16 +195,20 @@ impl Ring {
                 Op::Accept {
                     fd,
                     multishot: true,
+                    nonblocking,
                 },
                 _,
             ) => opcode::AcceptMulti::new(types::Fd(*fd))
-                .flags(libc::SOCK_CLOEXEC)
+                .flags(accept_flags(*nonblocking))
                 .build(),
-            (Op::Accept { fd, .. }, _) => {
-                opcode::Accept::new(types::Fd(*fd), std::ptr::null_mut(), std::ptr::null_mut())
-                    .flags(libc::SOCK_CLOEXEC)
-                    .build()
-            }
+            (
+                Op::Accept {
+                    fd, nonblocking, ..
+                },
+                _,
+            ) => opcode::Accept::new(types::Fd(*fd), std::ptr::null_mut(), std::ptr::null_mut())
+                .flags(accept_flags(*nonblocking))
+                .build(),
             (Op::Cancel { target }, _) => opcode::AsyncCancel::new(*target).build(),
             (Op::ReadWord { fd }, Some(OpMemory::Word(w))) => {
                 let ptr: *mut u64 = &mut **w;
@@ -392,7 +396,7 @@ impl Ring {
     /// again if work is already there (completions not reaped, or deferred
     /// work, which TASKRUN_FLAG shows): work that comes after the clear
     /// signals it by itself, so no wake-up is lost and none is spurious.
-    pub fn prepare_wait(&mut self, ready: bool) {
+    pub fn prepare_wait(&mut self) {
         use std::os::fd::{AsRawFd, BorrowedFd};
         let Some(fd) = self.park.as_ref().map(|p| p.as_raw_fd()) else {
             return;
@@ -400,7 +404,7 @@ impl Ring {
         // SAFETY: `park` is owned by `self` and stays open for this call.
         let park = unsafe { BorrowedFd::borrow_raw(fd) };
         super::sys::eventfd_clear(park);
-        if ready || self.has_work() {
+        if self.has_work() {
             super::sys::eventfd_signal(park);
         }
     }

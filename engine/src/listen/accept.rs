@@ -238,6 +238,14 @@ impl ShardShared {
         None
     }
 
+    /// A connection counted as delivered was gone (reset, no peer address)
+    /// before the application saw it: it counts as withdrawn instead.
+    #[cfg(feature = "tokio")]
+    pub(crate) fn peer_gone_after_delivery(&self) {
+        self.counters.delivered.fetch_sub(1, Ordering::Relaxed);
+        Counters::add(&self.counters.withdrawn_gone, 1);
+    }
+
     /// Whether an error waits for `accept()`.
     pub(crate) fn has_error(&self) -> bool {
         self.has_error.load(Ordering::Acquire)
@@ -485,6 +493,14 @@ impl Listener {
                 return Ok(None);
             }
             self.delivery.wait(Some(deadline), || self.ready());
+        }
+    }
+
+    /// See [`ShardShared::peer_gone_after_delivery`].
+    #[cfg(feature = "tokio")]
+    pub(crate) fn peer_gone_after_delivery(&self, shard: usize) {
+        if let Some(s) = self.shards.get(shard) {
+            s.peer_gone_after_delivery();
         }
     }
 

@@ -114,6 +114,9 @@ pub(crate) struct Acceptor {
     /// accept-event notification, no inline handler.
     driven: bool,
     multishot: bool,
+    /// Accepted sockets are non-blocking from the accept itself
+    /// (SOCK_NONBLOCK), as `SocketAttrs::nonblocking` declares.
+    nonblocking: bool,
     accepted_any: bool,
     armed_before: bool,
     backoff_step: Duration,
@@ -173,6 +176,7 @@ impl Acceptor {
             handler,
             driven: false,
             multishot: true,
+            nonblocking: admission.attrs.nonblocking,
             accepted_any: false,
             armed_before: false,
             backoff_step: MIN_BACKOFF,
@@ -251,6 +255,12 @@ impl Acceptor {
         self
     }
 
+    /// Whether accepted sockets are non-blocking from the accept.
+    #[cfg(feature = "tokio")]
+    pub fn accepts_nonblocking(&self) -> bool {
+        self.nonblocking
+    }
+
     fn counters(&self) -> &Counters {
         &self.shard.counters
     }
@@ -265,9 +275,9 @@ impl Acceptor {
             if self.limits.is_some() {
                 ring.poll(fd, libc::POLLIN as u32, true, self.waiting_op(j))?;
             } else if self.multishot {
-                ring.accept_multi(fd, self.waiting_op(j))?;
+                ring.accept_multi(fd, self.nonblocking, self.waiting_op(j))?;
             } else {
-                ring.accept_once(fd, self.waiting_op(j))?;
+                ring.accept_once(fd, self.nonblocking, self.waiting_op(j))?;
             }
             if self.armed_before {
                 Counters::add(&self.counters().rearms, 1);
@@ -480,7 +490,13 @@ impl Acceptor {
         let mut taken = std::mem::take(&mut self.taken);
         let mut stop = Stop::Drained;
         for socket in &self.sockets {
-            stop = l.take_from_kernel(socket, &self.shard.counters, now, &mut taken);
+            stop = l.take_from_kernel(
+                socket,
+                self.nonblocking,
+                &self.shard.counters,
+                now,
+                &mut taken,
+            );
             if !matches!(stop, Stop::Drained) {
                 // More waits on this one.
                 l.readable = true;

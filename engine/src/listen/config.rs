@@ -385,6 +385,33 @@ impl ListenerBuilder {
         self
     }
 
+    /// Admitted sockets non-blocking (O_NONBLOCK) from the accept itself:
+    /// SOCK_NONBLOCK in the io_uring ACCEPT's flags, or in `accept4`'s on
+    /// the epoll backend and under limits, so no connection costs an
+    /// `fcntl`. What an async runtime wants (`tokio::net::TcpStream::from_std`
+    /// needs a non-blocking socket). The same as
+    /// [`SocketAttrs::nonblocking`]; a later [`attrs`](Self::attrs)
+    /// replaces it. Default false (blocking, as `std` accepts).
+    ///
+    /// ```
+    /// use floodgate::Listener;
+    ///
+    /// let listener = Listener::builder("127.0.0.1:0".parse()?)
+    ///     .shards(1)
+    ///     .nonblocking(true)
+    ///     .build()?;
+    /// let _client = std::net::TcpStream::connect(listener.local_addr())?;
+    /// let conn = listener.accept()?.into_std();
+    /// let mut buf = [0u8; 1];
+    /// let err = std::io::Read::read(&mut &conn, &mut buf).unwrap_err();
+    /// assert_eq!(err.kind(), std::io::ErrorKind::WouldBlock);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn nonblocking(mut self, on: bool) -> Self {
+        self.attrs.nonblocking = on;
+        self
+    }
+
     /// Number of shards (threads, rings, listening sockets). Default: one
     /// per core this process may run on. Must be at least 1, and with
     /// pinning on at most the number of cores.
@@ -573,6 +600,12 @@ impl ListenerBuilder {
     /// left running or open on error.
     pub fn build(self) -> Result<Listener, Error> {
         self.start(false).map(|(listener, _)| listener)
+    }
+
+    /// Whether an inline handler was set.
+    #[cfg(feature = "tokio")]
+    pub(crate) fn has_handler(&self) -> bool {
+        self.handler.is_some()
     }
 
     /// Builds the listener without starting a thread: one [`DrivenShard`]

@@ -116,7 +116,9 @@ impl DrivenShard {
     ///
     /// # Errors
     /// [`Error::Closed`] once the listener was shut down and the shard has
-    /// finished (everything it held closed and counted);
+    /// finished (everything it held closed and counted; a call that hands
+    /// over connections and finishes returns them, and
+    /// [`DrivenShard::is_finished`] is then true);
     /// [`Error::WrongThread`] from another thread than the first call's;
     /// [`Error::Setup`] if the shard could not start;
     /// [`Error::Accept`] once for a shard's accept error that is neither
@@ -229,14 +231,18 @@ impl DrivenShard {
                 break;
             }
         }
+        // Stopped, and the cancels that ended its operations came within
+        // this call: nothing more will make the descriptor readable, so the
+        // shard finishes now rather than at a drive nobody would make.
+        if self.shard.stopped_and_idle() {
+            self.shard.finish();
+            return if n == 0 { Err(Error::Closed) } else { Ok(n) };
+        }
         // Whatever is still queued goes now (nothing else would wake this
         // shard to submit it); the descriptor is left readable if work
-        // already waits. A stopped shard whose work has all ended has
-        // nothing left that would make the descriptor readable: it is, so that the next
-        // drive() finishes the shard and says Closed.
-        let ended = self.shard.would_end();
+        // already waits.
         let ring = &mut self.shard.ring;
-        let submitted = ring.submit().and_then(|_| ring.prepare_wait(ended));
+        let submitted = ring.submit().and_then(|_| ring.prepare_wait());
         if let Err(e) = submitted {
             return Err(Error::setup("driven shard submit", e));
         }
@@ -260,6 +266,31 @@ impl DrivenShard {
             return Ok(true);
         }
         sys::poll_readable(self.as_fd(), timeout).map_err(|e| Error::setup("poll", e))
+    }
+
+    /// Whether the shard's accepts give non-blocking sockets.
+    #[cfg(feature = "tokio")]
+    pub(crate) fn accepts_nonblocking(&self) -> bool {
+        self.shard.service.accepts_nonblocking()
+    }
+
+    /// A connection `drive()` handed over turned out to be gone before the
+    /// application saw it (a tokio stream needs its peer's address).
+    #[cfg(feature = "tokio")]
+    pub(crate) fn peer_gone_after_delivery(&self) {
+        self.shared.peer_gone_after_delivery();
+    }
+
+    /// The address the shard's listening socket is bound to.
+    ///
+    /// # Errors
+    /// `NotConnected` once the shard stopped accepting (its sockets are
+    /// released); `getsockname(2)`'s error.
+    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        let gone = || std::io::Error::from(std::io::ErrorKind::NotConnected);
+        let sockets = self.shared.socket.lock().map_err(|_| gone())?;
+        let first = sockets.first().ok_or_else(gone)?;
+        first.local_addr()?.as_socket().ok_or_else(gone)
     }
 
     /// Whether the shard stopped and has closed and counted what it held.

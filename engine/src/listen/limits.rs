@@ -25,13 +25,14 @@
 //! that stopped at the limit.
 
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use socket2::Socket;
 
+use crate::driver::sys;
 use crate::error::ConfigError;
 use crate::listen::config::ListenerBuilder;
 use crate::shard::{op_kinds, ShardControl};
@@ -467,10 +468,13 @@ impl Limits {
     /// Takes connections from the kernel's queue of `socket` (non-blocking)
     /// into `out`, each with its slot, until the queue is empty or a limit
     /// stops it: at most the budget, one token each, one slot each.
-    /// Transient accept errors are counted and skipped.
+    /// Transient accept errors are counted and skipped. The sockets are
+    /// close-on-exec, and non-blocking with `nonblocking` (in `accept4`'s
+    /// flags).
     pub fn take_from_kernel(
         &mut self,
         socket: &Socket,
+        nonblocking: bool,
         c: &Counters,
         now: Instant,
         out: &mut Vec<(OwnedFd, ConnectionSlot)>,
@@ -519,13 +523,13 @@ impl Limits {
                     ConnectionSlot(Some(open))
                 }
             };
-            match socket.accept() {
-                Ok((s, _)) => {
+            match sys::accept4(socket.as_fd(), nonblocking) {
+                Ok(s) => {
                     taken += 1;
                     if let Some(open) = &self.open {
                         open.note_high_water();
                     }
-                    out.push((s.into(), slot));
+                    out.push((s, slot));
                 }
                 Err(e) => {
                     drop(slot);

@@ -18,7 +18,7 @@ use std::os::fd::RawFd;
 use std::time::Instant;
 
 use super::{errno, Epoll, Try, ACCEPT_SLICE, ALWAYS, IN, OUT};
-use crate::driver::{Cqe, Desc, KeyMap, Op, OpMemory, F_MORE};
+use crate::driver::{accept_flags, Cqe, Desc, KeyMap, Op, OpMemory, F_MORE};
 
 /// Runs a libc call that returns -1 and sets errno on failure.
 macro_rules! syscall {
@@ -50,7 +50,11 @@ impl Epoll {
     ) -> Try {
         let fixed = Try::Done(-libc::EBADF);
         match *op {
-            Op::Accept { fd, multishot } => self.try_accept(fd, multishot, ud),
+            Op::Accept {
+                fd,
+                multishot,
+                nonblocking,
+            } => self.try_accept(fd, multishot, nonblocking, ud),
             Op::Cancel { .. } | Op::LinkTimeout { .. } => Try::Done(-libc::EINVAL),
             Op::ReadWord { fd } => {
                 let Some(OpMemory::Word(w)) = mem.get_mut(&ud) else {
@@ -228,7 +232,7 @@ impl Epoll {
     /// completes (F_MORE) for each connection, at most
     /// [`ACCEPT_SLICE`] per try (then it is tried again before the next
     /// wait).
-    fn try_accept(&mut self, fd: RawFd, multishot: bool, ud: u64) -> Try {
+    fn try_accept(&mut self, fd: RawFd, multishot: bool, nonblocking: bool, ud: u64) -> Try {
         let st = self.fds.entry(fd).or_default();
         if !st.nonblocking {
             if let Err(e) = set_nonblocking(fd) {
@@ -238,7 +242,7 @@ impl Epoll {
         }
         let mut taken = 0;
         loop {
-            match accept4(fd) {
+            match accept4(fd, nonblocking) {
                 Ok(new) if multishot => {
                     self.cq.push_back(Cqe {
                         user_data: ud,
@@ -260,8 +264,9 @@ impl Epoll {
     }
 }
 
-/// accept4(2) of a close-on-exec socket, no peer address asked.
-fn accept4(fd: RawFd) -> io::Result<RawFd> {
+/// accept4(2) of a close-on-exec socket, non-blocking with `nonblocking`
+/// (SOCK_NONBLOCK: no fcntl after), no peer address asked.
+fn accept4(fd: RawFd, nonblocking: bool) -> io::Result<RawFd> {
     let none = std::ptr::null_mut::<libc::c_void>();
     // SAFETY: accept4 with null address pointers writes nothing of ours;
     // every argument is passed as the long syscall(2) reads. The new
@@ -273,7 +278,7 @@ fn accept4(fd: RawFd) -> io::Result<RawFd> {
             libc::c_long::from(fd),
             none,
             none,
-            libc::c_long::from(libc::SOCK_CLOEXEC),
+            libc::c_long::from(accept_flags(nonblocking)),
         )
     })?;
     Ok(r as RawFd)

@@ -1,0 +1,189 @@
+//! A driven shard under a tokio `current_thread` runtime.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+
+use ::tokio::io::unix::AsyncFd;
+
+use super::{into_tokio, Accepted};
+use crate::driver::runtime;
+use crate::error::Error;
+use crate::listen::conn::Admitted;
+use crate::listen::driven::DrivenShard;
+
+/// One [`DrivenShard`] as a tokio listener, for a `current_thread`
+/// runtime per core (thread per core): the runtime's thread runs the
+/// shard, so a connection is accepted, admitted and handed over on the
+/// thread that serves it.
+///
+/// `accept().await` waits until the shard's descriptor is readable (it is
+/// registered with the runtime's reactor), then drives the shard
+/// ([`DrivenShard::drive`]) into a local queue and returns from it; a
+/// batch is driven once and handed out one by one. Cancel-safe: what a
+/// drive took waits in the queue for the next `accept()`.
+///
+/// A driven shard is bound to the thread that first drives it
+/// ([`Error::WrongThread`] from any other): use it on a `current_thread`
+/// runtime (or a `LocalSet`), whose tasks all run on one thread, not on a
+/// multi-thread runtime, whose tasks move between workers. Pin that thread
+/// to the shard's core ([`DrivenListener::index`]: CPU steering sends
+/// shard `k` the connections that arrive on CPU `k`).
+///
+/// ```
+/// use floodgate::Listener;
+///
+/// let (listener, mut shards) = Listener::builder("127.0.0.1:0".parse()?)
+///     .shards(1)
+///     .build_driven()?;
+/// let shard = shards.pop().expect("one shard");
+/// let addr = listener.local_addr();
+/// let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+/// rt.block_on(async move {
+///     let mut driven = floodgate::tokio::DrivenListener::new(shard)?;
+///     let client = std::thread::spawn(move || std::net::TcpStream::connect(addr));
+///     let (stream, meta) = driven.accept().await?;
+///     assert_eq!(meta.shard, 0);
+///     drop(stream);
+///     client.join().expect("client")?;
+///     Ok::<_, std::io::Error>(())
+/// })?;
+/// listener.shutdown();
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug)]
+pub struct DrivenListener {
+    /// A duplicate of the shard's descriptor, registered with the reactor;
+    /// dropped (deregistered and closed) before the shard, so the shard's
+    /// ring or epoll instance ends with the shard.
+    ready: AsyncFd<OwnedFd>,
+    shard: DrivenShard,
+    queue: VecDeque<Admitted>,
+    started: bool,
+    closed: bool,
+    /// The shard accepts non-blocking sockets (SOCK_NONBLOCK).
+    nonblocking: bool,
+}
+
+impl DrivenListener {
+    /// Registers the shard's descriptor with the current runtime's
+    /// reactor. The shard's listener should accept non-blocking
+    /// ([`ListenerBuilder::nonblocking`](crate::ListenerBuilder::nonblocking)),
+    /// or each connection costs an `fcntl` here.
+    ///
+    /// # Errors
+    /// `Other` outside a tokio runtime; the reactor's registration error.
+    pub fn new(shard: DrivenShard) -> io::Result<Self> {
+        let fd = shard.as_fd().try_clone_to_owned()?;
+        let ready = runtime::readable(fd)?;
+        Ok(DrivenListener {
+            ready,
+            nonblocking: shard.accepts_nonblocking(),
+            shard,
+            queue: VecDeque::new(),
+            started: false,
+            closed: false,
+        })
+    }
+
+    /// The shard's index (its core under CPU steering).
+    pub fn index(&self) -> usize {
+        self.shard.index()
+    }
+
+    /// The address the shard listens on ([`DrivenShard::local_addr`]).
+    ///
+    /// # Errors
+    /// As [`DrivenShard::local_addr`].
+    pub fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
+        self.shard.local_addr()
+    }
+
+    /// The shard, for [`DrivenShard::is_finished`] and the like.
+    pub fn shard(&self) -> &DrivenShard {
+        &self.shard
+    }
+
+    /// Connections driven and not yet returned by `accept()`.
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Takes the next connection, driving the shard whenever its
+    /// descriptor is readable and the queue is empty.
+    ///
+    /// # Errors
+    /// `NotConnected` once the listener was shut down and the shard has
+    /// finished (the queue returned first); `Other` for
+    /// [`Error::WrongThread`]; a shard's accept error (it backs off and goes
+    /// on); the reactor's.
+    pub async fn accept(&mut self) -> io::Result<Accepted> {
+        loop {
+            if let Some(got) = self.pop()? {
+                return Ok(got);
+            }
+            if self.closed {
+                return Err(Error::Closed.into());
+            }
+            if !self.started {
+                // The first drive starts the shard (posts its accept):
+                // before it, the descriptor has nothing to report.
+                self.started = true;
+                drive(&mut self.shard, &mut self.queue, &mut self.closed)?;
+                continue;
+            }
+            let mut ready = self.ready.readable().await?;
+            // Readiness is cleared only when a drive found nothing, so work
+            // that came during it is not lost.
+            if drive(&mut self.shard, &mut self.queue, &mut self.closed)? == 0 && !self.closed {
+                ready.clear_ready();
+            }
+        }
+    }
+
+    /// Drives the shard once if the queue is empty (without waiting) and
+    /// takes the next connection; `Ok(None)` when there is none.
+    ///
+    /// # Errors
+    /// As [`DrivenListener::accept`].
+    pub fn try_accept(&mut self) -> io::Result<Option<Accepted>> {
+        if let Some(got) = self.pop()? {
+            return Ok(Some(got));
+        }
+        if self.closed {
+            return Err(Error::Closed.into());
+        }
+        self.started = true;
+        drive(&mut self.shard, &mut self.queue, &mut self.closed)?;
+        self.pop()
+    }
+
+    fn pop(&mut self) -> io::Result<Option<Accepted>> {
+        while let Some(conn) = self.queue.pop_front() {
+            match into_tokio(conn, self.nonblocking)? {
+                Some(got) => return Ok(Some(got)),
+                None => self.shard.peer_gone_after_delivery(),
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// One `drive()` into `queue`; `closed` once the shard has finished.
+fn drive(
+    shard: &mut DrivenShard,
+    queue: &mut VecDeque<Admitted>,
+    closed: &mut bool,
+) -> io::Result<usize> {
+    match shard.drive(|conn, _| queue.push_back(conn)) {
+        Ok(n) => {
+            *closed = shard.is_finished();
+            Ok(n)
+        }
+        Err(Error::Closed) => {
+            *closed = true;
+            Ok(0)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
