@@ -108,6 +108,16 @@ fn shard_expected(e: &mut Expected, s: &ShardStats) {
     e.c("floodgate_ring_full_pauses_total", k, s.ring_full_pauses);
     e.c("floodgate_ring_resumes_total", k, s.resumes);
     e.c("floodgate_coalesced_pauses_total", k, s.coalesced_pauses);
+    e.c(
+        "floodgate_moderation_empty_pauses_total",
+        k,
+        s.moderation.empty_pauses,
+    );
+    e.c(
+        "floodgate_moderation_paused_microseconds_total",
+        k,
+        s.moderation.paused_us,
+    );
     e.c("floodgate_handler_panics_total", k, s.handler_panics);
     e.c("floodgate_condition_panics_total", k, s.condition_panics);
     e.c("floodgate_deferred_total", k, s.deferred);
@@ -164,6 +174,11 @@ fn shard_expected(e: &mut Expected, s: &ShardStats) {
     }
     e.g("floodgate_last_accept_errno", k, s.last_errno as u64);
     e.g("floodgate_multishot", k, s.multishot.into());
+    e.g(
+        "floodgate_moderation_pause_microseconds",
+        k,
+        s.moderation.level_us,
+    );
 }
 
 fn connector_expected(stats: &ConnectorStats) -> Expected {
@@ -224,8 +239,23 @@ fn connect_shard_expected(e: &mut Expected, s: &ConnectShardStats) {
         k,
         s.handler_panics,
     );
+    e.c(
+        "floodgate_connect_moderation_pauses_total",
+        k,
+        s.moderation.pauses,
+    );
+    e.c(
+        "floodgate_connect_moderation_paused_microseconds_total",
+        k,
+        s.moderation.paused_us,
+    );
     e.g("floodgate_connect_in_flight", k, s.in_flight);
     e.g("floodgate_connect_open_sockets", k, s.open_sockets);
+    e.g(
+        "floodgate_connect_moderation_pause_microseconds",
+        k,
+        s.moderation.level_us,
+    );
 }
 
 /// Parses `text` as the Prometheus text format, strictly: every line is a

@@ -106,7 +106,13 @@ impl DrivenShard {
     /// queued, reaps completions, runs admission, re-arms the accept, and
     /// calls `handler` on this thread for every admitted connection, with
     /// the shard's context. Returns how many connections it handed over.
-    /// Call it whenever the descriptor is readable; it never blocks.
+    /// Call it whenever the descriptor is readable; it never blocks on the
+    /// kernel. Under sustained load the listener's
+    /// [`Moderation`](crate::Moderation) (adaptive by default) may make one
+    /// call nap once, at most its `max_pause` (64 µs by default), in place
+    /// of the caller's next wait, and hand over what gathered meanwhile;
+    /// what the handler queued is submitted before the nap.
+    /// [`Moderation::Off`](crate::Moderation::Off) never naps.
     ///
     /// The first call binds the shard to the calling thread and starts it
     /// (posts its accept).
@@ -140,6 +146,17 @@ impl DrivenShard {
             if !ring.has_work() {
                 break;
             }
+        }
+        // Under sustained load the controller asks for a pause: take it
+        // here, in place of the caller's next wait, and do what it gathered
+        // (once per call, so drive() returns within one pause).
+        if self.shard.pause() {
+            if !self.shard.turn(false) {
+                self.shard.finish();
+                return Err(Error::Closed);
+            }
+            let ring = &mut self.shard.ring;
+            n += self.shard.service.deliver_to(ring, &mut handler);
         }
         // Whatever is still queued goes now (nothing else would wake this
         // shard to submit it); the descriptor is left readable if work
