@@ -126,40 +126,21 @@ fn off_never_pauses() {
 }
 
 #[test]
-fn coalesce_maps_onto_the_fixed_mode_and_none_onto_off() {
+fn the_fixed_mode_delivers_every_connection_once() {
     let _g = serial();
-    let (l, _, _) = replying(Moderation::Fixed(Coalesce::default()));
-    l.shutdown();
-    // `coalesce(None)` turns moderation off: a loaded listener never pauses.
-    let l = Listener::builder(addr())
-        .shards(1)
-        .coalesce(None)
-        .handler(|conn, ctx| {
-            let _ = ctx.reply_and_close(conn, b"ok");
-        })
-        .build()
-        .expect("build");
-    for c in (0..CLIENT_THREADS)
-        .map(|_| {
-            let a = l.local_addr();
-            std::thread::spawn(move || {
-                for _ in 0..300 {
-                    let mut s = connect(a).expect("connect");
-                    let mut b = Vec::new();
-                    s.read_to_end(&mut b).expect("reply");
-                    assert_eq!(b, b"ok");
-                }
-            })
-        })
-        .collect::<Vec<_>>()
-    {
+    let (l, seen, twice) = replying(Moderation::Fixed(Coalesce::default()));
+    for c in clients(l.local_addr(), CLIENT_THREADS, 300) {
         c.join().expect("client");
     }
     wait_for("every connection handled", || {
         l.stats().total().delivered == CLIENT_THREADS * 300
     });
-    assert_eq!(l.stats().total().moderation.pauses, 0);
+    assert_eq!(twice.load(Ordering::SeqCst), 0);
+    assert_eq!(seen.lock().unwrap().len() as u64, CLIENT_THREADS * 300);
+    let t = l.stats().total();
+    assert_eq!(t.moderation.level_us, 0, "no adaptive controller");
     l.shutdown();
+    assert!(l.stats().conserved());
 }
 
 #[test]

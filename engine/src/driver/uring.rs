@@ -307,8 +307,13 @@ impl Ring {
         Ok(())
     }
 
-    /// Submits queued SQEs without waiting.
+    /// Submits queued SQEs without waiting; with none queued it makes no
+    /// syscall (an enter without GETEVENTS and nothing to submit does
+    /// nothing).
     pub fn submit(&mut self) -> io::Result<usize> {
+        if self.ring.submission().is_empty() {
+            return Ok(0);
+        }
         loop {
             match self.ring.submit() {
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,

@@ -330,10 +330,11 @@ impl ListenerBuilder {
 
     /// The fixed coalescing rule: `Some(c)` is
     /// `moderation(Moderation::Fixed(c))` (pause `c.pause` after a turn
-    /// that accepted `c.threshold` connections), `None` is
-    /// `moderation(Moderation::Off)`. Prefer [`ListenerBuilder::moderation`].
+    /// that accepted `c.threshold` connections); `None` is the default
+    /// moderation ([`Moderation::Adaptive`]). Kept for callers of the
+    /// older knob; prefer [`ListenerBuilder::moderation`].
     pub fn coalesce(mut self, c: Option<Coalesce>) -> Self {
-        self.moderation = c.map_or(Moderation::Off, Moderation::Fixed);
+        self.moderation = c.map_or_else(Moderation::default, Moderation::Fixed);
         self
     }
 

@@ -10,14 +10,16 @@
 //!   next waits block as before). Consecutive empty pauses double how many
 //!   turns go by before the next one is tried.
 //! - **net DIM** (`lib/dim/net_dim.c`) chooses the pause length: it samples
-//!   windows of [`WINDOW_WORK`] units of work and compares each window with
-//!   the one before on throughput (work per wall-clock time, first) and on
-//!   cost (the shard thread's CPU time per unit of work), with a 10%
-//!   significance band; it climbs a ladder of pause lengths (off, then
+//!   windows of `WINDOW_WORK` (2048) units of work and compares each window with
+//!   the one before on throughput (work per wall-clock time) and on cost
+//!   (the shard thread's CPU time per unit of work), with a 10%
+//!   significance band (better: one better and neither worse); it climbs a ladder of pause lengths (off, then
 //!   `max_pause`/8, /4, /2, `max_pause`) while each step is better, steps
 //!   back and parks when one is not, and re-explores after a park whose
 //!   length doubles each time an exploration found nothing (or at once when
-//!   the load moved by more than a ladder step, 2×).
+//!   two windows in a row show the load moved by more than a ladder step,
+//!   2×). Leaving a park it
+//!   first tries a shorter pause (kept if not worse), as net DIM does.
 //!
 //! Nothing is explored while the load is too light for a pause to batch:
 //! when, at the window's rate, not even one more unit of work would arrive
@@ -75,7 +77,7 @@ impl Default for Moderation {
 pub const DEFAULT_MAX_PAUSE: Duration = Duration::from_micros(64);
 
 /// Units of work (service completions) in one sample window.
-pub(crate) const WINDOW_WORK: u64 = 512;
+pub(crate) const WINDOW_WORK: u64 = 2048;
 
 /// Rungs of the ladder: off, then max/8, max/4, max/2, max.
 const LEVELS: usize = 5;
@@ -84,8 +86,8 @@ const LEVELS: usize = 5;
 const SIGNIFICANT_PCT: u64 = 10;
 
 /// Windows a first park lasts, and the longest park.
-const MIN_PARK: u32 = 2;
-const MAX_PARK: u32 = 64;
+const MIN_PARK: u32 = 4;
+const MAX_PARK: u32 = 256;
 
 /// Longest run of turns without a pause after empty pauses.
 const MAX_SUSPEND: u32 = 64;
@@ -160,23 +162,23 @@ pub(crate) enum Verdict {
     Worse,
 }
 
-/// Throughput first (in a closed loop a pause that helps the clients shows
-/// as more work per second; one that delays them as less), then cost.
+/// Better when one of throughput (in a closed loop a pause that helps the
+/// clients shows as more work per second; one that delays them as less)
+/// and cost (CPU per unit of work) is significantly better and the other
+/// not significantly worse; worse when either is significantly worse.
 pub(crate) fn compare(curr: Sample, prev: Sample) -> Verdict {
     let up = |a: f64, b: f64| a * 100.0 > b * (100 + SIGNIFICANT_PCT) as f64;
-    if up(curr.rate, prev.rate) {
-        return Verdict::Better;
+    // +1 significantly better, -1 significantly worse, 0 the same.
+    let sign = |better: bool, worse: bool| i8::from(better) - i8::from(worse);
+    let rate = sign(up(curr.rate, prev.rate), up(prev.rate, curr.rate));
+    let cost = sign(up(prev.cost, curr.cost), up(curr.cost, prev.cost));
+    if rate < 0 || cost < 0 {
+        Verdict::Worse
+    } else if rate > 0 || cost > 0 {
+        Verdict::Better
+    } else {
+        Verdict::Same
     }
-    if up(prev.rate, curr.rate) {
-        return Verdict::Worse;
-    }
-    if up(prev.cost, curr.cost) {
-        return Verdict::Better;
-    }
-    if up(curr.cost, prev.cost) {
-        return Verdict::Worse;
-    }
-    Verdict::Same
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -199,6 +201,8 @@ pub(crate) struct Controller {
     prev: Option<Sample>,
     /// The window the current park started on (load-change test).
     parked_on: Option<Sample>,
+    /// Consecutive parked windows whose rate moved by more than 2×.
+    moved: u32,
     /// Work in the current window.
     work: u64,
     /// Consecutive turns that found work.
@@ -225,6 +229,7 @@ impl Controller {
             park_len: MIN_PARK,
             prev: None,
             parked_on: None,
+            moved: 0,
             work: 0,
             streak: 0,
             suspend: 0,
@@ -301,19 +306,28 @@ impl Controller {
         }
         match self.state {
             State::Parked { left } => {
-                let moved = self.parked_on.is_some_and(|p| {
+                // A load change (two windows in a row off by more than a
+                // ladder step, 2×, so that one noisy window is not one)
+                // ends the park and the doubling.
+                let off = self.parked_on.is_some_and(|p| {
                     let r = s.rate / p.rate;
                     !(0.5..=2.0).contains(&r)
                 });
+                self.moved = if off { self.moved + 1 } else { 0 };
+                let moved = self.moved >= 2;
                 if moved {
                     self.park_len = MIN_PARK;
+                    self.moved = 0;
                 }
                 if left > 0 && !moved {
                     self.state = State::Parked { left: left - 1 };
                     return;
                 }
-                // Explore from here: longer pauses first, unless on top.
-                let dir = if self.level < top { 1 } else { -1 };
+                // Explore from here as net DIM leaves a park: towards
+                // shorter pauses from any rung but off, so that noise that
+                // lifted the level is undone first and a shorter pause
+                // that does as well wins.
+                let dir = if self.level == 0 { 1 } else { -1 };
                 self.prev = Some(s);
                 self.state = State::Exploring {
                     dir,
@@ -464,7 +478,7 @@ mod tests {
                 assert_eq!(c.level(), Duration::ZERO, "no probing while parked");
             }
         }
-        assert_eq!(parks, vec![4, 8, 16, 32, 64]);
+        assert_eq!(parks, vec![8, 16, 32, 64, 128]);
         c.decide(base);
         c.decide(base);
         assert_eq!(c.state, State::Parked { left: MAX_PARK });
@@ -476,7 +490,13 @@ mod tests {
         c.decide(s(500_000.0, 5000.0));
         c.decide(s(500_000.0, 5000.0));
         assert!(matches!(c.state, State::Parked { left } if left > 1));
-        // Three times the load: explore at once.
+        // Three times the load for one window: noise, still parked.
+        c.decide(s(1_500_000.0, 5000.0));
+        assert_eq!(c.level(), Duration::ZERO);
+        c.decide(s(500_000.0, 5000.0));
+        c.decide(s(1_500_000.0, 5000.0));
+        assert_eq!(c.level(), Duration::ZERO);
+        // Two in a row: the load moved, explore at once.
         c.decide(s(1_500_000.0, 5000.0));
         assert_eq!(c.level(), MAX / 8);
     }
@@ -503,6 +523,29 @@ mod tests {
         assert_eq!(c.level(), MAX / 4, "as good with less: goes on down");
         c.decide(s(rate * 0.8, 5000.0));
         assert_eq!(c.level(), MAX / 2, "worse: back up one and park");
+    }
+
+    #[test]
+    fn from_a_middle_rung_it_explores_shorter_pauses_first() {
+        let mut c = Controller::new(MAX);
+        c.level = 2;
+        c.state = State::Parked { left: 0 };
+        c.decide(s(500_000.0, 5000.0));
+        assert_eq!(c.level(), MAX / 8, "one rung shorter");
+        c.decide(s(500_000.0, 5000.0));
+        assert_eq!(c.level(), Duration::ZERO, "as good: shorter again");
+        c.decide(s(500_000.0, 5000.0));
+        assert!(matches!(c.state, State::Parked { .. }), "off is the edge");
+        assert_eq!(c.level(), Duration::ZERO);
+    }
+
+    #[test]
+    fn more_throughput_at_a_higher_cost_is_worse() {
+        assert_eq!(compare(s(120.0, 120.0), s(100.0, 100.0)), Verdict::Worse);
+        assert_eq!(compare(s(120.0, 105.0), s(100.0, 100.0)), Verdict::Better);
+        assert_eq!(compare(s(95.0, 80.0), s(100.0, 100.0)), Verdict::Better);
+        assert_eq!(compare(s(85.0, 80.0), s(100.0, 100.0)), Verdict::Worse);
+        assert_eq!(compare(s(105.0, 95.0), s(100.0, 100.0)), Verdict::Same);
     }
 
     #[test]
