@@ -433,6 +433,12 @@ fn main() -> ExitCode {
     ));
     servers.push(Server::peer(
         b,
+        "floodgate_adaptive256",
+        "peer_floodgate",
+        &["--mode", "handler", "--moderation", "256"],
+    ));
+    servers.push(Server::peer(
+        b,
         "floodgate_nap",
         "peer_floodgate",
         &["--mode", "handler", "--moderation", "fixed:1:50"],

@@ -21,9 +21,11 @@
 //!   2×). Leaving a park it
 //!   first tries a shorter pause (kept if not worse), as net DIM does.
 //!
-//! Nothing is explored while the load is too light for a pause to batch:
-//! when, at the window's rate, not even one more unit of work would arrive
-//! during the longest pause, the controller stays (or goes back) off.
+//! Nothing is explored while the load is too light for a pause to pay: a
+//! nap is a wake-up itself (its timer's), so from off the controller
+//! explores only when at least two wake-ups came per longest pause; and
+//! when not even one more unit of work would arrive during the longest
+//! pause, it goes back off from any rung.
 //!
 //! The controller is pure logic: it is handed each turn's work count and,
 //! at the end of a window, the clocks (the shard reads them), so its
@@ -152,6 +154,8 @@ pub(crate) struct Sample {
     pub rate: f64,
     /// Shard-thread CPU nanoseconds per unit of work.
     pub cost: f64,
+    /// Turns that found work (wake-ups) per second.
+    pub wakes: f64,
 }
 
 /// How one window compares with the one before.
@@ -203,8 +207,9 @@ pub(crate) struct Controller {
     parked_on: Option<Sample>,
     /// Consecutive parked windows whose rate moved by more than 2×.
     moved: u32,
-    /// Work in the current window.
+    /// Work in the current window, and the turns that found it.
     work: u64,
+    turns: u64,
     /// Consecutive turns that found work.
     streak: u32,
     /// Turns left without a pause after an empty one, and the next length.
@@ -231,6 +236,7 @@ impl Controller {
             parked_on: None,
             moved: 0,
             work: 0,
+            turns: 0,
             streak: 0,
             suspend: 0,
             suspend_len: 1,
@@ -265,6 +271,7 @@ impl Controller {
             }
             return (None, full);
         }
+        self.turns += 1;
         if paused {
             self.suspend_len = 1;
         }
@@ -284,9 +291,12 @@ impl Controller {
     /// of the shard thread's CPU time, and decides the next rung.
     pub fn window(&mut self, wall_ns: u64, cpu_ns: u64) {
         let work = std::mem::take(&mut self.work).max(1);
+        let turns = std::mem::take(&mut self.turns);
+        let per_s = |n: u64| n as f64 * 1e9 / wall_ns.max(1) as f64;
         let s = Sample {
-            rate: work as f64 * 1e9 / wall_ns.max(1) as f64,
+            rate: per_s(work),
             cost: cpu_ns as f64 / work as f64,
+            wakes: per_s(turns),
         };
         self.decide(s);
     }
@@ -321,6 +331,17 @@ impl Controller {
                 }
                 if left > 0 && !moved {
                     self.state = State::Parked { left: left - 1 };
+                    return;
+                }
+                // From off, explore only if a pause could pay: a nap is a
+                // wake-up itself (its timer's), so it saves something only
+                // if at least two wake-ups would have come within the
+                // longest one. Below that (a few clients, an open loop of
+                // one connection per wake-up) it stays off and probes
+                // nothing.
+                if self.level == 0 && s.wakes * self.ladder[top].as_secs_f64() < 2.0 {
+                    self.state = State::Parked { left: 0 };
+                    self.parked_on = Some(s);
                     return;
                 }
                 // Explore from here as net DIM leaves a park: towards
@@ -385,8 +406,13 @@ mod tests {
 
     const MAX: Duration = Duration::from_micros(64);
 
+    /// A window of one unit of work per wake-up.
     fn s(rate: f64, cost: f64) -> Sample {
-        Sample { rate, cost }
+        Sample {
+            rate,
+            cost,
+            wakes: rate,
+        }
     }
 
     /// Feeds turns of `work` each (none paused) until a window is full.
@@ -546,6 +572,28 @@ mod tests {
         assert_eq!(compare(s(95.0, 80.0), s(100.0, 100.0)), Verdict::Better);
         assert_eq!(compare(s(85.0, 80.0), s(100.0, 100.0)), Verdict::Worse);
         assert_eq!(compare(s(105.0, 95.0), s(100.0, 100.0)), Verdict::Same);
+    }
+
+    #[test]
+    fn fewer_than_two_wake_ups_per_longest_pause_never_explore() {
+        let mut c = Controller::new(MAX);
+        // 100k completions/s (6 per 64 µs) but 20k wake-ups/s (1.3 per
+        // 64 µs): an open loop at 20k/s, each wake-up one connection.
+        let w = Sample {
+            rate: 100_000.0,
+            cost: 5000.0,
+            wakes: 20_000.0,
+        };
+        for _ in 0..100 {
+            c.decide(w);
+            assert_eq!(c.level(), Duration::ZERO);
+        }
+        // Twice as many wake-ups: it explores.
+        c.decide(Sample {
+            wakes: 40_000.0,
+            ..w
+        });
+        assert_eq!(c.level(), MAX / 8);
     }
 
     #[test]
