@@ -322,7 +322,9 @@ impl ListenerBuilder {
     /// never pauses. [`Moderation::Off`] waits for each completion as it
     /// comes; [`Moderation::Fixed`] is the older threshold rule. Counted in
     /// [`ShardStats::moderation`](crate::ShardStats::moderation); PERF.md
-    /// has the design and the figures.
+    /// has the design and the figures. With `Adaptive`, the shard thread's
+    /// timer slack is set to 1 µs so that a pause is as short as asked (on
+    /// a driven shard: the thread that first drives it).
     pub fn moderation(mut self, m: Moderation) -> Self {
         self.moderation = m;
         self
