@@ -125,6 +125,16 @@ fn shard_expected(e: &mut Expected, s: &ShardStats) {
     e.c("floodgate_rate_pauses_total", k, s.rate_pauses);
     e.c("floodgate_budget_stops_total", k, s.budget_stops);
     e.c("floodgate_coalesced_pauses_total", k, s.coalesced_pauses);
+    e.c(
+        "floodgate_moderation_empty_pauses_total",
+        k,
+        s.moderation.empty_pauses,
+    );
+    e.c(
+        "floodgate_moderation_paused_microseconds_total",
+        k,
+        s.moderation.paused_us,
+    );
     e.c("floodgate_handler_panics_total", k, s.handler_panics);
     e.c("floodgate_condition_panics_total", k, s.condition_panics);
     e.c("floodgate_deferred_total", k, s.deferred);
@@ -191,6 +201,11 @@ fn shard_expected(e: &mut Expected, s: &ShardStats) {
     }
     e.g("floodgate_last_accept_errno", k, s.last_errno as u64);
     e.g("floodgate_multishot", k, s.multishot.into());
+    e.g(
+        "floodgate_moderation_pause_microseconds",
+        k,
+        s.moderation.level_us,
+    );
 }
 
 fn connector_expected(stats: &ConnectorStats) -> Expected {
@@ -251,8 +266,23 @@ fn connect_shard_expected(e: &mut Expected, s: &ConnectShardStats) {
         k,
         s.handler_panics,
     );
+    e.c(
+        "floodgate_connect_moderation_pauses_total",
+        k,
+        s.moderation.pauses,
+    );
+    e.c(
+        "floodgate_connect_moderation_paused_microseconds_total",
+        k,
+        s.moderation.paused_us,
+    );
     e.g("floodgate_connect_in_flight", k, s.in_flight);
     e.g("floodgate_connect_open_sockets", k, s.open_sockets);
+    e.g(
+        "floodgate_connect_moderation_pause_microseconds",
+        k,
+        s.moderation.level_us,
+    );
 }
 
 /// Parses `text` as the Prometheus text format, strictly: every line is a

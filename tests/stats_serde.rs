@@ -99,6 +99,7 @@ fn listener_stats_serialise_every_field_and_read_back_equal() {
                 "multishot",
                 "kernel",
                 "relays",
+                "moderation",
             ])
         );
         assert_eq!(s["accepted"], json!(4));
@@ -276,6 +277,7 @@ fn run_summary_and_connector_stats_serialise_and_read_back_equal() {
                 "handler_panics",
                 "uring_socket",
                 "direct_sockets",
+                "moderation",
             ])
         );
         assert_eq!(s["sequences"]["ok"], json!(20));

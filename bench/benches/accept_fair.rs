@@ -14,7 +14,9 @@
 //! Peers (`floodgate_bench::fair::peers::PEERS`): `std_blocking` (`TcpListener::accept` in a
 //! loop), `mio_epoll` (`epoll_wait`, then `accept4` until `EAGAIN`), `tokio_current_thread`
 //! (`accept().await` in a loop), `raw_io_uring` (multishot ACCEPT, `submit_and_wait(1)`),
-//! `floodgate_handler` (inline handler on the shard, io_uring), `floodgate_accept`
+//! `floodgate_handler` (inline handler on the shard, io_uring), `floodgate_driven` (a driven
+//! shard: its application thread blocked in `poll(2)` on the shard's descriptor, then
+//! `drive()`), `floodgate_accept`
 //! (`Listener::accept()` on an application thread, both it and the shard on core 0),
 //! `floodgate_epoll_handler` (inline handler, `Backend::Epoll`).
 //!

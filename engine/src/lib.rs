@@ -172,7 +172,7 @@ pub use relay::{
     DEFAULT_RELAY_CONNECT_TIMEOUT, DEFAULT_RELAY_IDLE_TIMEOUT, MAX_RELAYS_PER_SHARD,
     MAX_RELAY_BUFFER, STOP_GRACE as RELAY_STOP_GRACE,
 };
-pub use shard::Coalesce;
+pub use shard::{Coalesce, Moderation, ModerationStats, DEFAULT_MAX_PAUSE};
 pub use stats::{
     Backoffs, KernelQueue, ListenerStats, OpenConnections, Rejected, RelayStats, ShardStats,
     Withdrawn,

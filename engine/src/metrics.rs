@@ -51,7 +51,9 @@
 //! | `floodgate_limit_pauses_total` | counter | stops at `max_connections` |
 //! | `floodgate_rate_pauses_total` | counter | stops for lack of an `accept_rate` token |
 //! | `floodgate_budget_stops_total` | counter | turns that took the whole `accept_budget` |
-//! | `floodgate_coalesced_pauses_total` | counter | wake-up coalescing pauses |
+//! | `floodgate_coalesced_pauses_total` | counter | wake-up moderation pauses (adaptive or fixed) |
+//! | `floodgate_moderation_empty_pauses_total` | counter | moderation pauses that found no work |
+//! | `floodgate_moderation_paused_microseconds_total` | counter | time spent in moderation pauses |
 //! | `floodgate_handler_panics_total` | counter | inline or registration handler panics |
 //! | `floodgate_condition_panics_total` | counter | condition panics |
 //! | `floodgate_deferred_total` | counter | Defer and NeedBytes verdicts |
@@ -76,6 +78,7 @@
 //! | `floodgate_kernel_backlog` | gauge | the backlog the kernel enforces (while listening) |
 //! | `floodgate_last_accept_errno` | gauge | errno of the last accept error (0: none) |
 //! | `floodgate_multishot` | gauge | 1 with multishot accept, 0 with single-shot |
+//! | `floodgate_moderation_pause_microseconds` | gauge | the adaptive pause length now (0: off) |
 //! | `floodgate_backend_info{backend,reason}` | info | the backend and why it was chosen |
 //!
 //! With [`max_connections`](crate::ListenerBuilder::max_connections), four
@@ -98,8 +101,11 @@
 //! | `floodgate_connect_bytes_sent_total` | counter | payload bytes sent by sequences |
 //! | `floodgate_connect_bytes_received_total` | counter | response bytes received by sequences |
 //! | `floodgate_connect_handler_panics_total` | counter | handler or run sink panics |
+//! | `floodgate_connect_moderation_pauses_total` | counter | wake-up moderation pauses |
+//! | `floodgate_connect_moderation_paused_microseconds_total` | counter | time spent in moderation pauses |
 //! | `floodgate_connect_in_flight` | gauge | connects queued or in flight |
 //! | `floodgate_connect_open_sockets` | gauge | sockets held |
+//! | `floodgate_connect_moderation_pause_microseconds` | gauge | the adaptive pause length now (0: off) |
 //! | `floodgate_connect_backend_info{backend,reason}` | info | the backend and why it was chosen |
 
 use std::fmt;
@@ -197,7 +203,9 @@ const LISTENER: &[Family<ShardStats>] = &[
     Family { name: "floodgate_limit_pauses", help: "Times the shard stopped accepting at the listener's max_connections", ty: COUNTER, key: None, kinds: one!(limit_pauses) },
     Family { name: "floodgate_rate_pauses", help: "Times the shard stopped accepting for lack of an accept_rate token", ty: COUNTER, key: None, kinds: one!(rate_pauses) },
     Family { name: "floodgate_budget_stops", help: "Turns that ended having taken the whole accept_budget", ty: COUNTER, key: None, kinds: one!(budget_stops) },
-    Family { name: "floodgate_coalesced_pauses", help: "Pauses taken by load-adaptive wake-up coalescing", ty: COUNTER, key: None, kinds: one!(coalesced_pauses) },
+    Family { name: "floodgate_coalesced_pauses", help: "Pauses taken by wake-up moderation (adaptive or fixed)", ty: COUNTER, key: None, kinds: one!(coalesced_pauses) },
+    Family { name: "floodgate_moderation_empty_pauses", help: "Moderation pauses after which no work was there (each reverted the shard to immediate wake-ups)", ty: COUNTER, key: None, kinds: &[("", |s| Some(s.moderation.empty_pauses))] },
+    Family { name: "floodgate_moderation_paused_microseconds", help: "Time spent in wake-up moderation pauses, in microseconds", ty: COUNTER, key: None, kinds: &[("", |s| Some(s.moderation.paused_us))] },
     Family { name: "floodgate_handler_panics", help: "Inline or registration handler calls that panicked", ty: COUNTER, key: None, kinds: one!(handler_panics) },
     Family { name: "floodgate_condition_panics", help: "Condition calls that panicked (the connection was reset)", ty: COUNTER, key: None, kinds: one!(condition_panics) },
     Family { name: "floodgate_deferred", help: "Defer and NeedBytes verdicts", ty: COUNTER, key: None, kinds: one!(deferred) },
@@ -240,6 +248,7 @@ const LISTENER: &[Family<ShardStats>] = &[
     Family { name: "floodgate_kernel_backlog", help: "The backlog the kernel enforces on the shard's listener", ty: GAUGE, key: None, kinds: &[("", |s| s.kernel.map(|k| u64::from(k.backlog)))] },
     Family { name: "floodgate_last_accept_errno", help: "The errno of the last accept error (0: none)", ty: GAUGE, key: None, kinds: &[("", |s| Some(s.last_errno.unsigned_abs().into()))] },
     Family { name: "floodgate_multishot", help: "1 when the shard accepts with multishot ACCEPT, 0 with single-shot accepts", ty: GAUGE, key: None, kinds: one!(multishot) },
+    Family { name: "floodgate_moderation_pause_microseconds", help: "The adaptive moderation's pause length now, in microseconds (0: it does not pause)", ty: GAUGE, key: None, kinds: &[("", |s| Some(s.moderation.level_us))] },
 ];
 
 /// The connector's families, in exposition order.
@@ -282,8 +291,11 @@ const CONNECTOR: &[Family<ConnectShardStats>] = &[
     Family { name: "floodgate_connect_bytes_sent", help: "Payload bytes sent by load sequences", ty: COUNTER, key: None, kinds: one!(bytes_sent) },
     Family { name: "floodgate_connect_bytes_received", help: "Response bytes received by load sequences", ty: COUNTER, key: None, kinds: one!(bytes_received) },
     Family { name: "floodgate_connect_handler_panics", help: "Inline handler or run sink calls that panicked", ty: COUNTER, key: None, kinds: one!(handler_panics) },
+    Family { name: "floodgate_connect_moderation_pauses", help: "Pauses taken by wake-up moderation", ty: COUNTER, key: None, kinds: &[("", |s| Some(s.moderation.pauses))] },
+    Family { name: "floodgate_connect_moderation_paused_microseconds", help: "Time spent in wake-up moderation pauses, in microseconds", ty: COUNTER, key: None, kinds: &[("", |s| Some(s.moderation.paused_us))] },
     Family { name: "floodgate_connect_in_flight", help: "Connects queued for the shard or in flight on it", ty: GAUGE, key: None, kinds: one!(in_flight) },
     Family { name: "floodgate_connect_open_sockets", help: "Sockets the shard holds now", ty: GAUGE, key: None, kinds: one!(open_sockets) },
+    Family { name: "floodgate_connect_moderation_pause_microseconds", help: "The adaptive moderation's pause length now, in microseconds (0: it does not pause)", ty: GAUGE, key: None, kinds: &[("", |s| Some(s.moderation.level_us))] },
 ];
 
 /// Writes `families` for `shards` (their indices as the `shard` label),

@@ -27,7 +27,6 @@ pub(crate) struct Counters {
     pub last_errno: AtomicU64,
     pub held: AtomicU64,
     pub handler_panics: AtomicU64,
-    pub coalesced_pauses: AtomicU64,
     pub rejected_close: AtomicU64,
     pub rejected_reset: AtomicU64,
     pub withdrawn_gone: AtomicU64,
@@ -73,7 +72,7 @@ impl Counters {
             accept_errors: g(&self.accept_errors),
             last_errno: g(&self.last_errno) as i32,
             handler_panics: g(&self.handler_panics),
-            coalesced_pauses: g(&self.coalesced_pauses),
+            coalesced_pauses: 0,
             rejected: Rejected {
                 close: g(&self.rejected_close),
                 reset: g(&self.rejected_reset),
@@ -100,6 +99,7 @@ impl Counters {
             multishot: self.multishot.load(Ordering::Relaxed),
             kernel: None,
             relays: self.relay.snapshot(),
+            moderation: crate::ModerationStats::default(),
         }
     }
 }
@@ -166,7 +166,8 @@ pub struct ShardStats {
     pub accept_errors: u64,
     /// The errno of the last accept error of any kind (0: none).
     pub last_errno: i32,
-    /// Pauses taken by load-adaptive wake-up coalescing.
+    /// Pauses taken by wake-up moderation, adaptive or fixed (the same
+    /// figure as `moderation.pauses`).
     pub coalesced_pauses: u64,
     /// Inline handler calls that panicked (the connection was dropped, the
     /// shard went on).
@@ -228,6 +229,9 @@ pub struct ShardStats {
     /// Relays started by the inline handler on this shard
     /// ([`crate::ShardContext::relay`]).
     pub relays: RelayStats,
+    /// What the shard's wake-up moderation did
+    /// ([`crate::ListenerBuilder::moderation`]).
+    pub moderation: crate::ModerationStats,
 }
 
 impl ShardStats {
@@ -336,6 +340,7 @@ impl ListenerStats {
             t.accept_errors += s.accept_errors;
             t.handler_panics += s.handler_panics;
             t.coalesced_pauses += s.coalesced_pauses;
+            t.moderation.add(&s.moderation);
             t.rejected.close += s.rejected.close;
             t.rejected.reset += s.rejected.reset;
             t.withdrawn.peer_gone += s.withdrawn.peer_gone;

@@ -81,9 +81,9 @@ pub struct ServeArgs {
     #[arg(long, value_name = "BYTES", default_value = "x", value_parser = args::payload)]
     pub banner: args::Bytes,
 
-    /// Turn on the engine's load-adaptive wake-up coalescing: after a turn
-    /// that accepted 8 or more connections a shard pauses 50 µs before
-    /// waiting again.
+    /// Use the engine's fixed wake-up coalescing rule instead of its
+    /// default adaptive moderation: after a turn that accepted 8 or more
+    /// connections a shard pauses 50 µs before waiting again.
     #[arg(long)]
     pub coalesce: bool,
 

@@ -28,7 +28,7 @@
 use std::io::Write;
 
 use clap::{Parser, ValueEnum};
-use floodgate::{Coalesce, ConnectRequest, Error, Listener, Verdict};
+use floodgate::{Coalesce, ConnectRequest, Error, Listener, Moderation, Verdict};
 use floodgate_bench::peer::{self, PeerArgs, REPLY};
 
 const NAME: &str = "peer_floodgate";
@@ -78,10 +78,18 @@ struct Cli {
     #[arg(long, value_enum, default_value_t = Cond::None)]
     condition: Cond,
 
-    /// Turn on the engine's load-adaptive wake-up coalescing
-    /// (`Coalesce::default()`: pause 50 µs after a turn that accepted 8+).
+    /// The fixed coalescing rule instead of the default moderation
+    /// (`Moderation::Fixed(Coalesce::default())`: pause 50 µs after a turn
+    /// that accepted 8+).
     #[arg(long)]
     coalesce: bool,
+
+    /// Wake-up moderation: `off`, `adaptive` (the default, 64 µs ceiling),
+    /// a ceiling in µs for the adaptive controller, or
+    /// `fixed:<threshold>:<µs>` (pause µs after a turn that accepted at
+    /// least threshold connections).
+    #[arg(long, default_value = "adaptive", value_parser = parse_moderation)]
+    moderation: Moderation,
 
     /// Send the handler's reply at once instead of with the FIN
     /// (`ListenerBuilder::replies_at_once`).
@@ -108,6 +116,29 @@ enum BackendArg {
     Epoll,
 }
 
+fn parse_moderation(s: &str) -> Result<Moderation, String> {
+    match s {
+        "off" => Ok(Moderation::Off),
+        "adaptive" => Ok(Moderation::default()),
+        fixed if fixed.starts_with("fixed:") => {
+            let mut it = fixed["fixed:".len()..].split(':').map(str::parse::<u64>);
+            match (it.next(), it.next(), it.next()) {
+                (Some(Ok(threshold)), Some(Ok(us)), None) => Ok(Moderation::Fixed(Coalesce {
+                    threshold: usize::try_from(threshold).unwrap_or(usize::MAX),
+                    pause: std::time::Duration::from_micros(us),
+                })),
+                _ => Err(format!("{fixed}: expected fixed:<threshold>:<µs>")),
+            }
+        }
+        us => us
+            .parse::<u64>()
+            .map(|us| Moderation::Adaptive {
+                max_pause: std::time::Duration::from_micros(us),
+            })
+            .map_err(|_| format!("{us}: expected off, adaptive or a number of µs")),
+    }
+}
+
 fn trivial(_req: &ConnectRequest<'_>) -> Verdict {
     Verdict::accept()
 }
@@ -128,7 +159,11 @@ fn main() {
         .shards(1)
         .pin(false)
         .backlog(backlog)
-        .coalesce(cli.coalesce.then(Coalesce::default))
+        .moderation(if cli.coalesce {
+            Moderation::Fixed(Coalesce::default())
+        } else {
+            cli.moderation
+        })
         .replies_at_once(cli.replies_at_once)
         .backend(match cli.backend {
             BackendArg::Auto => floodgate::Backend::Auto,

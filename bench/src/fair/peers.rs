@@ -53,6 +53,10 @@ pub const PEERS: &[Peer] = &[
         start: floodgate_handler,
     },
     Peer {
+        name: "floodgate_driven",
+        start: floodgate_driven,
+    },
+    Peer {
         name: "floodgate_accept",
         start: floodgate_accept,
     },
@@ -425,6 +429,61 @@ pub fn floodgate_accept(probe: Arc<Probe>) -> Result<Running, String> {
         Ok(Err(e)) => Err(format!("floodgate_accept: {e}")),
         Err(_) => Err(format!(
             "floodgate_accept: not set up within {STEP_TIMEOUT:?}"
+        )),
+    }
+}
+
+/// Floodgate, a driven shard (`ListenerBuilder::build_driven`) on an application thread pinned
+/// to the server core: the thread blocks in `poll(2)` on the shard's descriptor
+/// (`DrivenShard::wait`), then `drive()` runs the inline handler's path on it. No engine
+/// thread: the acceptor is the application's own, as std's is.
+pub fn floodgate_driven(probe: Arc<Probe>) -> Result<Running, String> {
+    let (listener, mut shards) = Listener::builder(loopback())
+        .backend(Backend::IoUring)
+        .shards(1)
+        .pin(false)
+        .build_driven()
+        .map_err(|e| format!("floodgate_driven: {e}"))?;
+    let Some(mut shard) = shards.pop() else {
+        return Err("floodgate_driven: no shard".into());
+    };
+    let addr = listener.local_addr();
+    let (ready, started) = mpsc::sync_channel(1);
+    let thread = std::thread::Builder::new()
+        .name("fair-fg-driven".into())
+        .spawn(move || {
+            if let Err(e) = pin_here(SERVER_CORE) {
+                let _ = ready.send(Err(e));
+                return;
+            }
+            // The first drive() binds the shard to this thread and posts its accept.
+            let first = shard.drive(|conn, _ctx| probe.held(conn));
+            let _ = ready.send(first.map(|_| ()).map_err(|e| e.to_string()));
+            loop {
+                // A bounded wait only so that a lost wake-up could not hang the stop; the
+                // shutdown's own wake-up makes the descriptor readable.
+                if shard.wait(Some(STEP_TIMEOUT)).is_err() {
+                    return;
+                }
+                match shard.drive(|conn, _ctx| probe.held(conn)) {
+                    Ok(_) | Err(Error::Accept { .. }) => {}
+                    Err(_) => return,
+                }
+            }
+        })
+        .map_err(|e| format!("floodgate_driven: spawn: {e}"))?;
+    let running = Running {
+        addr,
+        stop: Some(Box::new(move || {
+            listener.shutdown();
+            let _ = thread.join();
+        })),
+    };
+    match started.recv_timeout(STEP_TIMEOUT) {
+        Ok(Ok(())) => Ok(running),
+        Ok(Err(e)) => Err(format!("floodgate_driven: {e}")),
+        Err(_) => Err(format!(
+            "floodgate_driven: not set up within {STEP_TIMEOUT:?}"
         )),
     }
 }

@@ -48,6 +48,7 @@ pub struct ConnectorBuilder {
     timeout: Option<Duration>,
     handler: Option<Arc<ConnectHandler>>,
     attrs: SocketAttrs,
+    moderation: crate::Moderation,
 }
 
 impl std::fmt::Debug for ConnectorBuilder {
@@ -61,6 +62,7 @@ impl std::fmt::Debug for ConnectorBuilder {
             .field("timeout", &self.timeout)
             .field("handler", &self.handler.is_some())
             .field("attrs", &self.attrs)
+            .field("moderation", &self.moderation)
             .finish()
     }
 }
@@ -76,7 +78,16 @@ impl ConnectorBuilder {
             timeout: Some(DEFAULT_CONNECT_TIMEOUT),
             handler: None,
             attrs: SocketAttrs::default(),
+            moderation: crate::Moderation::default(),
         }
+    }
+
+    /// How the shards moderate their wake-ups (default adaptive, as
+    /// [`crate::ListenerBuilder::moderation`]; [`crate::Moderation::Fixed`]
+    /// counts accepted connections, so on a connector it is off).
+    pub fn moderation(mut self, m: crate::Moderation) -> Self {
+        self.moderation = m;
+        self
     }
 
     /// Socket attributes for every outgoing socket (the type the listener
@@ -231,6 +242,7 @@ impl ConnectorBuilder {
                 index: k,
                 core,
                 backend: self.backend,
+                moderation: self.moderation,
             };
             match shard::spawn("floodgate-connect", placement, control, dialer) {
                 Ok((handle, started)) => {
@@ -528,7 +540,11 @@ impl Connector {
                 .shards
                 .iter()
                 .enumerate()
-                .map(|(i, s)| s.counters.snapshot(i))
+                .map(|(i, s)| {
+                    let mut st = s.counters.snapshot(i);
+                    st.moderation = s.control.moderation.snapshot();
+                    st
+                })
                 .collect(),
         }
     }

@@ -71,6 +71,9 @@ pub struct ConnectShardStats {
     /// keeps the socket for the run's next sequence. False: plain
     /// descriptors (kept and reused the same way with RST close).
     pub direct_sockets: bool,
+    /// What the shard's wake-up moderation did
+    /// ([`crate::ConnectorBuilder::moderation`]).
+    pub moderation: crate::ModerationStats,
 }
 
 impl ConnectShardStats {
@@ -128,6 +131,7 @@ impl ConnectorStats {
             t.bytes_sent += s.bytes_sent;
             t.bytes_received += s.bytes_received;
             t.handler_panics += s.handler_panics;
+            t.moderation.add(&s.moderation);
         }
         t
     }
@@ -213,6 +217,7 @@ impl Counters {
             handler_panics: g(&self.handler_panics),
             uring_socket: self.uring_socket.load(Ordering::Relaxed),
             direct_sockets: self.direct_sockets.load(Ordering::Relaxed),
+            moderation: crate::ModerationStats::default(),
         }
     }
 

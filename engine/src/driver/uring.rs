@@ -311,8 +311,13 @@ impl Ring {
         Ok(())
     }
 
-    /// Submits queued SQEs without waiting.
+    /// Submits queued SQEs without waiting; with none queued it makes no
+    /// syscall (an enter without GETEVENTS and nothing to submit does
+    /// nothing).
     pub fn submit(&mut self) -> io::Result<usize> {
+        if self.ring.submission().is_empty() {
+            return Ok(0);
+        }
         loop {
             match self.ring.submit() {
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
@@ -396,7 +401,7 @@ impl Ring {
     /// again if work is already there (completions not reaped, or deferred
     /// work, which TASKRUN_FLAG shows): work that comes after the clear
     /// signals it by itself, so no wake-up is lost and none is spurious.
-    pub fn prepare_wait(&mut self) {
+    pub fn prepare_wait(&mut self, ready: bool) {
         use std::os::fd::{AsRawFd, BorrowedFd};
         let Some(fd) = self.park.as_ref().map(|p| p.as_raw_fd()) else {
             return;
@@ -404,7 +409,7 @@ impl Ring {
         // SAFETY: `park` is owned by `self` and stays open for this call.
         let park = unsafe { BorrowedFd::borrow_raw(fd) };
         super::sys::eventfd_clear(park);
-        if self.has_work() {
+        if ready || self.has_work() {
             super::sys::eventfd_signal(park);
         }
     }

@@ -523,6 +523,8 @@ impl Listener {
             .enumerate()
             .map(|(i, s)| {
                 let mut st = s.counters.snapshot(i);
+                st.moderation = s.control.moderation.snapshot();
+                st.coalesced_pauses = st.moderation.pauses;
                 st.ring_depth = s.backlog.len();
                 st.pending += st.ring_depth as u64;
                 st.ring_high_water = s.backlog.high_water();

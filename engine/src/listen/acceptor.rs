@@ -802,7 +802,7 @@ impl Service for Acceptor {
         if accepted < c.threshold || self.stopping {
             return None;
         }
-        Counters::add(&self.counters().coalesced_pauses, 1);
+        // Counted by the shard when it takes the pause.
         Some(c.pause)
     }
 

@@ -17,7 +17,7 @@ use crate::listen::driven::DrivenShard;
 use crate::listen::group::{self, SocketSpec};
 use crate::listen::limits::{Bucket, LimitConfig, Limits, OpenCount};
 use crate::relay::context::ShardContext;
-use crate::shard::{self, Coalesce, Placement, ShardControl};
+use crate::shard::{self, Coalesce, Moderation, Placement, ShardControl};
 use socket2::Socket;
 
 /// The ceiling used when `net.core.somaxconn` cannot be read (the kernel's
@@ -87,7 +87,7 @@ pub struct ListenerBuilder {
     defer_interval: std::time::Duration,
     save_syn: bool,
     attrs: SocketAttrs,
-    coalesce: Option<Coalesce>,
+    moderation: Moderation,
     replies_at_once: bool,
     registration: Option<crate::admit::register::Registration>,
     relay_limits: crate::relay::RelayLimits,
@@ -165,7 +165,7 @@ impl std::fmt::Debug for ListenerBuilder {
             .field("defer_interval", &self.defer_interval)
             .field("save_syn", &self.save_syn)
             .field("attrs", &self.attrs)
-            .field("coalesce", &self.coalesce)
+            .field("moderation", &self.moderation)
             .field("replies_at_once", &self.replies_at_once)
             .field("registration", &self.registration)
             .field("relay_limits", &self.relay_limits)
@@ -196,7 +196,7 @@ impl ListenerBuilder {
             defer_interval: std::time::Duration::from_millis(10),
             save_syn: false,
             attrs: SocketAttrs::default(),
-            coalesce: None,
+            moderation: Moderation::default(),
             replies_at_once: false,
             registration: None,
             relay_limits: crate::relay::RelayLimits::default(),
@@ -313,11 +313,30 @@ impl ListenerBuilder {
         self
     }
 
-    /// Load-adaptive wake-up coalescing, e.g. `Some(Coalesce::default())`
-    /// (8 connections, 50 µs). Off by default until PERF.md shows it pays on
-    /// this engine: it trades latency under load for fewer wake-ups.
+    /// How every shard of the listener (engine threads and driven shards,
+    /// either backend) moderates its wake-ups. Default
+    /// [`Moderation::Adaptive`] with a 64 µs ceiling: under sustained load a
+    /// shard naps between turns (after submitting what it queued, so no
+    /// reply or close waits out a nap) so that one wake-up finds a batch;
+    /// the pause length is measured, not set, and at light load or idle it
+    /// never pauses. [`Moderation::Off`] waits for each completion as it
+    /// comes; [`Moderation::Fixed`] is the older threshold rule. Counted in
+    /// [`ShardStats::moderation`](crate::ShardStats::moderation); PERF.md
+    /// has the design and the figures. With `Adaptive`, the shard thread's
+    /// timer slack is set to 1 µs so that a pause is as short as asked (on
+    /// a driven shard: the thread that first drives it).
+    pub fn moderation(mut self, m: Moderation) -> Self {
+        self.moderation = m;
+        self
+    }
+
+    /// The fixed coalescing rule: `Some(c)` is
+    /// `moderation(Moderation::Fixed(c))` (pause `c.pause` after a turn
+    /// that accepted `c.threshold` connections); `None` is the default
+    /// moderation ([`Moderation::Adaptive`]). Kept for callers of the
+    /// older knob; prefer [`ListenerBuilder::moderation`].
     pub fn coalesce(mut self, c: Option<Coalesce>) -> Self {
-        self.coalesce = c;
+        self.moderation = c.map_or_else(Moderation::default, Moderation::Fixed);
         self
     }
 
@@ -726,7 +745,10 @@ impl ListenerBuilder {
                     self.handler.clone(),
                     admission.clone(),
                 )
-                .with_coalesce(self.coalesce)
+                .with_coalesce(match self.moderation {
+                    Moderation::Fixed(c) => Some(c),
+                    _ => None,
+                })
                 .with_replies_at_once(self.replies_at_once)
                 .with_registration(self.registration.clone())
                 .with_relay_limits(self.relay_limits)
@@ -735,6 +757,7 @@ impl ListenerBuilder {
                     index: k,
                     core: placements[k],
                     backend: self.backend,
+                    moderation: self.moderation,
                 };
                 if driven {
                     let (shard, s) = shard::prepare_driven(placement, control, acceptor.driven())?;

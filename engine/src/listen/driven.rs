@@ -109,7 +109,13 @@ impl DrivenShard {
     /// queued, reaps completions, runs admission, re-arms the accept, and
     /// calls `handler` on this thread for every admitted connection, with
     /// the shard's context. Returns how many connections it handed over.
-    /// Call it whenever the descriptor is readable; it never blocks.
+    /// Call it whenever the descriptor is readable; it never blocks on the
+    /// kernel. Under sustained load the listener's
+    /// [`Moderation`](crate::Moderation) (adaptive by default) may make one
+    /// call nap once, at most its `max_pause` (64 µs by default), in place
+    /// of the caller's next wait, and hand over what gathered meanwhile;
+    /// what the handler queued is submitted before the nap.
+    /// [`Moderation::Off`](crate::Moderation::Off) never naps.
     ///
     /// The first call binds the shard to the calling thread and starts it
     /// (posts its accept).
@@ -231,18 +237,36 @@ impl DrivenShard {
                 break;
             }
         }
+        // Under sustained load the controller asks for a pause: take it
+        // here, in place of the caller's next wait, and do what it gathered
+        // (once per call, so drive() returns within one pause).
+        if n < max && self.shard.pause() {
+            if !self.shard.turn(false) {
+                self.shard.finish();
+                return Err(Error::Closed);
+            }
+            let ring = &mut self.shard.ring;
+            n += self.shard.service.deliver_to(ring, max - n, handler);
+        }
         // Stopped, and the cancels that ended its operations came within
         // this call: nothing more will make the descriptor readable, so the
         // shard finishes now rather than at a drive nobody would make.
         if self.shard.stopped_and_idle() {
             self.shard.finish();
-            return if n == 0 { Err(Error::Closed) } else { Ok(n) };
+            if n == 0 {
+                return Err(Error::Closed);
+            }
+            // The connections handed over are returned now; the descriptor
+            // stays readable so that a caller that waits on it next learns
+            // at once (the next drive() says Closed).
+            let _ = self.shard.ring.prepare_wait(true);
+            return Ok(n);
         }
         // Whatever is still queued goes now (nothing else would wake this
         // shard to submit it); the descriptor is left readable if work
         // already waits.
         let ring = &mut self.shard.ring;
-        let submitted = ring.submit().and_then(|_| ring.prepare_wait());
+        let submitted = ring.submit().and_then(|_| ring.prepare_wait(false));
         if let Err(e) = submitted {
             return Err(Error::setup("driven shard submit", e));
         }
@@ -257,12 +281,13 @@ impl DrivenShard {
 
     /// Waits until the descriptor is readable, at most `timeout` (`None`:
     /// no limit), for a thread that does nothing else; an event loop
-    /// registers the descriptor instead. Returns whether it is readable.
+    /// registers the descriptor instead. Returns whether it is readable
+    /// (at once, true, for a shard not started yet or already finished).
     ///
     /// # Errors
     /// `poll(2)` failures as [`Error::Setup`].
     pub fn wait(&mut self, timeout: Option<Duration>) -> Result<bool, Error> {
-        if !self.shard.started() {
+        if !self.shard.started() || self.shard.finished() {
             return Ok(true);
         }
         sys::poll_readable(self.as_fd(), timeout).map_err(|e| Error::setup("poll", e))
