@@ -14,7 +14,9 @@ use std::time::Duration;
 use floodgate::{
     CloseMode, ConnectErrorKind, Connector, Dial, Error, Listener, SequenceOutcome, SequencePlan,
 };
-use floodgate_tests::{banner_listener, open_fds, ring_held_sockets, serial, wait_for};
+use floodgate_tests::{
+    banner_listener, open_fds, refusing_port, ring_held_sockets, serial, wait_for,
+};
 use socket2::{Domain, Protocol, Socket, Type};
 
 /// Bounds only turn a hang into a failure; the tests wait on events.
@@ -26,12 +28,6 @@ fn connector(shards: usize) -> Connector {
         .pin(false)
         .build()
         .expect("build connector")
-}
-
-/// A port nobody listens on (bound, then closed).
-fn closed_port() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr")
 }
 
 /// A listener with backlog 1 that never accepts, and the connections that
@@ -73,7 +69,7 @@ fn connects_to_a_live_listener() {
 #[test]
 fn closed_port_is_refused_with_a_typed_error() {
     let _g = serial();
-    let addr = closed_port();
+    let (_hold, addr) = refusing_port();
     let c = connector(1);
     let err = c.connect(addr).expect_err("nobody listens");
     match &err {
@@ -164,7 +160,8 @@ fn submit_then_try_complete_and_completion_event() {
         .unwrap();
     let mut events = mio::Events::with_capacity(4);
     let mut tickets: Vec<_> = (0..3).map(|_| c.submit(addr).unwrap()).collect();
-    tickets.push(c.submit(closed_port()).unwrap());
+    let (_hold, refused) = refusing_port();
+    tickets.push(c.submit(refused).unwrap());
     let mut got = Vec::new();
     while got.len() < tickets.len() {
         poll.poll(&mut events, Some(LONG)).unwrap();
@@ -290,7 +287,7 @@ fn fd_table_is_back_to_baseline_after_drop() {
             conn.read_to_end(&mut b).unwrap();
             assert_eq!(b, b"x");
         }
-        let refused = closed_port();
+        let (_hold, refused) = refusing_port();
         for _ in 0..20 {
             assert!(c.connect(refused).is_err());
         }
@@ -398,9 +395,8 @@ fn open_loop_and_errors_by_kind() {
     let _g = serial();
     let c = connector(2);
     // Refused, at a fixed rate.
-    let plan = SequencePlan::new(closed_port())
-        .rate(2_000.0, 64)
-        .count(200);
+    let (_hold, refused) = refusing_port();
+    let plan = SequencePlan::new(refused).rate(2_000.0, 64).count(200);
     let summary = c
         .run(&plan, |_| |_: &floodgate::SequenceRecord| {})
         .unwrap();
@@ -441,7 +437,7 @@ fn open_loop_and_errors_by_kind() {
 fn bad_plans_are_refused_naming_the_field() {
     let _g = serial();
     let c = connector(1);
-    let addr = closed_port();
+    let (_hold, addr) = refusing_port();
     for (plan, field) in [
         (SequencePlan::new(addr), "count/duration"),
         (

@@ -36,9 +36,9 @@ fn serve(mut shard: DrivenShard, ids: mpsc::Sender<(usize, u64)>, stop: Arc<Atom
         if stop.load(Ordering::SeqCst) && shard.is_finished() {
             return;
         }
-        shard
-            .wait(Some(Duration::from_millis(100)))
-            .expect("wait on the shard");
+        // No timeout: the listener's shutdown must make the descriptor
+        // readable by itself.
+        shard.wait(None).expect("wait on the shard");
     }
 }
 
@@ -147,7 +147,7 @@ fn a_shard_that_is_not_driven_takes_nothing_from_the_kernel() {
             .drive(|mut conn, _| got.push(read_id(&mut conn).expect("id")))
             .expect("drive");
         if got.len() < k {
-            shard.wait(Some(Duration::from_millis(100))).expect("wait");
+            shard.wait(None).expect("wait");
         }
     }
     got.sort_unstable();
@@ -184,7 +184,7 @@ fn shutdown_closes_and_counts_what_a_driven_shard_holds() {
     loop {
         match shard.drive(|_, _| handed += 1) {
             Ok(_) => {
-                shard.wait(Some(Duration::from_millis(100))).expect("wait");
+                shard.wait(None).expect("wait");
             }
             Err(Error::Closed) => break,
             Err(e) => panic!("{e}"),
@@ -306,4 +306,60 @@ fn a_driven_shard_replies_on_its_own_ring() {
     drop(shard);
     listener.shutdown();
     assert!(listener.stats().conserved());
+}
+
+/// `DrivenShard::accept`: a blocking accept loop on the application's own
+/// thread, each connection once; a zero timeout with nothing waiting says
+/// so; shutdown ends the loop with `Closed`; everything is counted.
+#[test]
+fn a_blocking_accept_loop_on_a_driven_shard_takes_each_connection_once() {
+    let _serial = serial();
+    let baseline = open_fds();
+    {
+        let (listener, mut shards) = Listener::builder(addr())
+            .shards(1)
+            .build_driven()
+            .expect("build driven");
+        let mut shard = shards.pop().expect("one shard");
+        let target = listener.local_addr();
+        const N: u64 = 500;
+        let (started_tx, started) = mpsc::channel();
+        let server = std::thread::spawn(move || {
+            // Nothing has connected yet: a zero wait finds nothing (and
+            // binds the shard to this thread).
+            let none = shard.accept_timeout(Some(Duration::ZERO)).expect("accept");
+            let _ = started_tx.send(none.is_none());
+            let mut ids = Vec::new();
+            loop {
+                match shard.accept() {
+                    Ok(mut conn) => {
+                        let _ = conn
+                            .as_std()
+                            .set_read_timeout(Some(Duration::from_secs(60)));
+                        ids.push(read_id(&mut conn).expect("id"));
+                    }
+                    Err(Error::Closed) => return ids,
+                    Err(e) => panic!("accept: {e}"),
+                }
+            }
+        });
+        assert!(
+            started.recv().expect("server started"),
+            "a connection from nowhere"
+        );
+        for id in 0..N {
+            tagged_client(target, id).expect("client");
+        }
+        wait_for("every connection delivered", || {
+            listener.stats().total().delivered == N
+        });
+        listener.shutdown();
+        let mut ids = server.join().expect("server thread");
+        ids.sort_unstable();
+        assert_eq!(ids, (0..N).collect::<Vec<_>>(), "each once");
+        let t = listener.stats().total();
+        assert!(listener.stats().conserved(), "{t:?}");
+        assert_eq!((t.accepted, t.delivered, t.closed_at_shutdown), (N, N, 0));
+    }
+    wait_for("fd table back to baseline", || open_fds() == baseline);
 }

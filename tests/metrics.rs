@@ -3,7 +3,7 @@
 //! every sample equals the stats snapshot of the same moment.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use floodgate::metrics::{ConnectorCollector, ListenerCollector};
@@ -44,6 +44,14 @@ impl Expected {
         assert!(old.is_none(), "{name} listed twice");
     }
 
+    /// A listener-wide gauge (no `shard` label).
+    fn global(&mut self, name: &str, v: u64) {
+        let old = self
+            .0
+            .insert((name.to_string(), Vec::new()), (Kind::Gauge, v));
+        assert!(old.is_none(), "{name} listed twice");
+    }
+
     fn c(&mut self, name: &str, shard: usize, v: u64) {
         self.add(Kind::Counter, name, shard, None, v);
     }
@@ -63,6 +71,12 @@ fn listener_expected(stats: &ListenerStats) -> Expected {
     let mut e = Expected::default();
     for s in &stats.shards {
         shard_expected(&mut e, s);
+    }
+    if let Some(o) = stats.open {
+        e.global("floodgate_open_connections", o.open);
+        e.global("floodgate_open_connections_high_water", o.high_water);
+        e.global("floodgate_max_connections", o.limit);
+        e.global("floodgate_shards_paused_at_limit", o.shards_paused);
     }
     e
 }
@@ -107,6 +121,9 @@ fn shard_expected(e: &mut Expected, s: &ShardStats) {
     e.c("floodgate_accept_rearms_total", k, s.rearms);
     e.c("floodgate_ring_full_pauses_total", k, s.ring_full_pauses);
     e.c("floodgate_ring_resumes_total", k, s.resumes);
+    e.c("floodgate_limit_pauses_total", k, s.limit_pauses);
+    e.c("floodgate_rate_pauses_total", k, s.rate_pauses);
+    e.c("floodgate_budget_stops_total", k, s.budget_stops);
     e.c("floodgate_coalesced_pauses_total", k, s.coalesced_pauses);
     e.c("floodgate_handler_panics_total", k, s.handler_panics);
     e.c("floodgate_condition_panics_total", k, s.condition_panics);
@@ -138,6 +155,11 @@ fn shard_expected(e: &mut Expected, s: &ShardStats) {
         &[("cap", r.refused_cap), ("start_failed", r.start_failed)],
     );
     e.c(
+        "floodgate_relays_reset_at_shutdown_total",
+        k,
+        r.reset_at_shutdown,
+    );
+    e.c(
         "floodgate_relay_callback_panics_total",
         k,
         r.callback_panics,
@@ -157,6 +179,11 @@ fn shard_expected(e: &mut Expected, s: &ShardStats) {
     e.g("floodgate_ring_depth", k, s.ring_depth as u64);
     e.g("floodgate_ring_high_water", k, s.ring_high_water as u64);
     e.g("floodgate_ring_capacity", k, s.ring_capacity as u64);
+    e.g(
+        "floodgate_max_accepted_per_turn",
+        k,
+        s.max_accepted_per_turn,
+    );
     e.g("floodgate_relays_active", k, r.active);
     if let Some(q) = s.kernel {
         e.g("floodgate_kernel_accept_queue", k, q.accept_queue.into());
@@ -349,10 +376,25 @@ const CLOSED: usize = 5;
 
 #[test]
 fn listener_collector_writes_exactly_the_listeners_stats() {
+    listener_collector_case(None);
+}
+
+/// With limits the shards take another path (poll, then accept4) and the
+/// listener-wide open-connection gauges appear.
+#[test]
+fn listener_collector_writes_the_limit_counters_and_open_gauges() {
+    listener_collector_case(Some(1_000));
+}
+
+fn listener_collector_case(max_connections: Option<usize>) {
     let _g = serial();
     let baseline = open_fds();
     {
-        let listener = Listener::builder("127.0.0.1:0".parse().unwrap())
+        let mut builder = Listener::builder("127.0.0.1:0".parse().unwrap());
+        if let Some(n) = max_connections {
+            builder = builder.max_connections(n).accept_budget(4);
+        }
+        let listener = builder
             .shards(2)
             .pin(false)
             .condition(|req: &ConnectRequest<'_>| match req.peer.ip() {
@@ -397,6 +439,11 @@ fn listener_collector_writes_exactly_the_listeners_stats() {
         let info = info_line("floodgate_backend_info", &listener.backend());
         let got = parse_strictly(&text, "floodgate_backend_info", &info);
         assert_same(&got, &listener_expected(&before), &text);
+        assert_eq!(
+            before.open.is_some(),
+            text.contains("floodgate_max_connections "),
+            "{text}"
+        );
 
         drop(registry);
         listener.shutdown();
@@ -410,10 +457,7 @@ fn connector_collector_writes_exactly_the_connectors_stats() {
     let baseline = open_fds();
     {
         let server = banner_listener();
-        let refused: SocketAddr = {
-            let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-            l.local_addr().expect("addr")
-        };
+        let (_hold, refused) = floodgate_tests::refusing_port();
         let connector = Connector::builder()
             .shards(1)
             .pin(false)

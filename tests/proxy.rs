@@ -16,7 +16,10 @@ use floodgate::{
     ConnectRequest, Error, Listener, ListenerBuilder, RelayEnd, RelayOptions, RelayOutcome,
     RelaySide, RelayStats, Verdict,
 };
-use floodgate_tests::{connect, open_fds, reset_on_drop, serial, wait_for};
+use floodgate_tests::{
+    accept_from, connect, open_fds, refusing_port, reset_on_drop, serial, silent_upstream,
+    still_relays, wait_for,
+};
 
 /// An echo server on loopback: one thread per connection copying what it
 /// reads back until end of stream, then closing.
@@ -290,10 +293,7 @@ fn denied_sources_are_rejected_by_address_or_by_proxy_header() {
 #[test]
 fn refused_upstream_ends_the_client_and_counts_a_failure() {
     let _g = serial();
-    let closed = {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    let (_hold, closed) = refusing_port();
     let baseline = open_fds();
     let listener = relay_listener(closed);
     let mut c = connect(listener.local_addr()).unwrap();
@@ -361,13 +361,17 @@ fn shutdown_closes_relays_in_flight_and_leaves_no_fd() {
     assert_eq!(relays(&listener).active, N as u64);
     listener.shutdown();
     let r = relays(&listener);
-    assert_eq!((r.active, r.closed_at_shutdown), (0, N as u64));
+    assert_eq!(
+        (r.active, r.closed_at_shutdown, r.reset_at_shutdown),
+        (0, N as u64, 0)
+    );
     for mut c in clients {
         let mut b = [0u8; 1];
-        assert!(matches!(c.read(&mut b), Ok(0) | Err(_)));
+        // Wound down with a half-close each way: end of stream, not a reset.
+        assert_eq!(c.read(&mut b).expect("FIN, not RST"), 0);
     }
     drop(listener);
-    // The echo server's ends close as their reads see the resets.
+    // The echo server's ends close as their reads see end of stream.
     wait_for("fd table back to baseline", || open_fds() == baseline);
 }
 
@@ -593,10 +597,7 @@ fn outcome_of_a_completed_relay_names_the_side_that_closed_first_and_the_bytes()
 #[test]
 fn outcome_of_a_refused_upstream_says_refused() {
     let _g = serial();
-    let closed = {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    let (_hold, closed) = refusing_port();
     let baseline = open_fds();
     let (listener, outcomes) = outcome_listener(closed, RelayOptions::default(), |b| b);
     let mut c = connect(listener.local_addr()).unwrap();
@@ -712,44 +713,6 @@ fn a_panicking_outcome_callback_is_counted_and_the_shard_goes_on() {
         });
     }
     assert_eq!(relays(&listener).completed, 2);
-}
-
-/// An upstream listener; the test accepts from it ([`accept_from`]) and
-/// keeps the sockets silent until it means to use them.
-fn silent_upstream() -> TcpListener {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.set_nonblocking(true).unwrap();
-    l
-}
-
-/// The next connection the relay dialled to `up`; the bound only turns a
-/// dial that never comes into a failure.
-fn accept_from(up: &TcpListener) -> TcpStream {
-    let give_up = Instant::now() + Duration::from_secs(120);
-    loop {
-        match up.accept() {
-            Ok((s, _)) => {
-                s.set_nonblocking(false).unwrap();
-                return s;
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                assert!(Instant::now() < give_up, "the relay never dialled");
-                std::thread::park_timeout(Duration::from_millis(1));
-            }
-            Err(e) => panic!("accept: {e}"),
-        }
-    }
-}
-
-/// One byte each way through a relay whose upstream end is `s`.
-fn still_relays(c: &mut TcpStream, s: &mut TcpStream) {
-    let mut b = [0u8; 1];
-    c.write_all(b"a").unwrap();
-    s.read_exact(&mut b).unwrap();
-    assert_eq!(&b, b"a");
-    s.write_all(b"b").unwrap();
-    c.read_exact(&mut b).unwrap();
-    assert_eq!(&b, b"b");
 }
 
 /// Ends a relay cleanly from both sides.

@@ -124,6 +124,7 @@ fn listener_stats_serialise_every_field_and_read_back_equal() {
                 "completed",
                 "failed",
                 "closed_at_shutdown",
+                "reset_at_shutdown",
                 "idle_timeout",
                 "client_reset",
                 "upstream_reset",

@@ -6,7 +6,7 @@
 //! the fd-exhaustion and no-io_uring cases) can be built beside them.
 
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -263,4 +263,59 @@ pub mod capture {
             .map(|mut v| std::mem::take(&mut *v))
             .unwrap_or_default()
     }
+}
+
+/// An upstream listener; the test accepts from it ([`accept_from`]) and
+/// keeps the sockets silent until it means to use them.
+pub fn silent_upstream() -> TcpListener {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.set_nonblocking(true).unwrap();
+    l
+}
+
+/// The next connection the relay dialled to `up`; the bound only turns a
+/// dial that never comes into a failure.
+pub fn accept_from(up: &TcpListener) -> TcpStream {
+    let give_up = Instant::now() + Duration::from_secs(120);
+    loop {
+        match up.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false).unwrap();
+                return s;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                assert!(Instant::now() < give_up, "the relay never dialled");
+                std::thread::park_timeout(Duration::from_millis(1));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    }
+}
+
+/// One byte each way through a relay whose upstream end is `s`.
+pub fn still_relays(c: &mut TcpStream, s: &mut TcpStream) {
+    let mut b = [0u8; 1];
+    c.write_all(b"a").unwrap();
+    s.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"a");
+    s.write_all(b"b").unwrap();
+    c.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"b");
+}
+
+/// A loopback port that refuses connections and stays so for as long as
+/// the returned socket lives: bound, never listening. (A port bound and
+/// closed again can be taken meanwhile by any other program's listener or
+/// client on the machine.)
+pub fn refusing_port() -> (socket2::Socket, SocketAddr) {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).expect("socket");
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("loopback");
+    s.bind(&any.into()).expect("bind");
+    let addr = s
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .expect("bound address");
+    (s, addr)
 }

@@ -172,7 +172,7 @@ pub use relay::context::ShardContext;
 pub use relay::{
     RelayEnd, RelayOptions, RelayOutcome, RelaySide, DEFAULT_RELAY_BUFFER,
     DEFAULT_RELAY_CONNECT_TIMEOUT, DEFAULT_RELAY_IDLE_TIMEOUT, MAX_RELAYS_PER_SHARD,
-    MAX_RELAY_BUFFER,
+    MAX_RELAY_BUFFER, STOP_GRACE as RELAY_STOP_GRACE,
 };
 pub use shard::Coalesce;
 pub use stats::{

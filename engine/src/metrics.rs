@@ -48,6 +48,9 @@
 //! | `floodgate_accept_rearms_total` | counter | accept operations posted again |
 //! | `floodgate_ring_full_pauses_total` | counter | times the ring filled and accepting paused |
 //! | `floodgate_ring_resumes_total` | counter | times accepting resumed |
+//! | `floodgate_limit_pauses_total` | counter | stops at `max_connections` |
+//! | `floodgate_rate_pauses_total` | counter | stops for lack of an `accept_rate` token |
+//! | `floodgate_budget_stops_total` | counter | turns that took the whole `accept_budget` |
 //! | `floodgate_coalesced_pauses_total` | counter | wake-up coalescing pauses |
 //! | `floodgate_handler_panics_total` | counter | inline or registration handler panics |
 //! | `floodgate_condition_panics_total` | counter | condition panics |
@@ -58,6 +61,7 @@
 //! | `floodgate_relays_started_total` | counter | relays started |
 //! | `floodgate_relays_ended_total{end}` | counter | relays ended: `completed`, `idle_timeout`, `closed_at_shutdown`, `client_reset`, `upstream_reset`, `upstream_refused`, `upstream_timeout`, `error` |
 //! | `floodgate_relays_not_started_total{why}` | counter | relays refused: `cap`, `start_failed` |
+//! | `floodgate_relays_reset_at_shutdown_total` | counter | relays reset at shutdown (also in `closed_at_shutdown`) |
 //! | `floodgate_relay_callback_panics_total` | counter | relay outcome callback panics |
 //! | `floodgate_relay_bytes_total{direction}` | counter | bytes relayed: `to_upstream`, `to_client` |
 //! | `floodgate_pending` | gauge | accepted, not yet delivered or closed |
@@ -66,12 +70,18 @@
 //! | `floodgate_ring_depth` | gauge | connections in the ring |
 //! | `floodgate_ring_high_water` | gauge | deepest the ring has been |
 //! | `floodgate_ring_capacity` | gauge | the ring's capacity |
+//! | `floodgate_max_accepted_per_turn` | gauge | most connections taken in one turn |
 //! | `floodgate_relays_active` | gauge | relays running |
 //! | `floodgate_kernel_accept_queue` | gauge | the kernel's accept queue (while listening) |
 //! | `floodgate_kernel_backlog` | gauge | the backlog the kernel enforces (while listening) |
 //! | `floodgate_last_accept_errno` | gauge | errno of the last accept error (0: none) |
 //! | `floodgate_multishot` | gauge | 1 with multishot accept, 0 with single-shot |
 //! | `floodgate_backend_info{backend,reason}` | info | the backend and why it was chosen |
+//!
+//! With [`max_connections`](crate::ListenerBuilder::max_connections), four
+//! listener-wide gauges (no `shard` label): `floodgate_open_connections`,
+//! `floodgate_open_connections_high_water`, `floodgate_max_connections` and
+//! `floodgate_shards_paused_at_limit`.
 //!
 //! The connector's series (per shard, [`ConnectorCollector`]):
 //!
@@ -184,6 +194,9 @@ const LISTENER: &[Family<ShardStats>] = &[
     Family { name: "floodgate_accept_rearms", help: "Times the accept operation was posted again", ty: COUNTER, key: None, kinds: one!(rearms) },
     Family { name: "floodgate_ring_full_pauses", help: "Times the backlog ring filled and the shard stopped accepting", ty: COUNTER, key: None, kinds: one!(ring_full_pauses) },
     Family { name: "floodgate_ring_resumes", help: "Times the shard resumed accepting after the ring drained", ty: COUNTER, key: None, kinds: one!(resumes) },
+    Family { name: "floodgate_limit_pauses", help: "Times the shard stopped accepting at the listener's max_connections", ty: COUNTER, key: None, kinds: one!(limit_pauses) },
+    Family { name: "floodgate_rate_pauses", help: "Times the shard stopped accepting for lack of an accept_rate token", ty: COUNTER, key: None, kinds: one!(rate_pauses) },
+    Family { name: "floodgate_budget_stops", help: "Turns that ended having taken the whole accept_budget", ty: COUNTER, key: None, kinds: one!(budget_stops) },
     Family { name: "floodgate_coalesced_pauses", help: "Pauses taken by load-adaptive wake-up coalescing", ty: COUNTER, key: None, kinds: one!(coalesced_pauses) },
     Family { name: "floodgate_handler_panics", help: "Inline or registration handler calls that panicked", ty: COUNTER, key: None, kinds: one!(handler_panics) },
     Family { name: "floodgate_condition_panics", help: "Condition calls that panicked (the connection was reset)", ty: COUNTER, key: None, kinds: one!(condition_panics) },
@@ -209,6 +222,7 @@ const LISTENER: &[Family<ShardStats>] = &[
         name: "floodgate_relays_not_started", help: "Relays that never started (the client was reset), by why", ty: COUNTER, key: Some("why"),
         kinds: &[("cap", |s| Some(s.relays.refused_cap)), ("start_failed", |s| Some(s.relays.start_failed))],
     },
+    Family { name: "floodgate_relays_reset_at_shutdown", help: "Relays reset at shutdown (still dialling, or a peer did not take its bytes within the grace)", ty: COUNTER, key: None, kinds: &[("", |s| Some(s.relays.reset_at_shutdown))] },
     Family { name: "floodgate_relay_callback_panics", help: "Relay outcome callbacks that panicked", ty: COUNTER, key: None, kinds: &[("", |s| Some(s.relays.callback_panics))] },
     Family {
         name: "floodgate_relay_bytes", help: "Bytes copied by relays, by direction", ty: COUNTER, key: Some("direction"),
@@ -220,6 +234,7 @@ const LISTENER: &[Family<ShardStats>] = &[
     Family { name: "floodgate_ring_depth", help: "Connections in the backlog ring now", ty: GAUGE, key: None, kinds: one!(ring_depth) },
     Family { name: "floodgate_ring_high_water", help: "Deepest the backlog ring has been", ty: GAUGE, key: None, kinds: one!(ring_high_water) },
     Family { name: "floodgate_ring_capacity", help: "The backlog ring's capacity (the effective backlog)", ty: GAUGE, key: None, kinds: one!(ring_capacity) },
+    Family { name: "floodgate_max_accepted_per_turn", help: "The most connections the shard took from the kernel in one turn", ty: GAUGE, key: None, kinds: one!(max_accepted_per_turn) },
     Family { name: "floodgate_relays_active", help: "Relays running now", ty: GAUGE, key: None, kinds: &[("", |s| Some(s.relays.active))] },
     Family { name: "floodgate_kernel_accept_queue", help: "Connections waiting in the kernel's accept queue of the shard's listener", ty: GAUGE, key: None, kinds: &[("", |s| s.kernel.map(|k| u64::from(k.accept_queue)))] },
     Family { name: "floodgate_kernel_backlog", help: "The backlog the kernel enforces on the shard's listener", ty: GAUGE, key: None, kinds: &[("", |s| s.kernel.map(|k| u64::from(k.backlog)))] },
@@ -274,7 +289,7 @@ const CONNECTOR: &[Family<ConnectShardStats>] = &[
 /// Writes `families` for `shards` (their indices as the `shard` label),
 /// then the backend as the info metric `{info}_info`.
 fn encode<S>(
-    mut encoder: DescriptorEncoder<'_>,
+    encoder: &mut DescriptorEncoder<'_>,
     families: &[Family<S>],
     shards: &[(String, &S)],
     info: &str,
@@ -329,7 +344,7 @@ impl ListenerCollector {
 }
 
 impl Collector for ListenerCollector {
-    fn encode(&self, encoder: DescriptorEncoder<'_>) -> fmt::Result {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
         let stats = self.listener.stats();
         let shards: Vec<(String, &ShardStats)> = stats
             .shards
@@ -337,12 +352,27 @@ impl Collector for ListenerCollector {
             .map(|s| (s.shard.to_string(), s))
             .collect();
         encode(
-            encoder,
+            &mut encoder,
             LISTENER,
             &shards,
             "floodgate_backend",
             &self.listener.backend(),
-        )
+        )?;
+        let Some(open) = stats.open else {
+            return Ok(());
+        };
+        #[rustfmt::skip]
+        let gauges = [
+            ("floodgate_open_connections", "Connections open now (accepted, not yet closed), with max_connections", open.open),
+            ("floodgate_open_connections_high_water", "The most connections open at once", open.high_water),
+            ("floodgate_max_connections", "The listener's max_connections", open.limit),
+            ("floodgate_shards_paused_at_limit", "Shards stopped at max_connections now", open.shards_paused),
+        ];
+        for (name, help, v) in gauges {
+            let metric = encoder.encode_descriptor(name, help, None, GAUGE)?;
+            ConstGauge::new(v).encode(metric)?;
+        }
+        Ok(())
     }
 }
 
@@ -379,7 +409,7 @@ impl ConnectorCollector {
 }
 
 impl Collector for ConnectorCollector {
-    fn encode(&self, encoder: DescriptorEncoder<'_>) -> fmt::Result {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
         let stats = self.connector.stats();
         let shards: Vec<(String, &ConnectShardStats)> = stats
             .shards
@@ -387,7 +417,7 @@ impl Collector for ConnectorCollector {
             .map(|s| (s.shard.to_string(), s))
             .collect();
         encode(
-            encoder,
+            &mut encoder,
             CONNECTOR,
             &shards,
             "floodgate_connect_backend",

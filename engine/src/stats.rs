@@ -385,6 +385,7 @@ pub(crate) struct RelayCounters {
     pub completed: AtomicU64,
     pub failed: AtomicU64,
     pub closed_at_shutdown: AtomicU64,
+    pub reset_at_shutdown: AtomicU64,
     pub idle_timeout: AtomicU64,
     pub client_reset: AtomicU64,
     pub upstream_reset: AtomicU64,
@@ -407,6 +408,7 @@ impl RelayCounters {
             completed: g(&self.completed),
             failed: g(&self.failed),
             closed_at_shutdown: g(&self.closed_at_shutdown),
+            reset_at_shutdown: g(&self.reset_at_shutdown),
             idle_timeout: g(&self.idle_timeout),
             client_reset: g(&self.client_reset),
             upstream_reset: g(&self.upstream_reset),
@@ -444,8 +446,14 @@ pub struct RelayStats {
     /// either side reset or failed a send. Both sockets were reset. The
     /// sum of the five kinds below.
     pub failed: u64,
-    /// Relays torn down because the listener shut down.
+    /// Relays ended because the listener shut down (or a drain's deadline
+    /// came): wound down with a half-close each way, or reset (those are
+    /// also in `reset_at_shutdown`).
     pub closed_at_shutdown: u64,
+    /// Of `closed_at_shutdown`: relays reset because they were still
+    /// dialling their upstream, or because a peer did not take the bytes
+    /// already received within the shutdown grace (1 s).
+    pub reset_at_shutdown: u64,
     /// Relays torn down because no byte moved either way for their idle
     /// timeout (not in `failed`).
     pub idle_timeout: u64,
@@ -482,6 +490,7 @@ impl RelayStats {
         self.completed += o.completed;
         self.failed += o.failed;
         self.closed_at_shutdown += o.closed_at_shutdown;
+        self.reset_at_shutdown += o.reset_at_shutdown;
         self.idle_timeout += o.idle_timeout;
         self.client_reset += o.client_reset;
         self.upstream_reset += o.upstream_reset;

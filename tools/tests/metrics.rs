@@ -71,6 +71,7 @@ fn json_value(shard: &Value, name: &str, labels: &prometheus_parse::Labels) -> O
             why => &relays[why],
         },
         "floodgate_relay_callback_panics_total" => &relays["callback_panics"],
+        "floodgate_relays_reset_at_shutdown_total" => &relays["reset_at_shutdown"],
         "floodgate_relay_bytes_total" => &relays[format!("bytes_{}", label("direction")).as_str()],
         // The rest are named as in the JSON.
         other => {

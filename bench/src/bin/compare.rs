@@ -313,6 +313,18 @@ fn goals(t: &Table) -> Vec<Value> {
                 "handler",
                 1.15,
             ),
+            (
+                "floodgate_driven_accept",
+                "accept() loop on a driven shard",
+                "handler",
+                1.15,
+            ),
+            (
+                "floodgate_driven_accept",
+                "accept() loop on a driven shard",
+                "peer_tokio",
+                0.8,
+            ),
             ("floodgate_driven", "driven shard", "handler", 1.1),
             (
                 "floodgate_tokio",
@@ -427,6 +439,12 @@ fn main() -> ExitCode {
         "floodgate_driven_std",
         "peer_floodgate",
         &["--mode", "driven-std"],
+    ));
+    servers.push(Server::peer(
+        b,
+        "floodgate_driven_accept",
+        "peer_floodgate",
+        &["--mode", "driven-accept"],
     ));
     servers.push(Server::peer(
         b,

@@ -9,6 +9,8 @@
 //! - `--mode driven`: no engine thread: the main thread drives the shard (`build_driven`), waiting on
 //!   its descriptor with poll(2); its handler replies with `reply_and_close` as the inline one does;
 //! - `--mode driven-std`: the same, the application writing `x` itself and dropping the connection;
+//! - `--mode driven-accept`: a blocking `DrivenShard::accept()` loop on the main thread (it waits
+//!   in the shard's own ring): write `x`, drop;
 //! - `--mode tokio`: `floodgate::tokio::TcpListener` on a tokio multi-thread runtime: one task
 //!   `loop { let (mut s, _) = listener.accept().await?; s.write_all(b"x").await; }`, as
 //!   `peer_tokio --multi-thread` does with tokio's own listener;
@@ -44,6 +46,8 @@ enum Mode {
     Driven,
     /// A driven shard on the main thread: write "x", drop.
     DrivenStd,
+    /// A blocking DrivenShard::accept() loop on the main thread: write "x", drop.
+    DrivenAccept,
     /// floodgate::tokio::TcpListener on a multi-thread runtime: write "x", drop.
     Tokio,
     /// floodgate::tokio::DrivenListener on a current_thread runtime: write "x", drop.
@@ -149,7 +153,10 @@ fn main() {
     if cli.mode == Mode::Tokio {
         tokio_loop(builder, args);
     }
-    if matches!(cli.mode, Mode::Driven | Mode::DrivenStd | Mode::TokioDriven) {
+    if matches!(
+        cli.mode,
+        Mode::Driven | Mode::DrivenStd | Mode::DrivenAccept | Mode::TokioDriven
+    ) {
         if cli.mode == Mode::TokioDriven {
             builder = builder.nonblocking(true);
         }
@@ -170,6 +177,9 @@ fn main() {
         if cli.mode == Mode::TokioDriven {
             tokio_driven_loop(shard);
         }
+        if cli.mode == Mode::DrivenAccept {
+            driven_accept_loop(shard);
+        }
         drive_loop(shard, cli.mode == Mode::Driven);
     }
     let listener = match builder.build() {
@@ -187,8 +197,24 @@ fn main() {
         Mode::Handler => park_forever(),
         Mode::Accept => accept_loop(&listener),
         Mode::AcceptMany => accept_many_loop(&listener),
-        Mode::Driven | Mode::DrivenStd | Mode::Tokio | Mode::TokioDriven => {
+        Mode::Driven | Mode::DrivenStd | Mode::DrivenAccept | Mode::Tokio | Mode::TokioDriven => {
             unreachable!("handled above")
+        }
+    }
+}
+
+/// A blocking accept loop on the one driven shard, on this thread.
+fn driven_accept_loop(mut shard: floodgate::DrivenShard) -> ! {
+    loop {
+        match shard.accept() {
+            // The client may already have gone (RST); that is its business.
+            Ok(mut conn) => {
+                let _ = conn.write_all(REPLY);
+            }
+            Err(Error::Accept { shard, source }) => {
+                eprintln!("{NAME}: shard {shard}: accept error (shard retries): {source}");
+            }
+            Err(e) => peer::fatal(NAME, format_args!("accept failed: {e}")),
         }
     }
 }

@@ -213,7 +213,9 @@ impl ShardShared {
     ) -> Option<crate::listen::backlog::Pending> {
         while let Some((p, wake)) = self.backlog.pop() {
             delivery.popped();
-            if wake {
+            // A draining shard waits for its backlog to empty before it
+            // stops: the pop that empties it tells the shard.
+            if wake || (self.control.draining() && self.backlog.len() == 0) {
                 self.control.wake();
             }
             let waited = p.accepted_at.elapsed();

@@ -389,7 +389,7 @@ impl Acceptor {
         let Some(handler) = self.handler.clone() else {
             return;
         };
-        self.deliver_to(ring, &mut |conn, ctx| handler(conn, ctx));
+        self.deliver_to(ring, usize::MAX, &mut |conn, ctx| handler(conn, ctx));
     }
 
     /// Hands every deliverable connection in the ring to `handler`, on this
@@ -398,15 +398,14 @@ impl Acceptor {
     pub fn deliver_to(
         &mut self,
         ring: &mut Driver,
+        max: usize,
         handler: &mut dyn FnMut(Admitted, &mut ShardContext<'_>),
     ) -> usize {
         let mut n = 0;
-        while let Some(p) = self
-            .shard
-            .take_deliverable(&self.delivery, self.pending_timeout)
-        {
+        while n < max {
+            let Some(p) = self.take_one() else { break };
             n += 1;
-            let conn = Admitted::new(p, self.index);
+            let conn = p;
             let mut ctx = ShardContext::new(self.index, ring, &mut self.replies, &mut self.relays);
             if catch_unwind(AssertUnwindSafe(|| handler(conn, &mut ctx))).is_err() {
                 Counters::add(&self.counters().handler_panics, 1);
@@ -418,6 +417,14 @@ impl Acceptor {
             }
         }
         n
+    }
+
+    /// The next connection of the ring that can still be delivered (counted
+    /// delivered), without touching the ring's driver.
+    pub fn take_one(&mut self) -> Option<Admitted> {
+        self.shard
+            .take_deliverable(&self.delivery, self.pending_timeout)
+            .map(|p| Admitted::new(p, self.index))
     }
 
     /// A failed accept (or readiness poll): skip, back off or fall back.

@@ -17,8 +17,11 @@ pub struct Drained {
     /// when the deadline came, closed then and counted in
     /// `closed_at_shutdown`.
     pub closed_at_deadline: u64,
-    /// Relays still running at the deadline, ended then with a half-close
-    /// each way (counted in [`crate::RelayStats::closed_at_shutdown`]).
+    /// Relays still running at the deadline, wound down then with a
+    /// half-close each way (counted in
+    /// [`crate::RelayStats::closed_at_shutdown`]; those reset because a
+    /// peer took nothing within the grace also in
+    /// [`crate::RelayStats::reset_at_shutdown`]).
     pub relays_cut: u64,
 }
 
@@ -29,10 +32,13 @@ impl Listener {
     /// successor after a [`crate::Handover`]), while admission, the inline
     /// handler, registrations, relays and delivery to `accept()` go on.
     /// A shard stops by itself once it has nothing left; at the deadline
-    /// the rest is closed as by [`Listener::shutdown`] (relays with a
-    /// half-close each way: `shutdown(SHUT_WR)` after the last byte
-    /// received was sent, not a reset) and counted. Then the listener is
-    /// shut down.
+    /// the rest is closed as by [`Listener::shutdown`] and counted: a relay
+    /// stops reading, sends what it already received, and shuts both write
+    /// halves (FIN each way, not a reset); one whose peer does not take
+    /// those bytes within [`RELAY_STOP_GRACE`](crate::RELAY_STOP_GRACE) is
+    /// reset then. Then the listener is shut down. The calling thread
+    /// sleeps until the shards finish or the deadline comes (it is woken
+    /// by each shard as it finishes; no polling).
     ///
     /// ```
     /// use std::time::Duration;
@@ -53,28 +59,23 @@ impl Listener {
         for s in &self.shards {
             s.control.drain();
         }
-        let mut finished = false;
-        loop {
-            let done = match self.threads.lock() {
-                Ok(t) => t.iter().all(|h| h.is_finished()),
-                Err(_) => true,
-            };
-            if done {
-                finished = true;
-                break;
-            }
-            if end.is_some_and(|e| Instant::now() >= e) {
-                break;
-            }
-            // A shard waiting in its ring does not see the application
-            // emptying its backlog: nudge it to look again.
-            for s in &self.shards {
-                if s.backlog.len() == 0 {
-                    s.control.wake();
-                }
-            }
-            std::thread::park_timeout(Duration::from_millis(1));
+        // Woken by each shard as it finishes (no polling); a shard waiting
+        // in its ring is woken by the pop that empties its backlog
+        // (`ShardShared::take_deliverable`).
+        for s in &self.shards {
+            s.control.watch();
         }
+        let finished = loop {
+            if self.shards.iter().all(|s| s.control.is_finished()) {
+                break true;
+            }
+            let now = Instant::now();
+            match end {
+                Some(e) if now >= e => break false,
+                Some(e) => std::thread::park_timeout(e - now),
+                None => std::thread::park(),
+            }
+        };
         let before = self.stats().total();
         let relays_before = self.relay_closed_at_shutdown();
         self.shutdown();

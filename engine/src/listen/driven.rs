@@ -14,7 +14,7 @@
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::sync::Arc;
 use std::thread::ThreadId;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::driver::sys;
 use crate::error::Error;
@@ -36,8 +36,11 @@ const ROUNDS: usize = 4;
 /// It is `Send`: move it to its thread, then call [`DrivenShard::drive`]
 /// there whenever its descriptor is readable (and once at the start). The
 /// first `drive()` binds it to its thread; driving it from another returns
-/// [`Error::WrongThread`]. Dropping it stops the shard: what it holds is
-/// closed and counted (`closed_at_shutdown`), as a shutdown does.
+/// [`Error::WrongThread`]. The listener's shutdown makes the descriptor
+/// readable, and `drive()` then finishes the shard and returns
+/// [`Error::Closed`], so a thread waiting on it learns of the shutdown by
+/// itself. Dropping it stops the shard: what it holds is closed and counted
+/// (`closed_at_shutdown`), as a shutdown does.
 ///
 /// ```
 /// use std::io::Read;
@@ -113,9 +116,7 @@ impl DrivenShard {
     ///
     /// # Errors
     /// [`Error::Closed`] once the listener was shut down and the shard has
-    /// finished (everything it held closed and counted; a call that hands
-    /// over connections and finishes returns them, and
-    /// [`DrivenShard::is_finished`] is then true);
+    /// finished (everything it held closed and counted);
     /// [`Error::WrongThread`] from another thread than the first call's;
     /// [`Error::Setup`] if the shard could not start;
     /// [`Error::Accept`] once for a shard's accept error that is neither
@@ -124,6 +125,88 @@ impl DrivenShard {
     where
         F: FnMut(Admitted, &mut ShardContext<'_>),
     {
+        self.drive_up_to(usize::MAX, &mut handler)
+    }
+
+    /// Blocks the calling thread until this shard admits a connection and
+    /// returns it: an `accept()` loop on the application's own thread, with
+    /// no hop between threads (the thread waits in the shard's own ring or
+    /// epoll instance and runs admission itself). A connection already
+    /// admitted is returned without a syscall. Binds the shard to the
+    /// thread as [`DrivenShard::drive`] does; replies and relays need
+    /// `drive` (the shard's context).
+    ///
+    /// ```
+    /// use std::io::{Read, Write};
+    /// use std::net::TcpStream;
+    /// use floodgate::Listener;
+    ///
+    /// let (listener, mut shards) = Listener::builder("127.0.0.1:0".parse()?)
+    ///     .shards(1)
+    ///     .build_driven()?;
+    /// let mut shard = shards.pop().expect("one shard");
+    /// let addr = listener.local_addr();
+    /// let server = std::thread::spawn(move || -> Result<(), floodgate::Error> {
+    ///     let conn = shard.accept()?;
+    ///     let _ = conn.into_std().write_all(b"x");
+    ///     Ok(())
+    /// });
+    /// let mut reply = Vec::new();
+    /// TcpStream::connect(addr)?.read_to_end(&mut reply)?;
+    /// assert_eq!(reply, b"x");
+    /// server.join().expect("server thread")?;
+    /// listener.shutdown();
+    /// assert!(listener.stats().conserved());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`DrivenShard::drive`]; [`Error::Closed`] once the listener was
+    /// shut down.
+    pub fn accept(&mut self) -> Result<Admitted, Error> {
+        loop {
+            if let Some(conn) = self.accept_timeout(None)? {
+                return Ok(conn);
+            }
+        }
+    }
+
+    /// As [`DrivenShard::accept`], waiting at most `timeout` (`None`: no
+    /// limit); `Ok(None)` when it passed with no connection.
+    ///
+    /// # Errors
+    /// As [`DrivenShard::accept`].
+    pub fn accept_timeout(&mut self, timeout: Option<Duration>) -> Result<Option<Admitted>, Error> {
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+        loop {
+            if self.shard.started() {
+                if let Some(conn) = self.shard.service.take_one() {
+                    return Ok(Some(conn));
+                }
+            }
+            let mut got = None;
+            self.drive_up_to(1, &mut |conn, _| got = Some(conn))?;
+            if got.is_some() {
+                return Ok(got);
+            }
+            let left = match (timeout, deadline) {
+                (None, _) => None,
+                (Some(_), Some(d)) => Some(d.saturating_duration_since(Instant::now())),
+                // A timeout too far to represent: no limit.
+                (Some(_), None) => None,
+            };
+            if left == Some(Duration::ZERO) {
+                return Ok(None);
+            }
+            self.wait(left)?;
+        }
+    }
+
+    fn drive_up_to(
+        &mut self,
+        max: usize,
+        handler: &mut dyn FnMut(Admitted, &mut ShardContext<'_>),
+    ) -> Result<usize, Error> {
         self.bind()?;
         if self.shard.finished() {
             return Err(Error::Closed);
@@ -135,7 +218,10 @@ impl DrivenShard {
                 return Err(Error::Closed);
             }
             let ring = &mut self.shard.ring;
-            n += self.shard.service.deliver_to(ring, &mut handler);
+            n += self.shard.service.deliver_to(ring, max - n, handler);
+            if n >= max {
+                break;
+            }
             // What the handler queued (replies, relays) completes at once
             // more often than not: reap it in another round rather than
             // through one more wake-up of the caller.
@@ -143,18 +229,14 @@ impl DrivenShard {
                 break;
             }
         }
-        // Stopped, and the cancels that ended its operations came within
-        // this call: nothing more will make the descriptor readable, so the
-        // shard finishes now rather than at a drive nobody would make.
-        if self.shard.stopped_and_idle() {
-            self.shard.finish();
-            return if n == 0 { Err(Error::Closed) } else { Ok(n) };
-        }
         // Whatever is still queued goes now (nothing else would wake this
         // shard to submit it); the descriptor is left readable if work
-        // already waits.
+        // already waits. A stopped shard whose work has all ended has
+        // nothing left that would make the descriptor readable: it is, so that the next
+        // drive() finishes the shard and says Closed.
+        let ended = self.shard.would_end();
         let ring = &mut self.shard.ring;
-        let submitted = ring.submit().and_then(|_| ring.prepare_wait());
+        let submitted = ring.submit().and_then(|_| ring.prepare_wait(ended));
         if let Err(e) = submitted {
             return Err(Error::setup("driven shard submit", e));
         }

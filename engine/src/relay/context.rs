@@ -58,8 +58,11 @@ impl<'a> ShardContext<'a> {
     /// bytes before it were sent; both sockets close once both directions
     /// ended. A reset or error on either side, an upstream that refuses or
     /// times out, a relay idle for its idle timeout
-    /// ([`RelayOptions::with_idle_timeout`], 10 min by default), or the
-    /// listener's shutdown resets both sockets. TCP_NODELAY is set on both
+    /// ([`RelayOptions::with_idle_timeout`], 10 min by default) resets
+    /// both sockets. The listener's shutdown (or a drain's deadline) winds
+    /// the relay down instead: no more reading, what was read is sent, then
+    /// a half-close each way (FIN), unless a peer takes nothing for
+    /// [`crate::RELAY_STOP_GRACE`] (then a reset). TCP_NODELAY is set on both
     /// sockets unless [`RelayOptions::with_nodelay`] says otherwise.
     /// Progress and outcomes are counted in [`crate::ShardStats::relays`];
     /// [`ShardContext::relay_with`] also tells the application how each

@@ -18,7 +18,13 @@
 //!   timing out) cancels what is in flight and closes both sockets with
 //!   SO_LINGER 0, so both peers see a reset: *failed*;
 //! - no byte moved either way for the idle timeout: torn down the same way;
-//! - listener shutdown tears every relay down the same way.
+//! - listener shutdown (or a drain's deadline) winds every relay down with
+//!   a half-close each way, not a reset: each direction stops reading,
+//!   sends what it already received, then shuts its sink's write half
+//!   (SHUTDOWN); once both directions are shut, both sockets are closed
+//!   with FIN. A relay whose peer does not take those bytes within
+//!   [`STOP_GRACE`] (exported as `RELAY_STOP_GRACE`) is reset then, so no peer can hold up shutdown
+//!   (counted in [`crate::RelayStats::reset_at_shutdown`]).
 //!
 //! Idle timeouts cost no timer per relay and nothing per byte but a store:
 //! each completion that moved bytes stamps the relay with the turn's time,
@@ -77,6 +83,14 @@ op_kinds! {
         Timer = 46,
     }
 }
+
+/// How long a relay being wound down at shutdown may take to send the
+/// bytes it already received and shut both write halves; then it is reset.
+pub const STOP_GRACE: Duration = Duration::from_secs(1);
+
+/// The user-data payload of the shutdown grace timer (idle-scan timers use
+/// ids below 2^48).
+const STOP_TIMER: u64 = 1 << 50;
 
 /// Slots addressable in 24 bits of user data.
 const SLOT_BITS: u32 = 24;
@@ -139,6 +153,12 @@ struct Relay {
     closes: u32,
     /// Set once the relay is ending; nothing new is posted after.
     end: Option<RelayEnd>,
+    /// Being wound down at shutdown: no new RECV; each direction shuts its
+    /// sink once what it received is sent.
+    winding: bool,
+    /// Ended with a half-close each way (both SHUTDOWNs done): the sockets
+    /// close with FIN, not a reset.
+    graceful: bool,
     /// The side whose FIN, reset or error was seen first.
     first: Option<usize>,
     /// Bytes sent by each direction (0: to the upstream, 1: to the client).
@@ -187,6 +207,8 @@ pub(crate) struct Relays {
     /// fires.
     timers: Vec<(u64, Instant)>,
     next_timer: u64,
+    /// The shutdown grace timer is in flight.
+    stop_timer: bool,
     counters: Arc<RelayCounters>,
 }
 
@@ -214,6 +236,7 @@ impl Relays {
             stopping: false,
             timers: Vec::new(),
             next_timer: 0,
+            stop_timer: false,
             counters,
         }
     }
@@ -250,6 +273,8 @@ impl Relays {
                     ops,
                     closes: 0,
                     end: None,
+                    winding: false,
+                    graceful: false,
                     first: None,
                     bytes: [0, 0],
                     started_at,
@@ -482,9 +507,12 @@ impl Relays {
                     // every byte before the FIN has already been sent.
                     r.bufs[d] = Some(buf);
                     r.first.get_or_insert(d);
-                    let ud = user_data(RelayOp::Shutdown, pack(idx, gen, d));
-                    let posted = ring.shutdown(r.raw[1 - d], libc::SHUT_WR, ud);
-                    r.posted(ring, idx, gen, d, Step::Shutdown, posted);
+                    r.shut(ring, idx, gen, d);
+                } else if r.winding && result == -libc::ECANCELED {
+                    // Wound down: no more reading from side d; its sink
+                    // has every byte received before.
+                    r.bufs[d] = Some(buf);
+                    r.shut(ring, idx, gen, d);
                 } else {
                     r.bufs[d] = Some(buf);
                     r.fail(ring, idx, gen, peer_end(d, -result), Some(d));
@@ -518,6 +546,9 @@ impl Relays {
                     let start = (start + result as usize).min(end);
                     if start < end {
                         r.send(ring, idx, gen, d, buf, start, end);
+                    } else if r.winding {
+                        r.bufs[d] = Some(buf);
+                        r.shut(ring, idx, gen, d);
                     } else {
                         r.recv(ring, idx, gen, d, buf);
                     }
@@ -543,7 +574,12 @@ impl Relays {
                 // ENOTCONN here means the sink already went away; the other
                 // direction finds out on its own next operation.
                 if r.end.is_none() && r.steps.iter().all(|s| *s == Step::Done) {
-                    r.end = Some(RelayEnd::Completed);
+                    r.graceful = true;
+                    r.end = Some(if r.winding {
+                        RelayEnd::Shutdown
+                    } else {
+                        RelayEnd::Completed
+                    });
                 }
             }
             _ => {}
@@ -583,6 +619,13 @@ impl Relays {
     /// so that scans stay a bounded number per timeout.
     fn timer(&mut self, ring: &mut Driver, id: u64, cqe: Cqe, now: Instant) {
         ring.release(cqe.user_data);
+        if id == STOP_TIMER {
+            self.stop_timer = false;
+            if cqe.result != -libc::ECANCELED {
+                self.reset_all(ring);
+            }
+            return;
+        }
         self.timers.retain(|(t, _)| *t != id);
         if self.stopping {
             return;
@@ -633,7 +676,7 @@ impl Relays {
         }
         for side in [CLIENT, UPSTREAM] {
             if let Some(fd) = r.fds[side].take() {
-                if end != RelayEnd::Completed {
+                if !r.graceful {
                     // An abortive close: the peer sees RST, as a splice
                     // should report a reset or a failure of the far side.
                     let _ = SockRef::from(&fd).set_linger(Some(Duration::ZERO));
@@ -652,6 +695,17 @@ impl Relays {
         let Some(r) = slot.relay.take() else { return };
         self.free.push(idx);
         self.live -= 1;
+        if self.live == 0 && self.stop_timer {
+            // Every relay wound down within the grace: take the timer back
+            // so the shard can stop now.
+            let _ = ring.cancel(
+                user_data(RelayOp::Timer, STOP_TIMER),
+                user_data(ShardOp::Cancel, 0),
+            );
+        }
+        if end == RelayEnd::Shutdown && !r.graceful {
+            Counters::add(&self.counters.reset_at_shutdown, 1);
+        }
         self.memory = self.memory.saturating_sub(r.reserved);
         self.counters.active.fetch_sub(1, Ordering::Relaxed);
         count_end(&self.counters, end);
@@ -659,8 +713,10 @@ impl Relays {
         deliver(&self.counters, r.on_end, outcome);
     }
 
-    /// Shutdown: no new relays; every live one is torn down; the idle-scan
-    /// timers are cancelled.
+    /// Shutdown: no new relays; every live one is wound down with a
+    /// half-close each way (one still dialling its upstream is torn down),
+    /// within [`STOP_GRACE`], after which what is left is reset; the
+    /// idle-scan timers are cancelled.
     pub(crate) fn stop(&mut self, ring: &mut Driver) {
         self.stopping = true;
         for (id, _) in &self.timers {
@@ -672,6 +728,30 @@ impl Relays {
         for idx in 0..self.slots.len() {
             let gen = self.slots[idx].gen;
             if let Some(r) = self.slots[idx].relay.as_mut() {
+                if r.connecting {
+                    r.fail(ring, idx, gen, RelayEnd::Shutdown, None);
+                } else {
+                    r.wind_down(ring, idx, gen);
+                }
+            }
+            self.settle(ring, idx);
+        }
+        if self.live > 0 {
+            match ring.timeout(STOP_GRACE, user_data(RelayOp::Timer, STOP_TIMER)) {
+                Ok(()) => self.stop_timer = true,
+                // No timer, no grace: a peer could hold the shard up.
+                Err(_) => self.reset_all(ring),
+            }
+        }
+    }
+
+    /// Tears down, with a reset, every relay not yet ended (the shutdown
+    /// grace ran out).
+    fn reset_all(&mut self, ring: &mut Driver) {
+        for idx in 0..self.slots.len() {
+            let gen = self.slots[idx].gen;
+            if let Some(r) = self.slots[idx].relay.as_mut() {
+                r.graceful = false;
                 r.fail(ring, idx, gen, RelayEnd::Shutdown, None);
             }
             self.settle(ring, idx);
@@ -685,7 +765,7 @@ impl Relays {
 
     /// Whether no relay operation and no timer is in flight.
     pub(crate) fn is_idle(&self) -> bool {
-        self.live == 0 && self.timers.is_empty()
+        self.live == 0 && self.timers.is_empty() && !self.stop_timer
     }
 
     /// Last call on the shard thread. Normally nothing is left; after a
@@ -764,6 +844,35 @@ impl Relay {
         let ud = user_data(RelayOp::Send, pack(idx, gen, d));
         let posted = ring.send_range(self.raw[1 - d], buf, start..end, libc::MSG_NOSIGNAL, ud);
         self.posted(ring, idx, gen, d, Step::Send { start, end }, posted);
+    }
+
+    /// Posts the SHUTDOWN(SHUT_WR) of direction `d`'s sink: every byte
+    /// read from its source has been sent.
+    fn shut(&mut self, ring: &mut Driver, idx: usize, gen: u32, d: usize) {
+        let ud = user_data(RelayOp::Shutdown, pack(idx, gen, d));
+        let posted = ring.shutdown(self.raw[1 - d], libc::SHUT_WR, ud);
+        self.posted(ring, idx, gen, d, Step::Shutdown, posted);
+    }
+
+    /// Starts winding the relay down (shutdown): each direction stops
+    /// reading (its RECV is cancelled; its completion shuts the sink), one
+    /// sending finishes its bytes first, one with nothing in flight shuts
+    /// its sink now.
+    fn wind_down(&mut self, ring: &mut Driver, idx: usize, gen: u32) {
+        if self.end.is_some() || self.winding {
+            return;
+        }
+        self.winding = true;
+        let cancel = user_data(ShardOp::Cancel, 0);
+        for d in [CLIENT, UPSTREAM] {
+            match self.steps[d] {
+                Step::Recv => {
+                    let _ = ring.cancel(user_data(RelayOp::Recv, pack(idx, gen, d)), cancel);
+                }
+                Step::Idle => self.shut(ring, idx, gen, d),
+                Step::Send { .. } | Step::Shutdown | Step::Done => {}
+            }
+        }
     }
 
     /// After posting direction `d`'s next operation: it is in flight as

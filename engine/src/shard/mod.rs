@@ -104,6 +104,14 @@ pub(crate) struct ShardControl {
     drain: AtomicBool,
     wake_pending: AtomicBool,
     wake: OwnedFd,
+    /// The shard has finished (its thread ended, or a driven shard was
+    /// stopped and finished).
+    finished: AtomicBool,
+    /// A thread waiting for the shard to finish ([`Listener::drain`]),
+    /// unparked when it does.
+    ///
+    /// [`Listener::drain`]: crate::Listener::drain
+    watcher: std::sync::Mutex<Option<std::thread::Thread>>,
 }
 
 impl ShardControl {
@@ -113,7 +121,38 @@ impl ShardControl {
             drain: AtomicBool::new(false),
             wake_pending: AtomicBool::new(false),
             wake: sys::eventfd().map_err(|e| Error::setup("eventfd", e))?,
+            finished: AtomicBool::new(false),
+            watcher: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Whether a drain was asked for.
+    pub fn draining(&self) -> bool {
+        self.drain.load(Ordering::Relaxed)
+    }
+
+    /// Whether the shard has finished.
+    pub fn is_finished(&self) -> bool {
+        self.finished.load(Ordering::SeqCst)
+    }
+
+    /// Makes the calling thread the one unparked when the shard finishes.
+    /// Check [`ShardControl::is_finished`] after: a shard that finished
+    /// before this call unparks no one.
+    pub fn watch(&self) {
+        if let Ok(mut w) = self.watcher.lock() {
+            *w = Some(std::thread::current());
+        }
+    }
+
+    /// Marks the shard finished and unparks its watcher (idempotent).
+    pub fn mark_finished(&self) {
+        self.finished.store(true, Ordering::SeqCst);
+        if let Ok(mut w) = self.watcher.lock() {
+            if let Some(t) = w.take() {
+                t.unpark();
+            }
+        }
     }
 
     /// Interrupts the shard's wait (at most one eventfd write until the
@@ -280,10 +319,10 @@ impl<S: Service> Shard<S> {
         self.started
     }
 
-    /// Whether the shard has stopped and its service is idle: the next
-    /// [`Shard::turn`] would return false.
-    pub fn stopped_and_idle(&self) -> bool {
-        self.stopping && !self.wake_armed && self.service.idle()
+    /// Whether the next [`Shard::turn`] returns false: stopped, with
+    /// nothing in flight.
+    pub fn would_end(&self) -> bool {
+        self.finished || (self.stopping && !self.wake_armed && self.service.idle())
     }
 
     /// Whether the shard stopped and everything it posted has ended.
@@ -299,7 +338,7 @@ impl<S: Service> Shard<S> {
         if self.finished {
             return false;
         }
-        if self.stopped_and_idle() {
+        if self.stopping && !self.wake_armed && self.service.idle() {
             return false;
         }
         let reaped = if wait {
@@ -391,6 +430,7 @@ impl<S: Service> Shard<S> {
         if !self.finished {
             self.finished = true;
             self.service.finish();
+            self.control.mark_finished();
         }
     }
 }
@@ -408,6 +448,15 @@ pub(crate) fn spawn<S: Service>(
     let handle = std::thread::Builder::new()
         .name(format!("{name}-{}", placement.index))
         .spawn(move || {
+            // Marks the shard finished however the thread ends (a panic
+            // included), so a drain waiting for it is woken.
+            struct Finished(Arc<ShardControl>);
+            impl Drop for Finished {
+                fn drop(&mut self) {
+                    self.0.mark_finished();
+                }
+            }
+            let _finished = Finished(control.clone());
             if let Some(core) = placement.core {
                 // A refused pin (core offline, cpuset) leaves the thread
                 // unpinned; steering still works, only locality is lost.
