@@ -174,11 +174,11 @@ fn main() {
             peer::fatal(NAME, msg);
         }
         peer::announce(NAME, listener.local_addr());
-        if cli.mode == Mode::TokioDriven {
-            tokio_driven_loop(shard);
-        }
         if cli.mode == Mode::DrivenAccept {
             driven_accept_loop(shard);
+        }
+        if cli.mode == Mode::TokioDriven {
+            tokio_driven_loop(shard);
         }
         drive_loop(shard, cli.mode == Mode::Driven);
     }

@@ -649,16 +649,14 @@ impl Driver {
     /// the descriptor readable at the next thing due. On io_uring it clears
     /// the registered eventfd and sets it again if work already waits; the
     /// epoll backend arms its timer descriptor for its earliest deadline, or
-    /// at once when completions are already queued. `ready`: make it
-    /// readable at once anyway (the caller has something to finish that no
-    /// completion will announce: a stopped shard gone idle).
-    pub fn prepare_wait(&mut self, ready: bool) -> io::Result<()> {
+    /// at once when completions are already queued.
+    pub fn prepare_wait(&mut self) -> io::Result<()> {
         match &mut self.imp {
             Imp::Uring(r) => {
-                r.prepare_wait(ready);
+                r.prepare_wait();
                 Ok(())
             }
-            Imp::Epoll(e) => e.prepare_wait(ready),
+            Imp::Epoll(e) => e.prepare_wait(),
         }
     }
 

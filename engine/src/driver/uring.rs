@@ -396,7 +396,7 @@ impl Ring {
     /// again if work is already there (completions not reaped, or deferred
     /// work, which TASKRUN_FLAG shows): work that comes after the clear
     /// signals it by itself, so no wake-up is lost and none is spurious.
-    pub fn prepare_wait(&mut self, ready: bool) {
+    pub fn prepare_wait(&mut self) {
         use std::os::fd::{AsRawFd, BorrowedFd};
         let Some(fd) = self.park.as_ref().map(|p| p.as_raw_fd()) else {
             return;
@@ -404,7 +404,7 @@ impl Ring {
         // SAFETY: `park` is owned by `self` and stays open for this call.
         let park = unsafe { BorrowedFd::borrow_raw(fd) };
         super::sys::eventfd_clear(park);
-        if ready || self.has_work() {
+        if self.has_work() {
             super::sys::eventfd_signal(park);
         }
     }

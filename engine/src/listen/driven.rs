@@ -116,7 +116,9 @@ impl DrivenShard {
     ///
     /// # Errors
     /// [`Error::Closed`] once the listener was shut down and the shard has
-    /// finished (everything it held closed and counted);
+    /// finished (everything it held closed and counted; a call that hands
+    /// over connections and finishes returns them, and
+    /// [`DrivenShard::is_finished`] is then true);
     /// [`Error::WrongThread`] from another thread than the first call's;
     /// [`Error::Setup`] if the shard could not start;
     /// [`Error::Accept`] once for a shard's accept error that is neither
@@ -229,14 +231,18 @@ impl DrivenShard {
                 break;
             }
         }
+        // Stopped, and the cancels that ended its operations came within
+        // this call: nothing more will make the descriptor readable, so the
+        // shard finishes now rather than at a drive nobody would make.
+        if self.shard.stopped_and_idle() {
+            self.shard.finish();
+            return if n == 0 { Err(Error::Closed) } else { Ok(n) };
+        }
         // Whatever is still queued goes now (nothing else would wake this
         // shard to submit it); the descriptor is left readable if work
-        // already waits. A stopped shard whose work has all ended has
-        // nothing left that would make the descriptor readable: it is, so that the next
-        // drive() finishes the shard and says Closed.
-        let ended = self.shard.would_end();
+        // already waits.
         let ring = &mut self.shard.ring;
-        let submitted = ring.submit().and_then(|_| ring.prepare_wait(ended));
+        let submitted = ring.submit().and_then(|_| ring.prepare_wait());
         if let Err(e) = submitted {
             return Err(Error::setup("driven shard submit", e));
         }

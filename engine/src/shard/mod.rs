@@ -319,10 +319,10 @@ impl<S: Service> Shard<S> {
         self.started
     }
 
-    /// Whether the next [`Shard::turn`] returns false: stopped, with
-    /// nothing in flight.
-    pub fn would_end(&self) -> bool {
-        self.finished || (self.stopping && !self.wake_armed && self.service.idle())
+    /// Whether the shard has stopped and its service is idle: the next
+    /// [`Shard::turn`] would return false.
+    pub fn stopped_and_idle(&self) -> bool {
+        self.stopping && !self.wake_armed && self.service.idle()
     }
 
     /// Whether the shard stopped and everything it posted has ended.
@@ -338,7 +338,7 @@ impl<S: Service> Shard<S> {
         if self.finished {
             return false;
         }
-        if self.stopping && !self.wake_armed && self.service.idle() {
+        if self.stopped_and_idle() {
             return false;
         }
         let reaped = if wait {

@@ -76,12 +76,12 @@ impl Epoll {
     /// Arms the park timer (see `park`): at once when completions are queued
     /// or a listener has accepts left over, else at the earliest deadline,
     /// else never (a readiness report wakes the waiter by itself).
-    pub fn prepare_wait(&mut self, ready: bool) -> io::Result<()> {
+    pub fn prepare_wait(&mut self) -> io::Result<()> {
         let Some(timer) = self.park.as_ref().map(|t| t.as_raw_fd()) else {
             return Ok(());
         };
         let now = Instant::now();
-        let at = if ready || self.has_work() {
+        let at = if self.has_work() {
             Some(now)
         } else {
             self.next_deadline()
