@@ -33,28 +33,31 @@
 //! What each path costs the server, in CPU µs per connection (accept, write one
 //! byte, close; one shard; server on core 0, the `flood` client on core 1:
 //! **client and server share 2 cores**), medians of 3 interleaved rounds of
-//! `bench/compare.sh --servers floodgate_handler,peer_std,peer_tokio,tokio_mt,floodgate_accept,floodgate_accept_many,floodgate_driven,floodgate_driven_std,floodgate_tokio,floodgate_tokio_driven --scenarios saturated,c64`
-//! (run 2026-12-02 14:20 UTC, PERF.md "tokio and axum on Floodgate"):
+//! `bench/compare.sh --servers floodgate_handler,peer_std,peer_tokio,tokio_mt,floodgate_accept,floodgate_accept_many,floodgate_driven,floodgate_driven_std,floodgate_driven_accept,floodgate_tokio,floodgate_tokio_driven --scenarios saturated,c64`
+//! (run C, 2026-12-02 15:00 UTC, PERF.md "tokio and axum on Floodgate"; the machine was
+//! shared, and runs A and B differ from it by up to 25% on a row):
 //!
 //! | path | use it when | saturated | C=64 |
 //! |---|---|---:|---:|
-//! | inline handler ([`ListenerBuilder::handler`]), replying with [`ShardContext::reply_and_close`] | the work is short and fits on the shard thread: reply, close, relay, register | 11.65 | 12.01 |
-//! | driven shard ([`ListenerBuilder::build_driven`], [`DrivenShard::drive`]) | thread per core in your own event loop: the handler's path on your thread | 12.29 | 13.02 |
-//! | driven shard, the application writing and closing itself | as above, with your own I/O | 15.58 | 15.07 |
-//! | [`Listener::accept`] loop | plain threads that block; any number of them | 21.10 | 20.39 |
-//! | [`Listener::accept_many`] loop | the same, a batch per call | 19.82 | 20.22 |
+//! | inline handler ([`ListenerBuilder::handler`]), replying with [`ShardContext::reply_and_close`] | the work is short and fits on the shard thread: reply, close, relay, register | 10.90 | 12.02 |
+//! | driven shard ([`ListenerBuilder::build_driven`], [`DrivenShard::drive`]) | thread per core in your own event loop: the handler's path on your thread | 11.05 | 12.75 |
+//! | driven shard, the application writing and closing itself | as above, with your own I/O | 13.93 | 14.96 |
+//! | [`DrivenShard::accept`] loop | a blocking accept loop on the shard's own thread: no hop | 13.31 | 15.23 |
+//! | [`Listener::accept`] loop | plain threads that block; any number of them | 18.81 | 20.02 |
+//! | [`Listener::accept_many`] loop | the same, a batch per call | 19.81 | 20.02 |
 //! | accept event ([`Listener::accept_event`]) | your own poll/epoll/mio loop on another thread; the rings of `accept()`, one eventfd write per batch, one read per empty pop | not measured alone: `TcpListener` below runs on it | |
-//! | `floodgate::tokio::TcpListener` (feature `tokio`; multi-thread runtime) | tokio tasks on any runtime take connections from the engine's shard threads | 26.35 | 24.12 |
-//! | `floodgate::tokio::DrivenListener` (feature `tokio`; a `current_thread` runtime per core) | thread per core with tokio: no engine thread, no hop between threads | 18.64 | 17.25 |
-//! | axum (feature `axum`): `axum::serve(listener, app)` over either | an HTTP service; `bench/http.sh`, a connection per request: 41.0 µs/request on `TcpListener`, 30.0 on `DrivenListener`, 35.7 on tokio's own listener | | |
+//! | `floodgate::tokio::TcpListener` (feature `tokio`; multi-thread runtime) | tokio tasks on any runtime take connections from the engine's shard threads | 24.14 | 24.60 |
+//! | `floodgate::tokio::DrivenListener` (feature `tokio`; a `current_thread` runtime per core) | thread per core with tokio: no engine thread, no hop between threads | 17.57 | 16.88 |
+//! | axum (feature `axum`): `axum::serve(listener, app)` over either | an HTTP service; `bench/http.sh`, a connection per request: 47.7 µs/request on `TcpListener`, 33.7 on `DrivenListener`, 42.7 on tokio's own listener | | |
 //!
-//! In the same run tokio's own listener loop cost 16.92 / 17.71 (`current_thread`)
-//! and 17.17 / 18.46 (multi-thread), std's blocking loop 14.46 / 15.56. A path
+//! In the same run tokio's own listener loop cost 16.19 / 18.08 (`current_thread`)
+//! and 17.42 / 17.49 (multi-thread), std's blocking loop 13.91 / 14.97. A path
 //! that hands the connection to another thread pays the hop (the shard thread
 //! and the consumer wake each other); a tokio stream pays its registration
 //! (`epoll_ctl` twice), its own `send` and `close`, and, made from a socket
-//! tokio did not accept (`TcpStream::from_std`), one reactor round before its
-//! first read or write (PERF.md counts the syscalls).
+//! tokio did not accept (`TcpStream::from_std`), a reactor round before its
+//! first read or write, which the tokio listeners share over a batch (PERF.md
+//! counts the syscalls).
 //!
 //! An inline handler can also relay a connection to an upstream without
 //! leaving its shard ([`ShardContext::relay`]): the dial and the copy both

@@ -20,8 +20,10 @@ use crate::listen::driven::DrivenShard;
 /// `accept().await` waits until the shard's descriptor is readable (it is
 /// registered with the runtime's reactor), then drives the shard
 /// ([`DrivenShard::drive`]) into a local queue and returns from it; a
-/// batch is driven once and handed out one by one. Cancel-safe: what a
-/// drive took waits in the queue for the next `accept()`.
+/// batch is driven once, its streams registered with the reactor at once
+/// (so one reactor round reports them all ready), and handed out one by
+/// one. Cancel-safe: what a drive took waits in the queue for the next
+/// `accept()`.
 ///
 /// A driven shard is bound to the thread that first drives it
 /// ([`Error::WrongThread`] from any other): use it on a `current_thread`
@@ -58,7 +60,10 @@ pub struct DrivenListener {
     /// ring or epoll instance ends with the shard.
     ready: AsyncFd<OwnedFd>,
     shard: DrivenShard,
-    queue: VecDeque<Admitted>,
+    /// What the last drive handed over, before registration.
+    incoming: Vec<Admitted>,
+    /// Registered streams not yet returned by `accept()`.
+    queue: VecDeque<Accepted>,
     started: bool,
     closed: bool,
     /// The shard accepts non-blocking sockets (SOCK_NONBLOCK).
@@ -80,6 +85,7 @@ impl DrivenListener {
             ready,
             nonblocking: shard.accepts_nonblocking(),
             shard,
+            incoming: Vec::new(),
             queue: VecDeque::new(),
             started: false,
             closed: false,
@@ -119,7 +125,7 @@ impl DrivenListener {
     /// on); the reactor's.
     pub async fn accept(&mut self) -> io::Result<Accepted> {
         loop {
-            if let Some(got) = self.pop()? {
+            if let Some(got) = self.queue.pop_front() {
                 return Ok(got);
             }
             if self.closed {
@@ -129,13 +135,20 @@ impl DrivenListener {
                 // The first drive starts the shard (posts its accept):
                 // before it, the descriptor has nothing to report.
                 self.started = true;
-                drive(&mut self.shard, &mut self.queue, &mut self.closed)?;
+                self.drive()?;
                 continue;
             }
             let mut ready = self.ready.readable().await?;
             // Readiness is cleared only when a drive found nothing, so work
             // that came during it is not lost.
-            if drive(&mut self.shard, &mut self.queue, &mut self.closed)? == 0 && !self.closed {
+            let n = drive(
+                &mut self.shard,
+                &mut self.incoming,
+                &mut self.queue,
+                &mut self.closed,
+                self.nonblocking,
+            )?;
+            if n == 0 && !self.closed {
                 ready.clear_ready();
             }
         }
@@ -147,43 +160,62 @@ impl DrivenListener {
     /// # Errors
     /// As [`DrivenListener::accept`].
     pub fn try_accept(&mut self) -> io::Result<Option<Accepted>> {
-        if let Some(got) = self.pop()? {
+        if let Some(got) = self.queue.pop_front() {
             return Ok(Some(got));
         }
         if self.closed {
             return Err(Error::Closed.into());
         }
         self.started = true;
-        drive(&mut self.shard, &mut self.queue, &mut self.closed)?;
-        self.pop()
+        self.drive()?;
+        Ok(self.queue.pop_front())
     }
 
-    fn pop(&mut self) -> io::Result<Option<Accepted>> {
-        while let Some(conn) = self.queue.pop_front() {
-            match into_tokio(conn, self.nonblocking)? {
-                Some(got) => return Ok(Some(got)),
-                None => self.shard.peer_gone_after_delivery(),
-            }
-        }
-        Ok(None)
+    /// One `drive()`: see [`drive`].
+    fn drive(&mut self) -> io::Result<usize> {
+        drive(
+            &mut self.shard,
+            &mut self.incoming,
+            &mut self.queue,
+            &mut self.closed,
+            self.nonblocking,
+        )
     }
 }
 
-/// One `drive()` into `queue`; `closed` once the shard has finished.
+/// One `drive()`; its connections become registered streams in `queue`
+/// (all of a batch registered before the first is used, so that one
+/// reactor round reports them all). Sets `closed` once the shard has
+/// finished.
 fn drive(
     shard: &mut DrivenShard,
-    queue: &mut VecDeque<Admitted>,
+    incoming: &mut Vec<Admitted>,
+    queue: &mut VecDeque<Accepted>,
     closed: &mut bool,
+    nonblocking: bool,
 ) -> io::Result<usize> {
-    match shard.drive(|conn, _| queue.push_back(conn)) {
+    let n = match shard.drive(|conn, _| incoming.push(conn)) {
         Ok(n) => {
             *closed = shard.is_finished();
-            Ok(n)
+            n
         }
         Err(Error::Closed) => {
             *closed = true;
-            Ok(0)
+            0
         }
-        Err(e) => Err(e.into()),
+        Err(e) => return Err(e.into()),
+    };
+    let mut failed = None;
+    for conn in incoming.drain(..) {
+        match into_tokio(conn, nonblocking) {
+            Ok(Some(got)) => queue.push_back(got),
+            Ok(None) => shard.peer_gone_after_delivery(),
+            // That connection is lost (closed); the others are queued.
+            Err(e) => failed = failed.or(Some(e)),
+        }
+    }
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(n),
     }
 }

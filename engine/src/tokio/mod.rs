@@ -48,10 +48,11 @@
 //! # }
 //! ```
 
+use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use ::tokio::io::unix::AsyncFd;
@@ -151,7 +152,14 @@ pub struct TcpListener {
     /// reactor (dropped, and so deregistered, before the listener).
     event: AsyncFd<OwnedFd>,
     listener: Arc<Listener>,
+    /// Connections taken from the rings in one batch and registered with
+    /// the reactor, not yet returned by `accept()`.
+    queue: Mutex<VecDeque<Accepted>>,
 }
+
+/// Connections taken from the rings at once: registered together, they are
+/// reported ready by one reactor round.
+const BATCH: usize = 16;
 
 impl TcpListener {
     /// Listens on `addr` with the default builder ([`Listener::builder`]).
@@ -180,6 +188,7 @@ impl TcpListener {
         Ok(TcpListener {
             event: runtime::readable(event)?,
             listener,
+            queue: Mutex::new(VecDeque::new()),
         })
     }
 
@@ -212,19 +221,49 @@ impl TcpListener {
     /// Takes the next pending connection without waiting; `Ok(None)` when
     /// none is pending.
     ///
+    /// Connections are taken from the rings up to 16 at a time
+    /// ([`Listener::accept_many`]) and all registered with the reactor at
+    /// once: a stream made from a socket tokio did not accept itself
+    /// (`TcpStream::from_std`) learns that it is ready from the reactor, and
+    /// one reactor round then answers for the whole batch instead of one
+    /// per connection. The rest wait in this listener ([`TcpListener::queued`]);
+    /// they count as delivered in the stats.
+    ///
     /// # Errors
     /// As [`TcpListener::accept`].
     pub fn try_accept(&self) -> io::Result<Option<Accepted>> {
-        loop {
-            let Some(conn) = self.listener.try_accept()? else {
-                return Ok(None);
-            };
+        if let Some(got) = self.lock().pop_front() {
+            return Ok(Some(got));
+        }
+        let mut batch = Vec::with_capacity(BATCH);
+        self.listener.accept_many(&mut batch, BATCH)?;
+        let mut first = None;
+        let mut failed = None;
+        let mut queue = self.lock();
+        for conn in batch {
             let shard = conn.shard();
-            match into_tokio(conn, true)? {
-                Some(got) => return Ok(Some(got)),
-                None => self.listener.peer_gone_after_delivery(shard),
+            match into_tokio(conn, true) {
+                Ok(Some(got)) if first.is_none() => first = Some(got),
+                Ok(Some(got)) => queue.push_back(got),
+                Ok(None) => self.listener.peer_gone_after_delivery(shard),
+                // That connection is lost (closed); the others are kept.
+                Err(e) => failed = failed.or(Some(e)),
             }
         }
+        match (first, failed) {
+            (Some(got), _) => Ok(Some(got)),
+            (None, Some(e)) => Err(e),
+            (None, None) => Ok(None),
+        }
+    }
+
+    /// Connections taken from the rings and registered, not yet returned.
+    pub fn queued(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Accepted>> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The address the shards listen on.
