@@ -5,28 +5,25 @@
 //! grace, and whatever happened is counted.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
-use floodgate::{Listener, RelayOptions, RelayStats};
+use floodgate::Listener;
 use floodgate_tests::{
-    accept_from, connect, open_fds, serial, silent_upstream, still_relays, wait_for,
+    accept_from, connect, open_fds, relay_listener, relays, serial, silent_upstream, still_relays,
+    wait_for,
 };
 
-fn relay_listener(upstream: SocketAddr) -> Listener {
-    Listener::builder("127.0.0.1:0".parse().unwrap())
-        .shards(1)
-        .pin(false)
-        .handler(move |conn, ctx| {
-            let _ = ctx.relay(conn, upstream, RelayOptions::default());
-        })
-        .build()
-        .unwrap()
-}
-
-fn relays(l: &Listener) -> RelayStats {
-    l.stats().total().relays
+/// A one-shard relay listener with one relay running, idle: the client's
+/// end and the upstream's end, one byte moved each way.
+fn live_relay() -> (Listener, TcpStream, TcpStream) {
+    let up = silent_upstream();
+    let listener = relay_listener(up.local_addr().unwrap());
+    let mut c = connect(listener.local_addr()).unwrap();
+    let mut s = accept_from(&up);
+    still_relays(&mut c, &mut s);
+    (listener, c, s)
 }
 
 /// A deterministic byte pattern.
@@ -39,11 +36,8 @@ fn drain_lets_a_live_download_finish_every_byte_then_fin() {
     let _g = serial();
     let baseline = open_fds();
     {
-        let up = silent_upstream();
-        let listener = Arc::new(relay_listener(up.local_addr().unwrap()));
-        let mut c = connect(listener.local_addr()).unwrap();
-        let mut s = accept_from(&up);
-        still_relays(&mut c, &mut s);
+        let (listener, mut c, mut s) = live_relay();
+        let listener = Arc::new(listener);
 
         let drainer = {
             let l = Arc::clone(&listener);
@@ -101,11 +95,7 @@ fn at_the_drain_deadline_a_live_relay_ends_with_fin_each_way_not_rst() {
     let _g = serial();
     let baseline = open_fds();
     {
-        let up = silent_upstream();
-        let listener = relay_listener(up.local_addr().unwrap());
-        let mut c = connect(listener.local_addr()).unwrap();
-        let mut s = accept_from(&up);
-        still_relays(&mut c, &mut s);
+        let (listener, mut c, mut s) = live_relay();
 
         // Neither side has anything in flight: the deadline comes at once.
         let drained = listener.drain(Duration::ZERO);
@@ -174,11 +164,7 @@ fn a_client_that_reads_nothing_cannot_hold_shutdown_and_its_end_is_counted() {
     let _g = serial();
     let baseline = open_fds();
     {
-        let up = silent_upstream();
-        let listener = relay_listener(up.local_addr().unwrap());
-        let mut c = connect(listener.local_addr()).unwrap();
-        let mut s = accept_from(&up);
-        still_relays(&mut c, &mut s);
+        let (listener, mut c, mut s) = live_relay();
         // The upstream pours 64 MiB at a client that reads none of it: the
         // relay's send to the client fills its buffers and waits.
         let writer = std::thread::spawn(move || {

@@ -14,11 +14,11 @@ use floodgate::cidr::CidrList;
 use floodgate::proxy_protocol::{self, ProxyError};
 use floodgate::{
     ConnectRequest, Error, Listener, ListenerBuilder, RelayEnd, RelayOptions, RelayOutcome,
-    RelaySide, RelayStats, Verdict,
+    RelaySide, Verdict,
 };
 use floodgate_tests::{
-    accept_from, connect, open_fds, refusing_port, reset_on_drop, serial, silent_upstream,
-    still_relays, wait_for,
+    accept_from, connect, open_fds, refusing_port, relay_listener, relays, reset_on_drop, serial,
+    silent_upstream, still_relays, wait_for,
 };
 
 /// An echo server on loopback: one thread per connection copying what it
@@ -92,19 +92,6 @@ fn bytes(len: usize, mut seed: u64) -> Vec<u8> {
     }
     out.truncate(len);
     out
-}
-
-fn relay_listener(upstream: SocketAddr) -> Listener {
-    Listener::builder("127.0.0.1:0".parse().unwrap())
-        .handler(move |conn, ctx| {
-            let _ = ctx.relay(conn, upstream, RelayOptions::default());
-        })
-        .build()
-        .unwrap()
-}
-
-fn relays(l: &Listener) -> RelayStats {
-    l.stats().total().relays
 }
 
 #[test]

@@ -319,3 +319,19 @@ pub fn refusing_port() -> (socket2::Socket, SocketAddr) {
         .expect("bound address");
     (s, addr)
 }
+
+/// A listener whose inline handler relays every connection to `upstream`
+/// (default options, default shards).
+pub fn relay_listener(upstream: SocketAddr) -> floodgate::Listener {
+    floodgate::Listener::builder("127.0.0.1:0".parse().expect("loopback"))
+        .handler(move |conn, ctx| {
+            let _ = ctx.relay(conn, upstream, floodgate::RelayOptions::default());
+        })
+        .build()
+        .expect("relay listener")
+}
+
+/// The listener's relay counters, summed over its shards.
+pub fn relays(l: &floodgate::Listener) -> floodgate::RelayStats {
+    l.stats().total().relays
+}
