@@ -444,122 +444,30 @@ fn main() -> ExitCode {
             skipped = json!("no --nginx-run given");
         }
     }
-    servers.push(Server::peer(
-        b,
-        "floodgate_handler",
-        "peer_floodgate",
-        &["--mode", "handler"],
-    ));
-    servers.push(Server::peer(
-        b,
-        "floodgate_off",
-        "peer_floodgate",
-        &["--mode", "handler", "--moderation", "off"],
-    ));
-    servers.push(Server::peer(
-        b,
-        "floodgate_adaptive256",
-        "peer_floodgate",
-        &["--mode", "handler", "--moderation", "256"],
-    ));
-    servers.push(Server::peer(
-        b,
-        "floodgate_nap",
-        "peer_floodgate",
-        &["--mode", "handler", "--moderation", "fixed:1:50"],
-    ));
-    servers.push(Server::peer(
-        b,
-        "floodgate_epoll",
-        "peer_floodgate",
-        &["--mode", "handler", "--backend", "epoll"],
-    ));
-    servers.push(Server::peer(
-        b,
-        "floodgate_epoll_off",
-        "peer_floodgate",
-        &[
-            "--mode",
-            "handler",
-            "--backend",
-            "epoll",
-            "--moderation",
-            "off",
-        ],
-    ));
-    servers.push(Server::peer(
-        b,
-        "floodgate_accept",
-        "peer_floodgate",
-        &["--mode", "accept"],
-    ));
-    servers.push(Server::peer(
-        b,
-        "floodgate_accept_many",
-        "peer_floodgate",
-        &["--mode", "accept-many"],
-    ));
-    servers.push(Server::peer(
-        b,
-        "floodgate_driven",
-        "peer_floodgate",
-        &["--mode", "driven"],
-    ));
-    servers.push(Server::peer(
-        b,
-        "floodgate_driven_std",
-        "peer_floodgate",
-        &["--mode", "driven-std"],
-    ));
-    servers.push(Server::peer(
-        b,
-        "floodgate_driven_accept",
-        "peer_floodgate",
-        &["--mode", "driven-accept"],
-    ));
-    servers.push(Server::peer(
-        b,
-        "floodgate_tokio",
-        "peer_floodgate",
-        &["--mode", "tokio"],
-    ));
-    servers.push(Server::peer(
-        b,
-        "floodgate_tokio_driven",
-        "peer_floodgate",
-        &["--mode", "tokio-driven"],
-    ));
-    servers.push(Server::peer(
-        b,
-        "floodgate_trivial",
-        "peer_floodgate",
-        &["--mode", "handler", "--condition", "trivial"],
-    ));
-    servers.push(Server::peer(
-        b,
-        "floodgate_coalesce",
-        "peer_floodgate",
-        &["--mode", "handler", "--coalesce"],
-    ));
-    servers.push(Server::peer(
-        b,
-        "floodgate_at_once",
-        "peer_floodgate",
-        &["--mode", "handler", "--replies-at-once"],
-    ));
-    servers.push(Server::peer(
-        b,
-        "floodgate_limits",
-        "peer_floodgate",
-        &[
-            "--mode",
-            "handler",
-            "--max-connections",
-            "100000",
-            "--accept-budget",
-            "64",
-        ],
-    ));
+    // The engine's rows: `peer_floodgate` with these arguments.
+    #[rustfmt::skip]
+    const FLOODGATE: &[(&str, &[&str])] = &[
+        ("floodgate_handler", &["--mode", "handler"]),
+        ("floodgate_off", &["--mode", "handler", "--moderation", "off"]),
+        ("floodgate_adaptive256", &["--mode", "handler", "--moderation", "256"]),
+        ("floodgate_nap", &["--mode", "handler", "--moderation", "fixed:1:50"]),
+        ("floodgate_epoll", &["--mode", "handler", "--backend", "epoll"]),
+        ("floodgate_epoll_off", &["--mode", "handler", "--backend", "epoll", "--moderation", "off"]),
+        ("floodgate_accept", &["--mode", "accept"]),
+        ("floodgate_accept_many", &["--mode", "accept-many"]),
+        ("floodgate_driven", &["--mode", "driven"]),
+        ("floodgate_driven_std", &["--mode", "driven-std"]),
+        ("floodgate_driven_accept", &["--mode", "driven-accept"]),
+        ("floodgate_tokio", &["--mode", "tokio"]),
+        ("floodgate_tokio_driven", &["--mode", "tokio-driven"]),
+        ("floodgate_trivial", &["--mode", "handler", "--condition", "trivial"]),
+        ("floodgate_coalesce", &["--mode", "handler", "--coalesce"]),
+        ("floodgate_at_once", &["--mode", "handler", "--replies-at-once"]),
+        ("floodgate_limits", &["--mode", "handler", "--max-connections", "100000", "--accept-budget", "64"]),
+    ];
+    for (name, args) in FLOODGATE {
+        servers.push(Server::peer(b, name, "peer_floodgate", args));
+    }
     if let Some(only) = &cli.servers {
         servers.retain(|s| only.iter().any(|o| o == s.name));
     }
