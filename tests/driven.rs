@@ -1,7 +1,6 @@
 //! Shards the application drives (`ListenerBuilder::build_driven`): no
 //! engine thread; each `DrivenShard` runs on a thread the test owns.
 
-use std::collections::HashSet;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,7 +8,10 @@ use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use floodgate::{DrivenShard, Error, Listener};
-use floodgate_tests::{connect, cores, open_fds, pin, read_id, serial, tagged_client, wait_for};
+use floodgate_tests::{
+    connect, cores, each_id_once, open_fds, pin, read_id, serial, tagged_client,
+    tagged_clients_from_cores, wait_for,
+};
 
 fn addr() -> SocketAddr {
     "127.0.0.1:0".parse().expect("loopback")
@@ -70,31 +72,9 @@ fn driven_shards_on_their_own_threads_deliver_every_connection_once() {
     // Clients from every core, so that steering sends some to every shard.
     let per_core = 200u64;
     let local = listener.local_addr();
-    let clients: Vec<_> = (0..n)
-        .map(|k| {
-            let core = cores.get(k).copied();
-            std::thread::spawn(move || {
-                if let Some(c) = core {
-                    pin(c);
-                }
-                for i in 0..per_core {
-                    tagged_client(local, k as u64 * per_core + i).expect("client");
-                }
-            })
-        })
-        .collect();
-    for c in clients {
-        c.join().expect("client thread");
-    }
+    tagged_clients_from_cores(local, &cores, n, per_core);
     let total = n as u64 * per_core;
-    let mut seen = HashSet::new();
-    let mut by_shard = vec![0u64; n];
-    for _ in 0..total {
-        let (shard, id) = rx.recv().expect("every connection is delivered");
-        assert!(seen.insert(id), "id {id} delivered twice");
-        by_shard[shard] += 1;
-    }
-    assert_eq!(seen.len() as u64, total);
+    let by_shard = each_id_once(&rx, total, n);
     if n > 1 {
         assert!(
             by_shard.iter().all(|&c| c > 0),

@@ -335,3 +335,43 @@ pub fn relay_listener(upstream: SocketAddr) -> floodgate::Listener {
 pub fn relays(l: &floodgate::Listener) -> floodgate::RelayStats {
     l.stats().total().relays
 }
+
+/// Connects `per_core` tagged clients ([`tagged_client`]) from each of the
+/// first `n` of `cores` (ids `k * per_core + i`), so that CPU steering
+/// sends some to every shard; returns once all have connected and sent.
+pub fn tagged_clients_from_cores(target: SocketAddr, cores: &[usize], n: usize, per_core: u64) {
+    let clients: Vec<_> = (0..n)
+        .map(|k| {
+            let core = cores.get(k).copied();
+            std::thread::spawn(move || {
+                if let Some(c) = core {
+                    pin(c);
+                }
+                for i in 0..per_core {
+                    tagged_client(target, k as u64 * per_core + i).expect("client");
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().expect("client thread");
+    }
+}
+
+/// Receives `total` `(shard, id)` reports, asserting that no id comes
+/// twice; returns how many each of `shards` reported.
+pub fn each_id_once(
+    rx: &std::sync::mpsc::Receiver<(usize, u64)>,
+    total: u64,
+    shards: usize,
+) -> Vec<u64> {
+    let mut seen = std::collections::HashSet::new();
+    let mut by_shard = vec![0u64; shards];
+    for _ in 0..total {
+        let (shard, id) = rx.recv().expect("every connection is delivered");
+        assert!(seen.insert(id), "id {id} delivered twice");
+        by_shard[shard] += 1;
+    }
+    assert_eq!(seen.len() as u64, total);
+    by_shard
+}

@@ -12,7 +12,10 @@ use std::time::Duration;
 
 use floodgate::tokio::{DrivenListener, TcpListener};
 use floodgate::Listener;
-use floodgate_tests::{connect, cores, open_fds, pin, serial, tagged_client, wait_for};
+use floodgate_tests::{
+    connect, cores, each_id_once, open_fds, pin, serial, tagged_client, tagged_clients_from_cores,
+    wait_for,
+};
 use tokio::io::AsyncReadExt;
 use tokio::runtime::{Builder, Runtime};
 
@@ -356,30 +359,9 @@ fn driven_listeners_on_current_thread_runtimes_all_accept_and_shut_down_clean() 
     drop(tx);
     let per_core = 200u64;
     let local = listener.local_addr();
-    let clients: Vec<_> = (0..n)
-        .map(|k| {
-            let core = cores.get(k).copied();
-            std::thread::spawn(move || {
-                if let Some(c) = core {
-                    pin(c);
-                }
-                for i in 0..per_core {
-                    tagged_client(local, k as u64 * per_core + i).expect("client");
-                }
-            })
-        })
-        .collect();
-    for c in clients {
-        c.join().expect("client thread");
-    }
+    tagged_clients_from_cores(local, &cores, n, per_core);
     let total = n as u64 * per_core;
-    let mut seen = HashSet::new();
-    let mut by_shard = vec![0u64; n];
-    for _ in 0..total {
-        let (shard, id) = rx.recv().expect("every connection is delivered");
-        assert!(seen.insert(id), "id {id} delivered twice");
-        by_shard[shard] += 1;
-    }
+    let by_shard = each_id_once(&rx, total, n);
     if n > 1 {
         assert!(
             by_shard.iter().all(|&c| c > 0),
