@@ -750,8 +750,8 @@ impl Relays {
     fn reset_all(&mut self, ring: &mut Driver) {
         for idx in 0..self.slots.len() {
             let gen = self.slots[idx].gen;
-            if let Some(r) = self.slots[idx].relay.as_mut() {
-                r.graceful = false;
+            // One that already ended (wound down, closing) is left alone.
+            if let Some(r) = self.slots[idx].relay.as_mut().filter(|r| r.end.is_none()) {
                 r.fail(ring, idx, gen, RelayEnd::Shutdown, None);
             }
             self.settle(ring, idx);
