@@ -42,12 +42,12 @@ fn handler_is_called_when_the_client_writes_and_can_echo() {
         c.read_exact(&mut back).unwrap();
         assert_eq!(&back, msg);
     }
-    // The echo can reach the client before the shard counts the event it
-    // answered (the count follows the handler's return): wait on the count.
-    wait_for("two events given to the handler", || {
-        l.stats().total().register_events >= 2
-    });
     let t = l.stats().total();
+    // Counted before the handler runs, so already in by the echo. At least
+    // one: the handler reads until WouldBlock, so the second message can
+    // arrive (the client sends it on reading the first echo) while the
+    // handler's first call is still reading, and be echoed in that call.
+    assert!(t.register_events >= 1, "{t:?}");
     assert_eq!((t.accepted, t.delivered, t.registered), (1, 0, 1));
     drop(c);
     wait_for("closed by the handler on EOF", || {
