@@ -17,6 +17,16 @@ fn addr() -> SocketAddr {
     "127.0.0.1:0".parse().expect("loopback")
 }
 
+/// A listener with one driven shard, and that shard.
+fn one_shard() -> (Listener, DrivenShard) {
+    let (listener, mut shards) = Listener::builder(addr())
+        .shards(1)
+        .build_driven()
+        .expect("build driven");
+    let shard = shards.pop().expect("one shard");
+    (listener, shard)
+}
+
 /// Drives `shard` on this thread until `stop` is set and the listener has
 /// shut it down: each connection's id is read and sent to `ids`, then the
 /// connection is closed.
@@ -98,11 +108,7 @@ fn driven_shards_on_their_own_threads_deliver_every_connection_once() {
 fn a_shard_that_is_not_driven_takes_nothing_from_the_kernel() {
     let _serial = serial();
     let baseline = open_fds();
-    let (listener, mut shards) = Listener::builder(addr())
-        .shards(1)
-        .build_driven()
-        .expect("build driven");
-    let mut shard = shards.pop().expect("one shard");
+    let (listener, mut shard) = one_shard();
     // Started (its accept posted), then left alone.
     assert_eq!(shard.drive(|_, _| panic!("nothing yet")).expect("drive"), 0);
     let k = 20;
@@ -144,11 +150,7 @@ fn a_shard_that_is_not_driven_takes_nothing_from_the_kernel() {
 fn shutdown_closes_and_counts_what_a_driven_shard_holds() {
     let _serial = serial();
     let baseline = open_fds();
-    let (listener, mut shards) = Listener::builder(addr())
-        .shards(1)
-        .build_driven()
-        .expect("build driven");
-    let mut shard = shards.pop().expect("one shard");
+    let (listener, mut shard) = one_shard();
     shard.drive(|_, _| {}).expect("start");
     let clients: Vec<_> = (0..10)
         .map(|_| connect(listener.local_addr()).expect("connect"))
@@ -188,11 +190,7 @@ fn shutdown_closes_and_counts_what_a_driven_shard_holds() {
 fn dropping_driven_shards_stops_them_and_counts_what_they_held() {
     let _serial = serial();
     let baseline = open_fds();
-    let (listener, mut shards) = Listener::builder(addr())
-        .shards(1)
-        .build_driven()
-        .expect("build driven");
-    let mut shard = shards.pop().expect("one shard");
+    let (listener, mut shard) = one_shard();
     shard.drive(|_, _| {}).expect("start");
     let _clients: Vec<_> = (0..5)
         .map(|_| connect(listener.local_addr()).expect("connect"))
@@ -209,11 +207,7 @@ fn dropping_driven_shards_stops_them_and_counts_what_they_held() {
 #[test]
 fn a_driven_shard_is_bound_to_the_thread_that_first_drove_it() {
     let _serial = serial();
-    let (listener, mut shards) = Listener::builder(addr())
-        .shards(1)
-        .build_driven()
-        .expect("build driven");
-    let mut shard = shards.pop().expect("one shard");
+    let (listener, mut shard) = one_shard();
     shard.drive(|_, _| {}).expect("first drive binds it here");
     let shard = std::thread::spawn(move || {
         let mut shard = shard;
@@ -256,11 +250,7 @@ fn a_driven_listener_refuses_accept_and_an_inline_handler() {
 fn a_driven_shard_replies_on_its_own_ring() {
     let _serial = serial();
     use std::io::Read;
-    let (listener, mut shards) = Listener::builder(addr())
-        .shards(1)
-        .build_driven()
-        .expect("build driven");
-    let mut shard = shards.pop().expect("one shard");
+    let (listener, mut shard) = one_shard();
     let local = listener.local_addr();
     let client = std::thread::spawn(move || {
         let mut got = Vec::new();
@@ -296,11 +286,7 @@ fn a_blocking_accept_loop_on_a_driven_shard_takes_each_connection_once() {
     let _serial = serial();
     let baseline = open_fds();
     {
-        let (listener, mut shards) = Listener::builder(addr())
-            .shards(1)
-            .build_driven()
-            .expect("build driven");
-        let mut shard = shards.pop().expect("one shard");
+        let (listener, mut shard) = one_shard();
         let target = listener.local_addr();
         const N: u64 = 500;
         let (started_tx, started) = mpsc::channel();

@@ -415,6 +415,20 @@ mod tests {
         }
     }
 
+    /// A controller that a load rising 20% per window has walked up the
+    /// ladder to `MAX`, and the last window's rate.
+    fn climbed_to_the_top() -> (Controller, f64) {
+        let mut c = Controller::new(MAX);
+        let mut rate = 500_000.0;
+        c.decide(s(rate, 5000.0));
+        for _ in 0..4 {
+            rate *= 1.2;
+            c.decide(s(rate, 5000.0));
+        }
+        assert_eq!(c.level(), MAX);
+        (c, rate)
+    }
+
     /// Feeds turns of `work` each (none paused) until a window is full.
     fn fill(c: &mut Controller, work: usize) -> Vec<Option<Duration>> {
         let mut out = Vec::new();
@@ -529,14 +543,7 @@ mod tests {
 
     #[test]
     fn on_top_it_explores_downwards_and_keeps_a_shorter_pause_that_costs_nothing() {
-        let mut c = Controller::new(MAX);
-        let mut rate = 500_000.0;
-        c.decide(s(rate, 5000.0));
-        for _ in 0..4 {
-            rate *= 1.2;
-            c.decide(s(rate, 5000.0));
-        }
-        assert_eq!(c.level(), MAX);
+        let (mut c, rate) = climbed_to_the_top();
         let State::Parked { left } = c.state else {
             panic!("parked")
         };
@@ -608,14 +615,7 @@ mod tests {
 
     #[test]
     fn load_falling_light_switches_it_off() {
-        let mut c = Controller::new(MAX);
-        let mut rate = 500_000.0;
-        c.decide(s(rate, 5000.0));
-        for _ in 0..4 {
-            rate *= 1.2;
-            c.decide(s(rate, 5000.0));
-        }
-        assert_eq!(c.level(), MAX);
+        let (mut c, _) = climbed_to_the_top();
         c.decide(s(1_000.0, 5000.0));
         assert_eq!(c.level(), Duration::ZERO);
         assert!(fill(&mut c, 1).iter().all(Option::is_none));
