@@ -240,6 +240,46 @@ fn replies_leave_with_the_fin_by_default_and_at_once_when_asked() {
     assert_eq!(open_fds(), baseline);
 }
 
+/// `Admitted::reply_and_close` on the application's thread: every client
+/// gets the reply and a FIN (not a reset), and the reply leaves with the FIN
+/// in one segment where a plain write then drop takes two.
+#[test]
+fn an_accepted_connection_replies_with_the_fin_from_the_applications_thread() {
+    let _g = serial();
+    let baseline = open_fds();
+    {
+        let listener = Listener::builder("127.0.0.1:0".parse().unwrap())
+            .shards(1)
+            .build()
+            .unwrap();
+        for with_fin in [true, false] {
+            for _ in 0..50 {
+                let mut c = connect(listener.local_addr()).unwrap();
+                c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+                let conn = listener.accept().expect("accept");
+                if with_fin {
+                    conn.reply_and_close(b"bye").expect("reply");
+                } else {
+                    let mut s = conn.into_std();
+                    std::io::Write::write_all(&mut s, b"bye").expect("write");
+                }
+                let mut reply = Vec::new();
+                c.read_to_end(&mut reply).expect("a FIN, not a reset");
+                assert_eq!(reply, b"bye");
+                // SYN-ACK, then the reply and the FIN in one segment, or in
+                // two after a plain write.
+                let expected = if with_fin { 2 } else { 3 };
+                assert_eq!(segments_in(&c), expected, "reply_and_close: {with_fin}");
+            }
+        }
+        listener.shutdown();
+        let t = listener.stats().total();
+        assert!(listener.stats().conserved(), "{t:?}");
+        assert_eq!((t.accepted, t.delivered), (100, 100));
+    }
+    assert_eq!(open_fds(), baseline);
+}
+
 #[test]
 fn accept_many_returns_each_connection_once_across_competing_threads() {
     let _g = serial();

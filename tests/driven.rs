@@ -329,3 +329,87 @@ fn a_blocking_accept_loop_on_a_driven_shard_takes_each_connection_once() {
     }
     wait_for("fd table back to baseline", || open_fds() == baseline);
 }
+
+/// `DrivenShard::reply_and_close` after `accept()`: the reply goes on the
+/// shard's ring with the next `accept()`'s wait (no flush in the loop),
+/// every client reads it and a FIN, and shutdown ends the loop with
+/// everything counted and the fd table back to baseline.
+#[test]
+fn an_accept_loop_on_a_driven_shard_replies_on_its_ring() {
+    let _serial = serial();
+    use std::io::Read;
+    let baseline = open_fds();
+    {
+        let (listener, mut shard) = one_shard();
+        let target = listener.local_addr();
+        const N: u64 = 300;
+        let server = std::thread::spawn(move || {
+            let mut served = 0u64;
+            loop {
+                match shard.accept() {
+                    Ok(conn) => {
+                        shard.reply_and_close(conn, b"ring").expect("reply");
+                        served += 1;
+                    }
+                    Err(Error::Closed) => return served,
+                    Err(e) => panic!("accept: {e}"),
+                }
+            }
+        });
+        for _ in 0..N {
+            let mut c = connect(target).expect("connect");
+            c.set_read_timeout(Some(Duration::from_secs(60)))
+                .expect("timeout");
+            let mut got = Vec::new();
+            c.read_to_end(&mut got).expect("a FIN, not a reset");
+            assert_eq!(got, b"ring");
+        }
+        listener.shutdown();
+        assert_eq!(server.join().expect("server thread"), N);
+        let t = listener.stats().total();
+        assert!(listener.stats().conserved(), "{t:?}");
+        assert_eq!((t.accepted, t.delivered, t.closed_at_shutdown), (N, N, 0));
+    }
+    wait_for("fd table back to baseline", || open_fds() == baseline);
+}
+
+/// A reply queued on a driven shard's ring from outside `drive()` leaves
+/// with `flush()` while the thread does something else, and with `wait()`
+/// when the thread waits on the descriptor next; the shard's context is
+/// refused on another thread.
+#[test]
+fn a_reply_queued_outside_drive_leaves_with_flush_or_wait() {
+    let _serial = serial();
+    use std::io::Read;
+    let (listener, mut shard) = one_shard();
+    let target = listener.local_addr();
+    let (go_tx, go) = mpsc::channel::<()>();
+    let server = std::thread::spawn(move || {
+        for flush in [true, false] {
+            let conn = shard.accept().expect("accept");
+            shard.reply_and_close(conn, b"queued").expect("reply");
+            if flush {
+                shard.flush().expect("flush");
+                // Not in the ring: only the flush can have sent it.
+                go.recv().expect("the client read it");
+            } else {
+                shard.wait(None).expect("wait");
+            }
+        }
+        shard
+    });
+    for _ in 0..2 {
+        let mut c = connect(target).expect("connect");
+        c.set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("timeout");
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).expect("read");
+        assert_eq!(got, b"queued");
+        let _ = go_tx.send(());
+    }
+    let mut shard = server.join().expect("server thread");
+    assert!(matches!(shard.context(), Err(Error::WrongThread { .. })));
+    drop(shard);
+    listener.shutdown();
+    assert!(listener.stats().conserved());
+}

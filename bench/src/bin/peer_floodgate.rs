@@ -4,6 +4,8 @@
 //! - `--mode handler` (default): the engine's inline handler replies `x` and closes, on the
 //!   shard's ring (`ShardContext::reply_and_close`: linked SEND with MSG_MORE + CLOSE);
 //! - `--mode accept`: the main thread runs a blocking `Listener::accept()` loop: write `x`, drop;
+//! - `--mode accept-reply`: the same loop answering with `Admitted::reply_and_close` (a send with
+//!   MSG_MORE, then the close: the reply leaves with the FIN, as the handler's does);
 //! - `--mode accept-many`: the same with `Listener::accept_many` (batches of up to 64), blocking in
 //!   `accept()` only when nothing is pending;
 //! - `--mode driven`: no engine thread: the main thread drives the shard (`build_driven`), waiting on
@@ -11,6 +13,8 @@
 //! - `--mode driven-std`: the same, the application writing `x` itself and dropping the connection;
 //! - `--mode driven-accept`: a blocking `DrivenShard::accept()` loop on the main thread (it waits
 //!   in the shard's own ring): write `x`, drop;
+//! - `--mode driven-accept-ring`: the same loop answering with `DrivenShard::reply_and_close` (the
+//!   linked SEND+CLOSE on the shard's ring, submitted with the next `accept()`'s wait);
 //! - `--mode tokio`: `floodgate::tokio::TcpListener` on a tokio multi-thread runtime: one task
 //!   `loop { let (mut s, _) = listener.accept().await?; s.write_all(b"x").await; }`, as
 //!   `peer_tokio --multi-thread` does with tokio's own listener;
@@ -40,6 +44,8 @@ enum Mode {
     Handler,
     /// Blocking accept() loop on the main thread: write "x", drop.
     Accept,
+    /// Blocking accept() loop on the main thread: Admitted::reply_and_close("x").
+    AcceptReply,
     /// accept_many() batches on the main thread: write "x", drop.
     AcceptMany,
     /// A driven shard on the main thread: reply_and_close("x") from its handler.
@@ -48,6 +54,8 @@ enum Mode {
     DrivenStd,
     /// A blocking DrivenShard::accept() loop on the main thread: write "x", drop.
     DrivenAccept,
+    /// A blocking DrivenShard::accept() loop: DrivenShard::reply_and_close("x") on the ring.
+    DrivenAcceptRing,
     /// floodgate::tokio::TcpListener on a multi-thread runtime: write "x", drop.
     Tokio,
     /// floodgate::tokio::DrivenListener on a current_thread runtime: write "x", drop.
@@ -190,7 +198,11 @@ fn main() {
     }
     if matches!(
         cli.mode,
-        Mode::Driven | Mode::DrivenStd | Mode::DrivenAccept | Mode::TokioDriven
+        Mode::Driven
+            | Mode::DrivenStd
+            | Mode::DrivenAccept
+            | Mode::DrivenAcceptRing
+            | Mode::TokioDriven
     ) {
         if cli.mode == Mode::TokioDriven {
             builder = builder.nonblocking(true);
@@ -209,8 +221,8 @@ fn main() {
             peer::fatal(NAME, msg);
         }
         peer::announce(NAME, listener.local_addr());
-        if cli.mode == Mode::DrivenAccept {
-            driven_accept_loop(shard);
+        if matches!(cli.mode, Mode::DrivenAccept | Mode::DrivenAcceptRing) {
+            driven_accept_loop(shard, cli.mode == Mode::DrivenAcceptRing);
         }
         if cli.mode == Mode::TokioDriven {
             tokio_driven_loop(shard);
@@ -230,18 +242,29 @@ fn main() {
     peer::announce(NAME, listener.local_addr());
     match cli.mode {
         Mode::Handler => park_forever(),
-        Mode::Accept => accept_loop(&listener),
+        Mode::Accept => accept_loop(&listener, false),
+        Mode::AcceptReply => accept_loop(&listener, true),
         Mode::AcceptMany => accept_many_loop(&listener),
-        Mode::Driven | Mode::DrivenStd | Mode::DrivenAccept | Mode::Tokio | Mode::TokioDriven => {
+        Mode::Driven
+        | Mode::DrivenStd
+        | Mode::DrivenAccept
+        | Mode::DrivenAcceptRing
+        | Mode::Tokio
+        | Mode::TokioDriven => {
             unreachable!("handled above")
         }
     }
 }
 
 /// A blocking accept loop on the one driven shard, on this thread.
-fn driven_accept_loop(mut shard: floodgate::DrivenShard) -> ! {
+fn driven_accept_loop(mut shard: floodgate::DrivenShard, on_ring: bool) -> ! {
     loop {
         match shard.accept() {
+            Ok(conn) if on_ring => {
+                if let Err(e) = shard.reply_and_close(conn, REPLY) {
+                    peer::fatal(NAME, format_args!("reply failed: {e}"));
+                }
+            }
             // The client may already have gone (RST); that is its business.
             Ok(mut conn) => {
                 let _ = conn.write_all(REPLY);
@@ -308,9 +331,13 @@ fn park_forever() -> ! {
     }
 }
 
-fn accept_loop(listener: &Listener) -> ! {
+fn accept_loop(listener: &Listener, reply_and_close: bool) -> ! {
     loop {
         match listener.accept() {
+            // The client may already have gone (RST); that is its business.
+            Ok(conn) if reply_and_close => {
+                let _ = conn.reply_and_close(REPLY);
+            }
             Ok(mut conn) => {
                 // The client may already have gone (RST); that is its business.
                 let _ = conn.write_all(REPLY);

@@ -419,6 +419,13 @@ impl Acceptor {
         n
     }
 
+    /// The shard's context outside [`Acceptor::deliver_to`]: for a
+    /// connection [`Acceptor::take_one`] returned to a driven shard's
+    /// `accept()` (its replies and relays go on `ring` like a handler's).
+    pub fn context<'a>(&'a mut self, ring: &'a mut Driver) -> ShardContext<'a> {
+        ShardContext::new(self.index, ring, &mut self.replies, &mut self.relays)
+    }
+
     /// The next connection of the ring that can still be delivered (counted
     /// delivered), without touching the ring's driver.
     pub fn take_one(&mut self) -> Option<Admitted> {

@@ -118,6 +118,52 @@ impl Admitted {
         self.stream
     }
 
+    /// Sends `reply` and closes the connection, the reply leaving in the
+    /// same segment as the FIN: a `send` with `MSG_MORE` (held back until
+    /// the close pushes it), then the close. One segment instead of two
+    /// against a plain `write` then drop, which is what the inline
+    /// handler's [`ShardContext::reply_and_close`](crate::ShardContext::reply_and_close)
+    /// does on the ring; on a [`DrivenShard`](crate::DrivenShard),
+    /// [`DrivenShard::reply_and_close`](crate::DrivenShard::reply_and_close)
+    /// does it with no syscall of the caller's.
+    ///
+    /// Linux resets (RST) a connection closed with unread input, and the
+    /// reply is then lost: read what the client sent first if it may have.
+    ///
+    /// ```
+    /// use std::io::Read;
+    /// use floodgate::Listener;
+    ///
+    /// let listener = Listener::builder("127.0.0.1:0".parse()?).shards(1).build()?;
+    /// let mut client = std::net::TcpStream::connect(listener.local_addr())?;
+    /// listener.accept()?.reply_and_close(b"bye")?;
+    /// let mut got = Vec::new();
+    /// client.read_to_end(&mut got)?;
+    /// assert_eq!(got, b"bye");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As `send(2)` (the connection is closed either way); `WouldBlock` on
+    /// a non-blocking socket
+    /// ([`ListenerBuilder::nonblocking`](crate::ListenerBuilder::nonblocking))
+    /// whose send buffer cannot take the whole reply.
+    pub fn reply_and_close(self, reply: &[u8]) -> io::Result<()> {
+        let sock = socket2::SockRef::from(&self.stream);
+        let mut sent = 0;
+        while sent < reply.len() {
+            match sock.send_with_flags(&reply[sent..], libc::MSG_MORE | libc::MSG_NOSIGNAL) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        // Dropping `self` closes the socket: the FIN carries what MSG_MORE
+        // held back.
+        Ok(())
+    }
+
     /// Gives the socket to the caller with its [`ConnectionSlot`]: on a
     /// listener with a [`max_connections`](crate::ListenerBuilder::max_connections)
     /// the connection counts as open until the slot is dropped (drop it

@@ -138,11 +138,17 @@ impl DrivenShard {
 
     /// Blocks the calling thread until this shard admits a connection and
     /// returns it: an `accept()` loop on the application's own thread, with
-    /// no hop between threads (the thread waits in the shard's own ring or
-    /// epoll instance and runs admission itself). A connection already
+    /// no hop between threads. The thread waits in the shard's own ring
+    /// (one `io_uring_enter` that also submits what was queued, or one
+    /// `epoll_pwait2`) and runs admission itself; a connection already
     /// admitted is returned without a syscall. Binds the shard to the
-    /// thread as [`DrivenShard::drive`] does; replies and relays need
-    /// `drive` (the shard's context).
+    /// thread as [`DrivenShard::drive`] does.
+    ///
+    /// What the application does with the connection is its own; to answer
+    /// and close it as the inline handler does (the reply leaving with the
+    /// FIN, submitted with the next wait), use
+    /// [`DrivenShard::reply_and_close`], or [`DrivenShard::context`] for the
+    /// rest of the shard's context (relays).
     ///
     /// ```
     /// use std::io::{Read, Write};
@@ -172,9 +178,33 @@ impl DrivenShard {
     /// As [`DrivenShard::drive`]; [`Error::Closed`] once the listener was
     /// shut down.
     pub fn accept(&mut self) -> Result<Admitted, Error> {
+        self.bind()?;
         loop {
-            if let Some(conn) = self.accept_timeout(None)? {
+            if let Some(conn) = self.shard.service.take_one() {
                 return Ok(conn);
+            }
+            if self.shard.finished() {
+                return Err(Error::Closed);
+            }
+            // Nothing admitted yet: wait in the ring (what the application
+            // queued, replies included, is submitted by the same call).
+            if !self.shard.turn(true) {
+                self.finish_ready();
+                return Err(Error::Closed);
+            }
+            if let Some(e) = self.shared.take_error() {
+                return Err(Error::Accept {
+                    shard: self.index,
+                    source: e,
+                });
+            }
+            // Stopped, and the cancels that ended its operations came in
+            // this turn: hand over one connection already admitted, close
+            // and count the rest, as `drive()` does.
+            if self.shard.stopped_and_idle() {
+                let last = self.shard.service.take_one();
+                self.finish_ready();
+                return last.ok_or(Error::Closed);
             }
         }
     }
@@ -185,7 +215,10 @@ impl DrivenShard {
     /// # Errors
     /// As [`DrivenShard::accept`].
     pub fn accept_timeout(&mut self, timeout: Option<Duration>) -> Result<Option<Admitted>, Error> {
-        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+        let Some(t) = timeout else {
+            return self.accept().map(Some);
+        };
+        let deadline = Instant::now().checked_add(t);
         loop {
             if self.shard.started() {
                 if let Some(conn) = self.shard.service.take_one() {
@@ -197,17 +230,108 @@ impl DrivenShard {
             if got.is_some() {
                 return Ok(got);
             }
-            let left = match (timeout, deadline) {
-                (None, _) => None,
-                (Some(_), Some(d)) => Some(d.saturating_duration_since(Instant::now())),
-                // A timeout too far to represent: no limit.
-                (Some(_), None) => None,
-            };
+            // A deadline too far to represent: no limit.
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             if left == Some(Duration::ZERO) {
                 return Ok(None);
             }
             self.wait(left)?;
         }
+    }
+
+    /// The shard's context on this thread, for a connection
+    /// [`DrivenShard::accept`] returned: what an inline handler can do
+    /// ([`ShardContext::reply_and_close`], [`ShardContext::relay`]), queued
+    /// on the shard's ring and submitted with its next `accept()`,
+    /// `drive()`, `wait()` or [`DrivenShard::flush`].
+    ///
+    /// # Errors
+    /// [`Error::WrongThread`] from another thread than the one the shard is
+    /// bound to; [`Error::Closed`] once the shard has finished; as
+    /// [`DrivenShard::drive`] for a shard that cannot start.
+    pub fn context(&mut self) -> Result<ShardContext<'_>, Error> {
+        self.bind()?;
+        if self.shard.finished() {
+            return Err(Error::Closed);
+        }
+        Ok(self.shard.service.context(&mut self.shard.ring))
+    }
+
+    /// Sends `reply` on `conn` and closes it on the shard's ring, as the
+    /// inline handler's [`ShardContext::reply_and_close`] does (a linked
+    /// SEND with `MSG_MORE`, so the reply leaves with the FIN, and a CLOSE),
+    /// submitted with the shard's next `accept()`, `drive()`, `wait()` or
+    /// [`DrivenShard::flush`]: an `accept()` loop that answers this way pays
+    /// no syscall of its own per connection.
+    ///
+    /// ```
+    /// use std::io::Read;
+    /// use std::net::TcpStream;
+    /// use floodgate::Listener;
+    ///
+    /// let (listener, mut shards) = Listener::builder("127.0.0.1:0".parse()?)
+    ///     .shards(1)
+    ///     .build_driven()?;
+    /// let mut shard = shards.pop().expect("one shard");
+    /// let addr = listener.local_addr();
+    /// let server = std::thread::spawn(move || -> Result<(), floodgate::Error> {
+    ///     let conn = shard.accept()?;
+    ///     shard.reply_and_close(conn, b"x")?;
+    ///     shard.flush()
+    /// });
+    /// let mut reply = Vec::new();
+    /// TcpStream::connect(addr)?.read_to_end(&mut reply)?;
+    /// assert_eq!(reply, b"x");
+    /// server.join().expect("server thread")?;
+    /// listener.shutdown();
+    /// assert!(listener.stats().conserved());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`DrivenShard::context`] (`conn` is closed then);
+    /// [`Error::Setup`] if the ring cannot take the operations (`conn` is
+    /// closed then).
+    pub fn reply_and_close(&mut self, conn: Admitted, reply: &[u8]) -> Result<(), Error> {
+        self.context()?
+            .reply_and_close(conn, reply)
+            .map_err(|e| Error::setup("driven shard reply", e))
+    }
+
+    /// Submits what the application queued on the shard's ring (through
+    /// [`DrivenShard::context`] or [`DrivenShard::reply_and_close`]) now,
+    /// and runs the work it set off, without waiting (the completions stay
+    /// for the next `drive()` or `accept()`, and the descriptor is left
+    /// readable for them): for a thread that will not call
+    /// `accept()`, `drive()` or `wait()` again soon.
+    ///
+    /// # Errors
+    /// [`Error::WrongThread`] from another thread than the one the shard is
+    /// bound to; [`Error::Setup`] if the ring refuses the submission.
+    pub fn flush(&mut self) -> Result<(), Error> {
+        if !self.shard.started() || self.shard.finished() {
+            return Ok(());
+        }
+        self.bind()?;
+        // Not a bare submit: an io_uring CLOSE linked after a SEND that
+        // completed at submission is deferred task work, which only an
+        // enter that reaps runs (and until it does, the reply sent with
+        // MSG_MORE waits for that close).
+        let ring = &mut self.shard.ring;
+        // The completions it made are work for the next drive(): the
+        // descriptor says so (on epoll they are the driver's own, which no
+        // kernel event would announce).
+        ring.reap()
+            .and_then(|()| ring.prepare_wait(false))
+            .map_err(|e| Error::setup("driven shard submit", e))
+    }
+
+    /// Finishes the shard (everything it holds closed and counted) and
+    /// leaves its descriptor readable, so that a caller waiting on it next
+    /// learns at once.
+    fn finish_ready(&mut self) {
+        self.shard.finish();
+        let _ = self.shard.ring.prepare_wait(true);
     }
 
     fn drive_up_to(
@@ -281,14 +405,21 @@ impl DrivenShard {
 
     /// Waits until the descriptor is readable, at most `timeout` (`None`:
     /// no limit), for a thread that does nothing else; an event loop
-    /// registers the descriptor instead. Returns whether it is readable
+    /// registers the descriptor instead (and calls [`DrivenShard::flush`]
+    /// before its wait if it queued operations outside `drive()`). What the
+    /// application queued is submitted first. Returns whether it is readable
     /// (at once, true, for a shard not started yet or already finished).
     ///
     /// # Errors
-    /// `poll(2)` failures as [`Error::Setup`].
+    /// `poll(2)` failures as [`Error::Setup`]; as [`DrivenShard::flush`].
     pub fn wait(&mut self, timeout: Option<Duration>) -> Result<bool, Error> {
         if !self.shard.started() || self.shard.finished() {
             return Ok(true);
+        }
+        // What the application queued since the last drive (replies through
+        // the context) goes before the wait: nothing else would send it.
+        if self.shard.ring.has_work() {
+            self.flush()?;
         }
         sys::poll_readable(self.as_fd(), timeout).map_err(|e| Error::setup("poll", e))
     }
