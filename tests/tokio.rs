@@ -433,3 +433,60 @@ fn a_dropped_driven_accept_loses_nothing() {
     drop(listener);
     assert_eq!(open_fds(), baseline);
 }
+
+/// `DrivenListener::accept_admitted` and `reply_and_close` on a
+/// `current_thread` runtime: every client reads the reply and a FIN, the
+/// replies go with the next drive (no flush in the loop), and shutdown
+/// ends the loop with everything counted and the fd table back to
+/// baseline.
+#[test]
+fn a_driven_listener_answers_on_the_shards_ring() {
+    let _serial = serial();
+    let baseline = open_fds();
+    let (listener, mut shards) = Listener::builder(addr())
+        .shards(1)
+        .build_driven()
+        .expect("build driven");
+    let shard = shards.pop().expect("one shard");
+    let local = listener.local_addr();
+    const N: usize = 200;
+    let clients = std::thread::spawn(move || {
+        for _ in 0..N {
+            let mut c = connect(local).expect("connect");
+            c.set_read_timeout(Some(BOUND)).expect("timeout");
+            let mut got = Vec::new();
+            std::io::Read::read_to_end(&mut c, &mut got).expect("a FIN, not a reset");
+            assert_eq!(got, b"ring");
+        }
+    });
+    let rt = current_thread();
+    let (done_tx, done) = mpsc::channel();
+    let server = std::thread::spawn(move || {
+        rt.block_on(async move {
+            let mut driven = DrivenListener::new(shard).expect("driven");
+            let mut served = 0;
+            loop {
+                match driven.accept_admitted().await {
+                    Ok(conn) => {
+                        driven.reply_and_close(conn, b"ring").expect("reply");
+                        served += 1;
+                        if served == N {
+                            let _ = done_tx.send(());
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotConnected => return served,
+                    Err(e) => panic!("accept: {e}"),
+                }
+            }
+        })
+    });
+    clients.join().expect("clients");
+    done.recv_timeout(BOUND).expect("every connection served");
+    listener.shutdown();
+    assert_eq!(server.join().expect("server"), N);
+    let t = listener.stats().total();
+    assert!(listener.stats().conserved(), "{t:?}");
+    assert_eq!((t.accepted, t.delivered, t.closed_at_shutdown), (N as u64, N as u64, 0));
+    drop(listener);
+    wait_for("fd table back to baseline", || open_fds() == baseline);
+}

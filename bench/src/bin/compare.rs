@@ -403,6 +403,12 @@ fn goals(t: &Table) -> Vec<Value> {
                 1.1,
             ),
             (
+                "floodgate_tokio_driven_ring",
+                "driven shard, current_thread runtime, reply on the ring",
+                "handler",
+                1.1,
+            ),
+            (
                 "floodgate_driven_std",
                 "driven shard, app writes",
                 "handler",
@@ -486,6 +492,7 @@ fn main() -> ExitCode {
         ("floodgate_driven_accept_ring", &["--mode", "driven-accept-ring"]),
         ("floodgate_tokio", &["--mode", "tokio"]),
         ("floodgate_tokio_driven", &["--mode", "tokio-driven"]),
+        ("floodgate_tokio_driven_ring", &["--mode", "tokio-driven-ring"]),
         ("floodgate_trivial", &["--mode", "handler", "--condition", "trivial"]),
         ("floodgate_coalesce", &["--mode", "handler", "--coalesce"]),
         ("floodgate_at_once", &["--mode", "handler", "--replies-at-once"]),

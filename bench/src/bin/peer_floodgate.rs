@@ -20,6 +20,8 @@
 //!   `peer_tokio --multi-thread` does with tokio's own listener;
 //! - `--mode tokio-driven`: no engine thread: `floodgate::tokio::DrivenListener` on a
 //!   `current_thread` runtime on the main thread, the same loop;
+//! - `--mode tokio-driven-ring`: the same runtime and listener, `accept_admitted().await` and
+//!   `DrivenListener::reply_and_close` (the reply on the shard's ring, no tokio stream);
 //! - `--condition trivial`: adds an admission condition that returns `Verdict::accept()`;
 //! - `--max-connections N`, `--accept-budget N`: the listener's limits (the shard then polls its
 //!   listener and accepts with `accept4` instead of a multishot ACCEPT).
@@ -60,6 +62,8 @@ enum Mode {
     Tokio,
     /// floodgate::tokio::DrivenListener on a current_thread runtime: write "x", drop.
     TokioDriven,
+    /// The same runtime and listener: accept_admitted(), reply_and_close("x") on the ring.
+    TokioDrivenRing,
 }
 
 /// Which admission condition the listener runs.
@@ -203,6 +207,7 @@ fn main() {
             | Mode::DrivenAccept
             | Mode::DrivenAcceptRing
             | Mode::TokioDriven
+            | Mode::TokioDrivenRing
     ) {
         if cli.mode == Mode::TokioDriven {
             builder = builder.nonblocking(true);
@@ -224,8 +229,8 @@ fn main() {
         if matches!(cli.mode, Mode::DrivenAccept | Mode::DrivenAcceptRing) {
             driven_accept_loop(shard, cli.mode == Mode::DrivenAcceptRing);
         }
-        if cli.mode == Mode::TokioDriven {
-            tokio_driven_loop(shard);
+        if matches!(cli.mode, Mode::TokioDriven | Mode::TokioDrivenRing) {
+            tokio_driven_loop(shard, cli.mode == Mode::TokioDrivenRing);
         }
         drive_loop(shard, cli.mode == Mode::Driven);
     }
@@ -250,7 +255,8 @@ fn main() {
         | Mode::DrivenAccept
         | Mode::DrivenAcceptRing
         | Mode::Tokio
-        | Mode::TokioDriven => {
+        | Mode::TokioDriven
+        | Mode::TokioDrivenRing => {
             unreachable!("handled above")
         }
     }
@@ -405,7 +411,7 @@ fn tokio_loop(builder: floodgate::ListenerBuilder, args: &PeerArgs) -> ! {
 }
 
 /// floodgate::tokio::DrivenListener on a current_thread runtime on this thread.
-fn tokio_driven_loop(shard: floodgate::DrivenShard) -> ! {
+fn tokio_driven_loop(shard: floodgate::DrivenShard, on_ring: bool) -> ! {
     use tokio::io::AsyncWriteExt;
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_io()
@@ -420,6 +426,18 @@ fn tokio_driven_loop(shard: floodgate::DrivenShard) -> ! {
             Err(e) => return e,
         };
         loop {
+            if on_ring {
+                match listener.accept_admitted().await {
+                    Ok(conn) => {
+                        if let Err(e) = listener.reply_and_close(conn, REPLY) {
+                            return e;
+                        }
+                    }
+                    Err(e) if skip(&e) => {}
+                    Err(e) => return e,
+                }
+                continue;
+            }
             match listener.accept().await {
                 Ok((mut s, _)) => {
                     let _ = s.write_all(REPLY).await;

@@ -60,8 +60,9 @@ pub struct DrivenListener {
     /// ring or epoll instance ends with the shard.
     ready: AsyncFd<OwnedFd>,
     shard: DrivenShard,
-    /// What the last drive handed over, before registration.
-    incoming: Vec<Admitted>,
+    /// What drives handed over, not yet registered (nor returned by
+    /// `accept_admitted()`).
+    incoming: VecDeque<Admitted>,
     /// Registered streams not yet returned by `accept()`.
     queue: VecDeque<Accepted>,
     started: bool,
@@ -85,7 +86,7 @@ impl DrivenListener {
             ready,
             nonblocking: shard.accepts_nonblocking(),
             shard,
-            incoming: Vec::new(),
+            incoming: VecDeque::new(),
             queue: VecDeque::new(),
             started: false,
             closed: false,
@@ -110,9 +111,10 @@ impl DrivenListener {
         &self.shard
     }
 
-    /// Connections driven and not yet returned by `accept()`.
+    /// Connections driven and not yet returned by `accept()` or
+    /// `accept_admitted()`.
     pub fn queued(&self) -> usize {
-        self.queue.len()
+        self.queue.len() + self.incoming.len()
     }
 
     /// Takes the next connection, driving the shard whenever its
@@ -128,6 +130,10 @@ impl DrivenListener {
             if let Some(got) = self.queue.pop_front() {
                 return Ok(got);
             }
+            if !self.incoming.is_empty() {
+                self.register()?;
+                continue;
+            }
             if self.closed {
                 return Err(Error::Closed.into());
             }
@@ -141,17 +147,88 @@ impl DrivenListener {
             let mut ready = self.ready.readable().await?;
             // Readiness is cleared only when a drive found nothing, so work
             // that came during it is not lost.
-            let n = drive(
-                &mut self.shard,
-                &mut self.incoming,
-                &mut self.queue,
-                &mut self.closed,
-                self.nonblocking,
-            )?;
+            let n = drive(&mut self.shard, &mut self.incoming, &mut self.closed)?;
             if n == 0 && !self.closed {
                 ready.clear_ready();
             }
         }
+    }
+
+    /// As [`DrivenListener::accept`], the connection as the engine admitted
+    /// it ([`Admitted`]), not made a tokio stream: for an application that
+    /// answers on the shard's ring ([`DrivenListener::reply_and_close`],
+    /// [`DrivenListener::shard_mut`]'s context) or hands the socket on. It
+    /// pays no reactor registration, `getpeername` or `fcntl`. Streams that
+    /// `accept()` already registered are left to `accept()`.
+    ///
+    /// ```
+    /// use std::io::Read;
+    /// use floodgate::Listener;
+    ///
+    /// let (listener, mut shards) = Listener::builder("127.0.0.1:0".parse()?)
+    ///     .shards(1)
+    ///     .build_driven()?;
+    /// let shard = shards.pop().expect("one shard");
+    /// let addr = listener.local_addr();
+    /// let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    /// let client = std::thread::spawn(move || -> std::io::Result<Vec<u8>> {
+    ///     let mut got = Vec::new();
+    ///     std::net::TcpStream::connect(addr)?.read_to_end(&mut got)?;
+    ///     Ok(got)
+    /// });
+    /// rt.block_on(async move {
+    ///     let mut driven = floodgate::tokio::DrivenListener::new(shard)?;
+    ///     let conn = driven.accept_admitted().await?;
+    ///     driven.reply_and_close(conn, b"x")?;
+    ///     driven.shard_mut().flush()?;
+    ///     Ok::<_, std::io::Error>(())
+    /// })?;
+    /// assert_eq!(client.join().expect("client")?, b"x");
+    /// listener.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`DrivenListener::accept`].
+    pub async fn accept_admitted(&mut self) -> io::Result<Admitted> {
+        loop {
+            if let Some(conn) = self.incoming.pop_front() {
+                return Ok(conn);
+            }
+            if self.closed {
+                return Err(Error::Closed.into());
+            }
+            if !self.started {
+                self.started = true;
+                self.drive()?;
+                continue;
+            }
+            let mut ready = self.ready.readable().await?;
+            let n = drive(&mut self.shard, &mut self.incoming, &mut self.closed)?;
+            if n == 0 && !self.closed {
+                ready.clear_ready();
+            }
+        }
+    }
+
+    /// Sends `reply` on `conn` and closes it on the shard's ring
+    /// ([`DrivenShard::reply_and_close`]), submitted with the next drive:
+    /// the next `accept()` or `accept_admitted()` that finds nothing queued
+    /// drives the shard before it waits (an accept loop that answers this
+    /// way pays no syscall of its own), and `shard_mut().flush()` submits at
+    /// once.
+    ///
+    /// # Errors
+    /// As [`DrivenShard::reply_and_close`], as an `io::Error`.
+    pub fn reply_and_close(&mut self, conn: Admitted, reply: &[u8]) -> io::Result<()> {
+        self.shard.reply_and_close(conn, reply)?;
+        Ok(())
+    }
+
+    /// The shard, for its context ([`DrivenShard::context`]) and
+    /// [`DrivenShard::flush`]. Drive it through this listener only.
+    pub fn shard_mut(&mut self) -> &mut DrivenShard {
+        &mut self.shard
     }
 
     /// Drives the shard once if the queue is empty (without waiting) and
@@ -163,59 +240,60 @@ impl DrivenListener {
         if let Some(got) = self.queue.pop_front() {
             return Ok(Some(got));
         }
+        if !self.incoming.is_empty() {
+            self.register()?;
+            return Ok(self.queue.pop_front());
+        }
         if self.closed {
             return Err(Error::Closed.into());
         }
         self.started = true;
         self.drive()?;
+        self.register()?;
         Ok(self.queue.pop_front())
     }
 
     /// One `drive()`: see [`drive`].
     fn drive(&mut self) -> io::Result<usize> {
-        drive(
-            &mut self.shard,
-            &mut self.incoming,
-            &mut self.queue,
-            &mut self.closed,
-            self.nonblocking,
-        )
+        drive(&mut self.shard, &mut self.incoming, &mut self.closed)
+    }
+
+    /// Makes everything in `incoming` registered streams in `queue`, all
+    /// of the batch before the first is used, so that one reactor round
+    /// reports them all.
+    fn register(&mut self) -> io::Result<()> {
+        let mut failed = None;
+        for conn in self.incoming.drain(..) {
+            match into_tokio(conn, self.nonblocking) {
+                Ok(Some(got)) => self.queue.push_back(got),
+                Ok(None) => self.shard.peer_gone_after_delivery(),
+                // That connection is lost (closed); the others are queued.
+                Err(e) => failed = failed.or(Some(e)),
+            }
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 }
 
-/// One `drive()`; its connections become registered streams in `queue`
-/// (all of a batch registered before the first is used, so that one
-/// reactor round reports them all). Sets `closed` once the shard has
-/// finished.
+/// One `drive()` of `shard`: its connections wait in `incoming`. Sets
+/// `closed` once the shard has finished.
 fn drive(
     shard: &mut DrivenShard,
-    incoming: &mut Vec<Admitted>,
-    queue: &mut VecDeque<Accepted>,
+    incoming: &mut VecDeque<Admitted>,
     closed: &mut bool,
-    nonblocking: bool,
 ) -> io::Result<usize> {
-    let n = match shard.drive(|conn, _| incoming.push(conn)) {
+    match shard.drive(|conn, _| incoming.push_back(conn)) {
         Ok(n) => {
             *closed = shard.is_finished();
-            n
+            Ok(n)
         }
         Err(Error::Closed) => {
             *closed = true;
-            0
+            Ok(0)
         }
-        Err(e) => return Err(e.into()),
-    };
-    let mut failed = None;
-    for conn in incoming.drain(..) {
-        match into_tokio(conn, nonblocking) {
-            Ok(Some(got)) => queue.push_back(got),
-            Ok(None) => shard.peer_gone_after_delivery(),
-            // That connection is lost (closed); the others are queued.
-            Err(e) => failed = failed.or(Some(e)),
-        }
-    }
-    match failed {
-        Some(e) => Err(e),
-        None => Ok(n),
+        Err(e) => Err(e.into()),
     }
 }
