@@ -12,7 +12,11 @@ cd "$(dirname "$0")/.."
 requests=${1:-30000}
 concurrency=${2:-32}
 rounds=${3:-3}
-command -v ab >/dev/null || { echo "ab is missing: apt-get install -y apache2-utils" >&2; exit 1; }
+if ! command -v ab >/dev/null; then
+    echo "ab is missing: installing apache2-utils" >&2
+    { apt-get install -y -q apache2-utils || { apt-get update -q && apt-get install -y -q apache2-utils; }; } >&2 \
+        || { echo "cannot install ab (apache2-utils)" >&2; exit 1; }
+fi
 cargo build --release -q -p floodgate-bench --bin http_axum
 bin=target/release/http_axum
 tck=$(getconf CLK_TCK)
