@@ -180,7 +180,6 @@ impl DrivenListener {
     ///     let mut driven = floodgate::tokio::DrivenListener::new(shard)?;
     ///     let conn = driven.accept_admitted().await?;
     ///     driven.reply_and_close(conn, b"x")?;
-    ///     driven.shard_mut().flush()?;
     ///     Ok::<_, std::io::Error>(())
     /// })?;
     /// assert_eq!(client.join().expect("client")?, b"x");
@@ -212,16 +211,18 @@ impl DrivenListener {
     }
 
     /// Sends `reply` on `conn` and closes it on the shard's ring
-    /// ([`DrivenShard::reply_and_close`]), submitted with the next drive:
-    /// the next `accept()` or `accept_admitted()` that finds nothing queued
-    /// drives the shard before it waits (an accept loop that answers this
-    /// way pays no syscall of its own), and `shard_mut().flush()` submits at
-    /// once.
+    /// ([`DrivenShard::reply_and_close`]), submitted at once
+    /// ([`DrivenShard::flush`]: one `io_uring_enter`, or on epoll the
+    /// `sendto` and `close` themselves).
     ///
     /// # Errors
     /// As [`DrivenShard::reply_and_close`], as an `io::Error`.
     pub fn reply_and_close(&mut self, conn: Admitted, reply: &[u8]) -> io::Result<()> {
         self.shard.reply_and_close(conn, reply)?;
+        // Submitted now: left for the next drive, the reply could wait on a
+        // CLOSE that is deferred task work while the runtime's readiness of
+        // the descriptor was already cleared.
+        self.shard.flush()?;
         Ok(())
     }
 
