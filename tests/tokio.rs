@@ -486,7 +486,10 @@ fn a_driven_listener_answers_on_the_shards_ring() {
     assert_eq!(server.join().expect("server"), N);
     let t = listener.stats().total();
     assert!(listener.stats().conserved(), "{t:?}");
-    assert_eq!((t.accepted, t.delivered, t.closed_at_shutdown), (N as u64, N as u64, 0));
+    assert_eq!(
+        (t.accepted, t.delivered, t.closed_at_shutdown),
+        (N as u64, N as u64, 0)
+    );
     drop(listener);
     wait_for("fd table back to baseline", || open_fds() == baseline);
 }
