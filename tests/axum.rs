@@ -9,7 +9,7 @@ use axum::routing::get;
 use axum::Router;
 use floodgate::tokio::{DrivenListener, TcpListener};
 use floodgate::Listener;
-use floodgate_tests::{connect, open_fds, serial, wait_for};
+use floodgate_tests::{connect, serial, wait_for, FdTable};
 
 fn addr() -> SocketAddr {
     "127.0.0.1:0".parse().expect("loopback")
@@ -36,7 +36,7 @@ fn get_root(addr: SocketAddr) -> (String, String) {
 #[test]
 fn axum_on_the_threaded_listener_answers_http_requests() {
     let _serial = serial();
-    let baseline = open_fds();
+    let fds = FdTable::now();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -74,13 +74,13 @@ fn axum_on_the_threaded_listener_answers_http_requests() {
     drop(rt);
     assert!(stats.conserved(), "{stats:?}");
     assert_eq!(stats.total().delivered, requests);
-    assert_eq!(open_fds(), baseline);
+    fds.assert_back("fd table back to baseline");
 }
 
 #[test]
 fn axum_on_a_driven_shard_answers_http_requests() {
     let _serial = serial();
-    let baseline = open_fds();
+    let fds = FdTable::now();
     let (listener, mut shards) = Listener::builder(addr())
         .shards(1)
         .nonblocking(true)
@@ -122,5 +122,5 @@ fn axum_on_a_driven_shard_answers_http_requests() {
     let stats = listener.stats();
     assert!(stats.conserved(), "{stats:?}");
     drop(listener);
-    assert_eq!(open_fds(), baseline);
+    fds.assert_back("fd table back to baseline");
 }

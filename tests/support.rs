@@ -24,6 +24,67 @@ pub fn open_fds() -> usize {
         .unwrap_or(0)
 }
 
+/// The process's fd table at one moment: each open descriptor with what it
+/// points at (`socket:[inode]`, `anon_inode:[eventpoll]`, a path).
+///
+/// A test compares the table at its end with the one at its start by
+/// content, not by count: a descriptor of an earlier test that is closed
+/// late (by a thread that outlived its test, as a runtime's workers can
+/// outlive the runtime's drop) makes the count drop, while a descriptor this
+/// test leaked is always new, even where its number was reused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FdTable(std::collections::BTreeSet<(String, String)>);
+
+impl FdTable {
+    /// The table now.
+    pub fn now() -> Self {
+        let mut set = std::collections::BTreeSet::new();
+        // The listing's own descriptor, whatever number it gets.
+        let listing = format!("/proc/{}/fd", std::process::id());
+        if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+            for entry in dir.flatten() {
+                if let Ok(target) = std::fs::read_link(entry.path()) {
+                    if target.as_os_str() == listing.as_str() {
+                        continue;
+                    }
+                    set.insert((
+                        entry.file_name().to_string_lossy().into_owned(),
+                        target.to_string_lossy().into_owned(),
+                    ));
+                }
+            }
+        }
+        FdTable(set)
+    }
+
+    /// Descriptors open now that were not in this table.
+    pub fn opened_since(&self) -> Vec<String> {
+        FdTable::now()
+            .0
+            .difference(&self.0)
+            .map(|(fd, target)| format!("{fd} -> {target}"))
+            .collect()
+    }
+
+    /// Waits until every descriptor opened since this table is closed (a
+    /// runtime's threads close theirs after its drop returns), as
+    /// [`wait_for`] does; panics naming those still open if they stay.
+    pub fn assert_back(&self, what: &str) {
+        let give_up = Instant::now() + Duration::from_secs(120);
+        loop {
+            let new = self.opened_since();
+            if new.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < give_up,
+                "{what}: descriptors left open: {new:?}"
+            );
+            std::thread::park_timeout(Duration::from_millis(1));
+        }
+    }
+}
+
 /// Sockets held in the direct-descriptor tables of this process's io_uring
 /// instances, as the kernel lists them (`/proc/self/fdinfo/<ring>`: one
 /// `N: socket:[inode]` line per occupied slot). Direct sockets are not in

@@ -13,8 +13,8 @@ use std::time::Duration;
 use floodgate::tokio::{DrivenListener, TcpListener};
 use floodgate::Listener;
 use floodgate_tests::{
-    connect, cores, each_id_once, open_fds, pin, serial, tagged_client, tagged_clients_from_cores,
-    wait_for,
+    connect, cores, each_id_once, pin, serial, tagged_client, tagged_clients_from_cores, wait_for,
+    FdTable,
 };
 use tokio::io::AsyncReadExt;
 use tokio::runtime::{Builder, Runtime};
@@ -57,7 +57,7 @@ async fn read_id(s: &mut tokio::net::TcpStream) -> std::io::Result<u64> {
 /// non-blocking, and the counts add up after shutdown.
 fn every_connection_once(runtime: fn() -> Runtime, acceptors: usize) {
     let _serial = serial();
-    let baseline = open_fds();
+    let fds = FdTable::now();
     let rt = runtime();
     let total = 2_000u64;
     let client_threads = 4u64;
@@ -123,7 +123,7 @@ fn every_connection_once(runtime: fn() -> Runtime, acceptors: usize) {
     assert!(stats.conserved(), "{stats:?}");
     assert_eq!(stats.total().accepted, total);
     assert_eq!(stats.total().delivered, total);
-    assert_eq!(open_fds(), baseline, "fd table back to baseline");
+    fds.assert_back("fd table back to baseline");
 }
 
 #[test]
@@ -139,7 +139,7 @@ fn async_accept_delivers_every_connection_once_on_a_current_thread_runtime() {
 #[test]
 fn dropped_accept_futures_lose_no_connection() {
     let _serial = serial();
-    let baseline = open_fds();
+    let fds = FdTable::now();
     let rt = current_thread();
     let total = 300usize;
     rt.block_on(async {
@@ -205,13 +205,13 @@ fn dropped_accept_futures_lose_no_connection() {
         drop(held);
     });
     drop(rt);
-    assert_eq!(open_fds(), baseline);
+    fds.assert_back("fd table back to baseline");
 }
 
 #[test]
 fn shutdown_accounts_for_what_was_not_taken_and_wakes_waiting_accepts() {
     let _serial = serial();
-    let baseline = open_fds();
+    let fds = FdTable::now();
     let rt = multi_thread();
     rt.block_on(async {
         let listener = Arc::new(
@@ -257,7 +257,7 @@ fn shutdown_accounts_for_what_was_not_taken_and_wakes_waiting_accepts() {
         drop(clients);
     });
     drop(rt);
-    assert_eq!(open_fds(), baseline);
+    fds.assert_back("fd table back to baseline");
 
     // Not taken at all: closed and counted at shutdown.
     let rt = current_thread();
@@ -291,7 +291,7 @@ fn shutdown_accounts_for_what_was_not_taken_and_wakes_waiting_accepts() {
         assert_eq!(e.kind(), std::io::ErrorKind::NotConnected);
     });
     drop(rt);
-    assert_eq!(open_fds(), baseline);
+    fds.assert_back("fd table back to baseline");
 }
 
 #[test]
@@ -313,7 +313,7 @@ fn a_builder_with_an_inline_handler_is_refused() {
 #[test]
 fn driven_listeners_on_current_thread_runtimes_all_accept_and_shut_down_clean() {
     let _serial = serial();
-    let baseline = open_fds();
+    let fds = FdTable::now();
     let cores = cores();
     let n = cores.len().clamp(1, 4);
     let (listener, shards) = Listener::builder(addr())
@@ -378,13 +378,13 @@ fn driven_listeners_on_current_thread_runtimes_all_accept_and_shut_down_clean() 
     assert_eq!(stats.total().accepted, total);
     assert_eq!(stats.total().delivered, total);
     drop(listener);
-    assert_eq!(open_fds(), baseline, "fd table back to baseline");
+    fds.assert_back("fd table back to baseline");
 }
 
 #[test]
 fn a_dropped_driven_accept_loses_nothing() {
     let _serial = serial();
-    let baseline = open_fds();
+    let fds = FdTable::now();
     let (listener, mut shards) = Listener::builder(addr())
         .shards(1)
         .nonblocking(true)
@@ -431,7 +431,7 @@ fn a_dropped_driven_accept_loses_nothing() {
     assert!(listener.stats().conserved());
     assert_eq!((t.accepted, t.delivered), (total as u64, total as u64));
     drop(listener);
-    assert_eq!(open_fds(), baseline);
+    fds.assert_back("fd table back to baseline");
 }
 
 /// `DrivenListener::accept_admitted` and `reply_and_close` on a
@@ -442,7 +442,7 @@ fn a_dropped_driven_accept_loses_nothing() {
 #[test]
 fn a_driven_listener_answers_on_the_shards_ring() {
     let _serial = serial();
-    let baseline = open_fds();
+    let fds = FdTable::now();
     let (listener, mut shards) = Listener::builder(addr())
         .shards(1)
         .build_driven()
@@ -491,5 +491,5 @@ fn a_driven_listener_answers_on_the_shards_ring() {
         (N as u64, N as u64, 0)
     );
     drop(listener);
-    wait_for("fd table back to baseline", || open_fds() == baseline);
+    fds.assert_back("fd table back to baseline");
 }
