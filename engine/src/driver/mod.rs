@@ -645,6 +645,32 @@ impl Driver {
         }
     }
 
+    /// Whether operations were posted and not yet submitted.
+    pub fn has_queued(&mut self) -> bool {
+        match &mut self.imp {
+            Imp::Uring(r) => r.has_queued(),
+            Imp::Epoll(e) => e.has_queued(),
+        }
+    }
+
+    /// Submits what was posted and runs what the submission set off at
+    /// once, without waiting: on io_uring one enter with GETEVENTS when
+    /// SQEs are queued (a CLOSE linked after a SEND that completed at
+    /// submission is deferred task work, which only such an enter runs; its
+    /// completions stay in the queue), on epoll the operations themselves.
+    pub fn submit_settled(&mut self) -> io::Result<()> {
+        match &mut self.imp {
+            Imp::Uring(r) => {
+                if r.has_queued() {
+                    r.reap()
+                } else {
+                    Ok(())
+                }
+            }
+            Imp::Epoll(e) => e.submit(&mut self.memory).map(|_| ()),
+        }
+    }
+
     /// Before the caller waits on [`Driver::wait_fd`] (a driven shard): makes
     /// the descriptor readable at the next thing due. On io_uring it clears
     /// the registered eventfd and sets it again if work already waits; the

@@ -385,6 +385,11 @@ impl Ring {
         Ok(())
     }
 
+    /// Whether SQEs wait to be submitted.
+    pub fn has_queued(&mut self) -> bool {
+        !self.ring.submission().is_empty()
+    }
+
     /// Completions to drain, deferred work to run (TASKRUN_FLAG), or SQEs
     /// to submit.
     pub fn has_work(&mut self) -> bool {

@@ -321,7 +321,7 @@ impl DrivenShard {
         // The completions it made are work for the next drive(): the
         // descriptor says so (on epoll they are the driver's own, which no
         // kernel event would announce).
-        ring.reap()
+        ring.submit_settled()
             .and_then(|()| ring.prepare_wait(false))
             .map_err(|e| Error::setup("driven shard submit", e))
     }
@@ -387,10 +387,16 @@ impl DrivenShard {
             return Ok(n);
         }
         // Whatever is still queued goes now (nothing else would wake this
-        // shard to submit it); the descriptor is left readable if work
+        // shard to submit it), in an enter that also runs the work it sets
+        // off: an io_uring CLOSE linked after a SEND that completed at
+        // submission is deferred task work, and left for the next drive it
+        // would cost the caller one more wake-up (and hold the MSG_MORE
+        // reply until then). The descriptor is left readable if work
         // already waits.
         let ring = &mut self.shard.ring;
-        let submitted = ring.submit().and_then(|_| ring.prepare_wait(false));
+        let submitted = ring
+            .submit_settled()
+            .and_then(|()| ring.prepare_wait(false));
         if let Err(e) = submitted {
             return Err(Error::setup("driven shard submit", e));
         }
@@ -422,6 +428,12 @@ impl DrivenShard {
             self.flush()?;
         }
         sys::poll_readable(self.as_fd(), timeout).map_err(|e| Error::setup("poll", e))
+    }
+
+    /// Whether operations wait on the ring to be submitted.
+    #[cfg(feature = "tokio")]
+    pub(crate) fn has_queued(&mut self) -> bool {
+        self.shard.ring.has_queued()
     }
 
     /// Whether the shard's accepts give non-blocking sockets.

@@ -137,20 +137,7 @@ impl DrivenListener {
             if self.closed {
                 return Err(Error::Closed.into());
             }
-            if !self.started {
-                // The first drive starts the shard (posts its accept):
-                // before it, the descriptor has nothing to report.
-                self.started = true;
-                self.drive()?;
-                continue;
-            }
-            let mut ready = self.ready.readable().await?;
-            // Readiness is cleared only when a drive found nothing, so work
-            // that came during it is not lost.
-            let n = drive(&mut self.shard, &mut self.incoming, &mut self.closed)?;
-            if n == 0 && !self.closed {
-                ready.clear_ready();
-            }
+            self.wait_and_drive().await?;
         }
     }
 
@@ -197,32 +184,60 @@ impl DrivenListener {
             if self.closed {
                 return Err(Error::Closed.into());
             }
-            if !self.started {
-                self.started = true;
-                self.drive()?;
-                continue;
-            }
-            let mut ready = self.ready.readable().await?;
-            let n = drive(&mut self.shard, &mut self.incoming, &mut self.closed)?;
-            if n == 0 && !self.closed {
-                ready.clear_ready();
-            }
+            self.wait_and_drive().await?;
         }
     }
 
+    /// One step of the accept loops, once the queues are empty: starts the
+    /// shard with its first drive, or else submits the replies still
+    /// queued, waits until the descriptor is readable and drives the shard.
+    async fn wait_and_drive(&mut self) -> io::Result<()> {
+        if !self.started {
+            // The first drive starts the shard (posts its accept): before
+            // it, the descriptor has nothing to report.
+            self.started = true;
+            self.drive()?;
+            return Ok(());
+        }
+        // Nothing else would submit them while this task sleeps.
+        self.flush()?;
+        let mut ready = self.ready.readable().await?;
+        // Readiness is cleared only when a drive found nothing, so work
+        // that came during it is not lost.
+        let n = drive(&mut self.shard, &mut self.incoming, &mut self.closed)?;
+        if n == 0 && !self.closed {
+            ready.clear_ready();
+        }
+        Ok(())
+    }
+
     /// Sends `reply` on `conn` and closes it on the shard's ring
-    /// ([`DrivenShard::reply_and_close`]), submitted at once
-    /// ([`DrivenShard::flush`]: one `io_uring_enter`, or on epoll the
-    /// `sendto` and `close` themselves).
+    /// ([`DrivenShard::reply_and_close`]). The replies to one drive's
+    /// connections go together: submitted at once (one `io_uring_enter`
+    /// for the batch, or on epoll the `sendto` and `close` themselves) when
+    /// `conn` was the last connection this listener holds, else by the
+    /// reply to the last one, the next `accept()`/`accept_admitted()` that
+    /// waits, [`DrivenListener::flush`] or the listener's drop.
     ///
     /// # Errors
     /// As [`DrivenShard::reply_and_close`], as an `io::Error`.
     pub fn reply_and_close(&mut self, conn: Admitted, reply: &[u8]) -> io::Result<()> {
         self.shard.reply_and_close(conn, reply)?;
-        // Submitted now: left for the next drive, the reply could wait on a
-        // CLOSE that is deferred task work while the runtime's readiness of
-        // the descriptor was already cleared.
-        self.shard.flush()?;
+        if self.incoming.is_empty() {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Submits the replies queued by [`DrivenListener::reply_and_close`]
+    /// (or through [`DrivenListener::shard_mut`]'s context) now.
+    ///
+    /// # Errors
+    /// As [`DrivenShard::flush`], as an `io::Error`.
+    pub fn flush(&mut self) -> io::Result<()> {
+        if self.shard.has_queued() {
+            self.shard.flush()?;
+        }
         Ok(())
     }
 

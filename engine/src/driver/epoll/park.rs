@@ -118,6 +118,11 @@ impl Epoll {
         Ok(())
     }
 
+    /// Whether operations were posted and not yet submitted.
+    pub fn has_queued(&self) -> bool {
+        !self.sq.is_empty()
+    }
+
     /// Completions to drain, accepts left over, or operations to submit.
     pub fn has_work(&self) -> bool {
         !self.cq.is_empty() || !self.ready.is_empty() || !self.sq.is_empty()
