@@ -69,6 +69,10 @@ pub struct DrivenListener {
     closed: bool,
     /// The shard accepts non-blocking sockets (SOCK_NONBLOCK).
     nonblocking: bool,
+    /// The last drive handed connections over, so the descriptor's
+    /// readiness was kept and the next wait drives again at once (and
+    /// submits what was queued meanwhile).
+    drive_again: bool,
 }
 
 impl DrivenListener {
@@ -90,6 +94,7 @@ impl DrivenListener {
             queue: VecDeque::new(),
             started: false,
             closed: false,
+            drive_again: false,
         })
     }
 
@@ -199,12 +204,17 @@ impl DrivenListener {
             self.drive()?;
             return Ok(());
         }
-        // Nothing else would submit them while this task sleeps.
-        self.flush()?;
+        if !self.drive_again {
+            // The replies queued since: nothing else would submit them
+            // while this task sleeps. (Else the drive below, which does
+            // not wait, submits them.)
+            self.flush()?;
+        }
         let mut ready = self.ready.readable().await?;
         // Readiness is cleared only when a drive found nothing, so work
         // that came during it is not lost.
         let n = drive(&mut self.shard, &mut self.incoming, &mut self.closed)?;
+        self.drive_again = n > 0 && !self.closed;
         if n == 0 && !self.closed {
             ready.clear_ready();
         }
@@ -212,20 +222,18 @@ impl DrivenListener {
     }
 
     /// Sends `reply` on `conn` and closes it on the shard's ring
-    /// ([`DrivenShard::reply_and_close`]). The replies to one drive's
-    /// connections go together: submitted at once (one `io_uring_enter`
-    /// for the batch, or on epoll the `sendto` and `close` themselves) when
-    /// `conn` was the last connection this listener holds, else by the
-    /// reply to the last one, the next `accept()`/`accept_admitted()` that
-    /// waits, [`DrivenListener::flush`] or the listener's drop.
+    /// ([`DrivenShard::reply_and_close`]), submitted with the listener's
+    /// next `accept()`/`accept_admitted()` (before it waits, or with the
+    /// drive it makes at once: the replies to one drive's connections go
+    /// in one `io_uring_enter`, which also runs their CLOSEs) or
+    /// [`DrivenListener::flush`]; an accept loop that answers this way pays
+    /// no syscall of its own per connection. A task that will not accept
+    /// again soon calls `flush()`; dropping the listener submits them too.
     ///
     /// # Errors
     /// As [`DrivenShard::reply_and_close`], as an `io::Error`.
     pub fn reply_and_close(&mut self, conn: Admitted, reply: &[u8]) -> io::Result<()> {
         self.shard.reply_and_close(conn, reply)?;
-        if self.incoming.is_empty() {
-            self.flush()?;
-        }
         Ok(())
     }
 
