@@ -30,28 +30,30 @@
 //!
 //! ## Choosing a delivery path
 //!
-//! What each path costs the server, in CPU µs per connection (accept, write one
+//! What each path costs the server, in CPU µs per connection (accept, reply one
 //! byte, close; one shard; server on core 0, the `flood` client on core 1:
 //! **client and server share 2 cores**), medians of 3 interleaved rounds of
-//! `bench/compare.sh --servers floodgate_handler,peer_std,peer_tokio,tokio_mt,floodgate_accept,floodgate_accept_many,floodgate_driven,floodgate_driven_std,floodgate_driven_accept,floodgate_tokio,floodgate_tokio_driven --scenarios saturated,c64`
-//! (run C, 2026-12-02 15:00 UTC, PERF.md "tokio and axum on Floodgate"; the machine was
-//! shared, and runs A and B differ from it by up to 25% on a row):
+//! `bench/compare.sh --servers floodgate_handler,peer_std,peer_tokio,tokio_mt,floodgate_accept,floodgate_accept_reply,floodgate_accept_many,floodgate_driven,floodgate_driven_std,floodgate_driven_accept,floodgate_driven_accept_ring,floodgate_tokio,floodgate_tokio_driven,floodgate_tokio_driven_ring --scenarios saturated,c64`
+//! (2026-12-02 22:42 UTC on a quiet machine, PERF.md "Issue 10's rows on a quiet
+//! machine"; other runs differ from it by up to 10–20% on a row):
 //!
 //! | path | use it when | saturated | C=64 |
 //! |---|---|---:|---:|
-//! | inline handler ([`ListenerBuilder::handler`]), replying with [`ShardContext::reply_and_close`] | the work is short and fits on the shard thread: reply, close, relay, register | 10.90 | 12.02 |
-//! | driven shard ([`ListenerBuilder::build_driven`], [`DrivenShard::drive`]) | thread per core in your own event loop: the handler's path on your thread | 11.05 | 12.75 |
-//! | driven shard, the application writing and closing itself | as above, with your own I/O | 13.93 | 14.96 |
-//! | [`DrivenShard::accept`] loop | a blocking accept loop on the shard's own thread: no hop | 13.31 | 15.23 |
-//! | [`Listener::accept`] loop | plain threads that block; any number of them | 18.81 | 20.02 |
-//! | [`Listener::accept_many`] loop | the same, a batch per call | 19.81 | 20.02 |
+//! | inline handler ([`ListenerBuilder::handler`]), replying with [`ShardContext::reply_and_close`] | the work is short and fits on the shard thread: reply, close, relay, register | 12.04 | 12.25 |
+//! | driven shard ([`ListenerBuilder::build_driven`], [`DrivenShard::drive`]) | thread per core in your own event loop: the handler's path on your thread | 11.56 | 13.48 |
+//! | [`DrivenShard::accept`] loop replying with [`DrivenShard::reply_and_close`] | a blocking accept loop on the shard's own thread, answering on its ring: no hop, no syscall of its own | 11.86 | 13.48 |
+//! | the same, the application writing and dropping the socket | as above, with your own I/O | 15.70 | 17.45 |
+//! | driven shard, the application writing and closing itself | your event loop, your own I/O | 16.75 | 17.51 |
+//! | [`Listener::accept`] loop replying with [`Admitted::reply_and_close`] | plain threads that block; any number of them | 15.95 | 16.15 |
+//! | [`Listener::accept`] / [`Listener::accept_many`] loop, write, drop | the same, with your own I/O | 23.92 / 22.08 | 21.81 / 20.18 |
 //! | accept event ([`Listener::accept_event`]) | your own poll/epoll/mio loop on another thread; the rings of `accept()`, one eventfd write per batch, one read per empty pop | not measured alone: `TcpListener` below runs on it | |
-//! | `floodgate::tokio::TcpListener` (feature `tokio`; multi-thread runtime) | tokio tasks on any runtime take connections from the engine's shard threads | 24.14 | 24.60 |
-//! | `floodgate::tokio::DrivenListener` (feature `tokio`; a `current_thread` runtime per core) | thread per core with tokio: no engine thread, no hop between threads | 17.57 | 16.88 |
-//! | axum (feature `axum`): `axum::serve(listener, app)` over either | an HTTP service; `bench/http.sh`, a connection per request: 47.7 µs/request on `TcpListener`, 33.7 on `DrivenListener`, 42.7 on tokio's own listener | | |
+//! | `floodgate::tokio::TcpListener` (feature `tokio`; multi-thread runtime) | tokio tasks on any runtime take connections from the engine's shard threads | 27.76 | 29.23 |
+//! | `floodgate::tokio::DrivenListener::accept` (feature `tokio`; a `current_thread` runtime per core) | thread per core with tokio streams: no engine thread, no hop between threads | 18.70 | 21.46 |
+//! | `DrivenListener::accept_admitted` + `DrivenListener::reply_and_close` | the same, answering on the shard's ring | 11.77 | 13.57 |
+//! | axum (feature `axum`): `axum::serve(listener, app)` over either | an HTTP service; `bench/http.sh 60000 32 5`, a connection per request: 50.3 µs/request on `TcpListener`, 38.3 on `DrivenListener`, 42.3 on tokio's own listener | | |
 //!
-//! In the same run tokio's own listener loop cost 16.19 / 18.08 (`current_thread`)
-//! and 17.42 / 17.49 (multi-thread), std's blocking loop 13.91 / 14.97. A path
+//! In the same run tokio's own listener loop cost 20.84 / 16.69 (`current_thread`)
+//! and 21.51 / 17.91 (multi-thread), std's blocking loop 17.55 / 16.01. A path
 //! that hands the connection to another thread pays the hop (the shard thread
 //! and the consumer wake each other); a tokio stream pays its registration
 //! (`epoll_ctl` twice), its own `send` and `close`, and, made from a socket
