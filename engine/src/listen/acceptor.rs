@@ -12,7 +12,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -46,6 +46,9 @@ op_kinds! {
 pub(crate) const MIN_BACKOFF: Duration = Duration::from_millis(1);
 /// Longest backoff.
 pub(crate) const MAX_BACKOFF: Duration = Duration::from_millis(100);
+/// At most this many connections taken per socket from the queue a
+/// draining shard lets go of (see `Acceptor::let_go`).
+const LEFTOVER_BUDGET: usize = 4096;
 
 /// The application's inline handler: called on the shard thread with each
 /// connection, with the shard's context.
@@ -479,6 +482,66 @@ impl Acceptor {
         }
     }
 
+    /// Draining, once no accept is on the sockets any more: takes what
+    /// their queues still hold, then lets them go (the kernel's queues stay
+    /// with whoever else holds them: a successor after a hand-over).
+    ///
+    /// # Why the queues are emptied first
+    ///
+    /// An io_uring ACCEPT waits on the socket as an exclusive waiter: each
+    /// new connection wakes one waiter, and the first in the queue — ours,
+    /// added before a successor's — takes the wake-up even when its task
+    /// has not run the accept yet. A cancel that comes in between ends the
+    /// accept without it (the poll sees the cancel first), and the wake-ups
+    /// it took are gone: the connections stay queued while the successor's
+    /// accept sleeps, until another connection arrives. When none does (a
+    /// client waiting on all of them), they wait out their timeout. One
+    /// pass to EAGAIN after our waiter is gone leaves the queue empty at a
+    /// moment when every later arrival wakes the successor. Bounded: under
+    /// load the successor takes from the same queue, and arrivals wake it.
+    /// (With limits the shard waits on a plain, non-exclusive poll and
+    /// takes nothing it did not see: nothing is lost to recover.)
+    fn let_go(&mut self, ring: &mut Driver, now: Instant) {
+        if !self.all_idle() || self.sockets.is_empty() {
+            return;
+        }
+        let sockets = std::mem::take(&mut self.sockets);
+        if self.limits.is_none() {
+            for socket in &sockets {
+                // The io_uring path's listeners are blocking; the accept4
+                // below must not wait. O_NONBLOCK is a flag of the open
+                // file, which a successor shares: it is set only for this
+                // pass and put back (a successor's accept issued in between
+                // may end with EAGAIN, which it re-arms like any transient
+                // error).
+                let was_nonblocking = socket.nonblocking().unwrap_or(false);
+                if !was_nonblocking && socket.set_nonblocking(true).is_err() {
+                    continue;
+                }
+                for _ in 0..LEFTOVER_BUDGET {
+                    match sys::accept4(socket.as_fd(), self.nonblocking) {
+                        Ok(fd) => self.accepted_fd(ring, fd, ConnectionSlot::none(), now),
+                        Err(e) => match e.raw_os_error().map(classify) {
+                            Some(AcceptErrorKind::Transient)
+                                if e.raw_os_error() != Some(libc::EAGAIN) =>
+                            {
+                                Counters::add(&self.counters().aborted, 1);
+                            }
+                            // EAGAIN: empty. Out of descriptors or anything
+                            // else: what is left stays with the queue.
+                            _ => break,
+                        },
+                    }
+                }
+                if !was_nonblocking {
+                    let _ = socket.set_nonblocking(false);
+                }
+            }
+        }
+        drop(sockets);
+        self.shard.release_sockets();
+    }
+
     /// With limits: takes what the limits allow from the kernel's queue,
     /// then arranges the next try (a wake-up, a timer, a backoff).
     fn take_limited(&mut self, ring: &mut Driver, now: Instant) {
@@ -660,6 +723,9 @@ impl Service for Acceptor {
             // With limits, this turn's connections are taken here, before
             // the turn delivers.
             self.take_limited(ring, now);
+            if self.draining {
+                self.let_go(ring, now);
+            }
         }
         if let Some(a) = &mut self.admission {
             if !self.stopping {
@@ -716,14 +782,9 @@ impl Service for Acceptor {
             );
         }
         if self.draining {
-            // Stopped accepting: the listening sockets go once no accept
-            // is on them (the kernel's queues stay with whoever else holds
-            // them: a successor after a hand-over).
+            // Stopped accepting: the sockets go in `let_go` once no accept
+            // is on them.
             self.cancel(ring);
-            if self.all_idle() && !self.sockets.is_empty() {
-                self.sockets.clear();
-                self.shard.release_sockets();
-            }
             return;
         }
         // With limits, no poll while the shard waits at the maximum or for
