@@ -548,6 +548,13 @@ impl Listener {
         }
     }
 
+    /// Whether [`Listener::drain`] was called: the listener has stopped
+    /// accepting, or is stopping (what a readiness probe reports while the
+    /// work under way finishes).
+    pub fn is_draining(&self) -> bool {
+        self.shards.iter().any(|s| s.control.draining())
+    }
+
     /// Stops accepting, closes the listening sockets, closes (and counts as
     /// `closed_at_shutdown`) every connection not yet delivered, and joins
     /// the shard threads. Waiting `accept()` calls return [`Error::Closed`].
