@@ -272,6 +272,33 @@ pub fn listening_on(port: u16) -> usize {
         .sum()
 }
 
+/// How many connections wait in the accept queues of the listening sockets
+/// on local `port` (`/proc/net/tcp`'s `rx_queue` of a LISTEN socket is its
+/// accept queue's length), over IPv4 and IPv6.
+pub fn accept_queue(port: u16) -> usize {
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .map(|text| {
+            text.lines()
+                .skip(1)
+                .filter_map(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    let local = f.get(1).and_then(|a| a.rsplit_once(':'));
+                    let listening = f.get(3) == Some(&"0A");
+                    let ours =
+                        local.and_then(|(_, p)| u16::from_str_radix(p, 16).ok()) == Some(port);
+                    let queued = f
+                        .get(4)
+                        .and_then(|q| q.split_once(':'))
+                        .and_then(|(_, rx)| usize::from_str_radix(rx, 16).ok());
+                    (listening && ours).then_some(queued).flatten()
+                })
+                .sum::<usize>()
+        })
+        .sum()
+}
+
 /// A tracing subscriber that keeps every event as a line of text,
 /// `level=.. target=.. field=value ...` (feature `tracing`).
 #[cfg(feature = "tracing")]
