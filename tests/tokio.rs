@@ -493,3 +493,48 @@ fn a_driven_listener_answers_on_the_shards_ring() {
     drop(listener);
     fds.assert_back("fd table back to baseline");
 }
+
+/// `DrivenListener::flush` sends what `reply_and_close` queued at once:
+/// the client reads its reply and a FIN while the listener, still alive, is
+/// neither accepting nor driven again (without the flush the reply would
+/// wait for the next accept's drive, and the client's read time out).
+#[test]
+fn a_flushed_driven_reply_leaves_without_another_accept() {
+    let _serial = serial();
+    let fds = FdTable::now();
+    let (listener, mut shards) = Listener::builder(addr())
+        .shards(1)
+        .build_driven()
+        .expect("build driven");
+    let shard = shards.pop().expect("one shard");
+    let local = listener.local_addr();
+    let client = std::thread::spawn(move || -> std::io::Result<Vec<u8>> {
+        let mut c = connect(local)?;
+        c.set_read_timeout(Some(BOUND))?;
+        let mut got = Vec::new();
+        std::io::Read::read_to_end(&mut c, &mut got)?;
+        Ok(got)
+    });
+    let rt = current_thread();
+    rt.block_on(async {
+        let mut driven = DrivenListener::new(shard).expect("driven");
+        let conn = driven.accept_admitted().await.expect("accept");
+        driven.reply_and_close(conn, b"now").expect("reply");
+        driven.flush().expect("flush");
+        // Not accepted from nor dropped until the client has its answer.
+        let got = tokio::task::spawn_blocking(move || client.join())
+            .await
+            .expect("join task")
+            .expect("client thread")
+            .expect("a reply and a FIN");
+        assert_eq!(got, b"now");
+        drop(driven);
+    });
+    listener.shutdown();
+    let t = listener.stats().total();
+    assert!(listener.stats().conserved(), "{t:?}");
+    assert_eq!((t.accepted, t.delivered), (1, 1));
+    drop(rt);
+    drop(listener);
+    fds.assert_back("fd table back to baseline");
+}
