@@ -9,22 +9,12 @@ use std::time::Duration;
 
 use floodgate::{DrivenShard, Error, Listener};
 use floodgate_tests::{
-    connect, cores, each_id_once, open_fds, pin, read_id, serial, tagged_client,
+    connect, cores, each_id_once, one_driven_shard, open_fds, pin, read_id, serial, tagged_client,
     tagged_clients_from_cores, wait_for,
 };
 
 fn addr() -> SocketAddr {
     "127.0.0.1:0".parse().expect("loopback")
-}
-
-/// A listener with one driven shard, and that shard.
-fn one_shard() -> (Listener, DrivenShard) {
-    let (listener, mut shards) = Listener::builder(addr())
-        .shards(1)
-        .build_driven()
-        .expect("build driven");
-    let shard = shards.pop().expect("one shard");
-    (listener, shard)
 }
 
 /// Drives `shard` on this thread until `stop` is set and the listener has
@@ -108,7 +98,7 @@ fn driven_shards_on_their_own_threads_deliver_every_connection_once() {
 fn a_shard_that_is_not_driven_takes_nothing_from_the_kernel() {
     let _serial = serial();
     let baseline = open_fds();
-    let (listener, mut shard) = one_shard();
+    let (listener, mut shard) = one_driven_shard();
     // Started (its accept posted), then left alone.
     assert_eq!(shard.drive(|_, _| panic!("nothing yet")).expect("drive"), 0);
     let k = 20;
@@ -150,7 +140,7 @@ fn a_shard_that_is_not_driven_takes_nothing_from_the_kernel() {
 fn shutdown_closes_and_counts_what_a_driven_shard_holds() {
     let _serial = serial();
     let baseline = open_fds();
-    let (listener, mut shard) = one_shard();
+    let (listener, mut shard) = one_driven_shard();
     shard.drive(|_, _| {}).expect("start");
     let clients: Vec<_> = (0..10)
         .map(|_| connect(listener.local_addr()).expect("connect"))
@@ -190,7 +180,7 @@ fn shutdown_closes_and_counts_what_a_driven_shard_holds() {
 fn dropping_driven_shards_stops_them_and_counts_what_they_held() {
     let _serial = serial();
     let baseline = open_fds();
-    let (listener, mut shard) = one_shard();
+    let (listener, mut shard) = one_driven_shard();
     shard.drive(|_, _| {}).expect("start");
     let _clients: Vec<_> = (0..5)
         .map(|_| connect(listener.local_addr()).expect("connect"))
@@ -207,7 +197,7 @@ fn dropping_driven_shards_stops_them_and_counts_what_they_held() {
 #[test]
 fn a_driven_shard_is_bound_to_the_thread_that_first_drove_it() {
     let _serial = serial();
-    let (listener, mut shard) = one_shard();
+    let (listener, mut shard) = one_driven_shard();
     shard.drive(|_, _| {}).expect("first drive binds it here");
     let shard = std::thread::spawn(move || {
         let mut shard = shard;
@@ -250,7 +240,7 @@ fn a_driven_listener_refuses_accept_and_an_inline_handler() {
 fn a_driven_shard_replies_on_its_own_ring() {
     let _serial = serial();
     use std::io::Read;
-    let (listener, mut shard) = one_shard();
+    let (listener, mut shard) = one_driven_shard();
     let local = listener.local_addr();
     let client = std::thread::spawn(move || {
         let mut got = Vec::new();
@@ -286,7 +276,7 @@ fn a_blocking_accept_loop_on_a_driven_shard_takes_each_connection_once() {
     let _serial = serial();
     let baseline = open_fds();
     {
-        let (listener, mut shard) = one_shard();
+        let (listener, mut shard) = one_driven_shard();
         let target = listener.local_addr();
         const N: u64 = 500;
         let (started_tx, started) = mpsc::channel();
@@ -340,7 +330,7 @@ fn an_accept_loop_on_a_driven_shard_replies_on_its_ring() {
     use std::io::Read;
     let baseline = open_fds();
     {
-        let (listener, mut shard) = one_shard();
+        let (listener, mut shard) = one_driven_shard();
         let target = listener.local_addr();
         const N: u64 = 300;
         let server = std::thread::spawn(move || {
@@ -381,7 +371,7 @@ fn an_accept_loop_on_a_driven_shard_replies_on_its_ring() {
 fn a_reply_queued_outside_drive_leaves_with_flush_or_wait() {
     let _serial = serial();
     use std::io::Read;
-    let (listener, mut shard) = one_shard();
+    let (listener, mut shard) = one_driven_shard();
     let target = listener.local_addr();
     let (go_tx, go) = mpsc::channel::<()>();
     let server = std::thread::spawn(move || {

@@ -145,6 +145,17 @@ pub fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// A listener on a loopback port with one driven shard, and that shard.
+pub fn one_driven_shard() -> (floodgate::Listener, floodgate::DrivenShard) {
+    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+    let (listener, mut shards) = floodgate::Listener::builder(loopback)
+        .shards(1)
+        .build_driven()
+        .expect("build driven");
+    let shard = shards.pop().expect("one shard");
+    (listener, shard)
+}
+
 /// Connects to `addr`, retrying while the kernel answers with a transient
 /// refusal (a full SYN queue can make connect fail with EAGAIN on loopback).
 pub fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
@@ -250,52 +261,41 @@ pub fn tcp_socket_exists(local: u16, remote: u16) -> bool {
     })
 }
 
+/// The rows of `/proc/net/tcp` and `/proc/net/tcp6` of the sockets in
+/// LISTEN state on local `port`, whoever holds them, split into fields.
+fn listening_rows(port: u16) -> Vec<Vec<String>> {
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .flat_map(|text| {
+            text.lines()
+                .skip(1)
+                .map(|l| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+                .collect::<Vec<_>>()
+        })
+        .filter(|f| {
+            let local = f.get(1).and_then(|a| a.rsplit_once(':'));
+            local.and_then(|(_, p)| u16::from_str_radix(p, 16).ok()) == Some(port)
+                && f.get(3).map(String::as_str) == Some("0A")
+        })
+        .collect()
+}
+
 /// How many sockets in LISTEN state the kernel has on local `port`, over
 /// `/proc/net/tcp` and `/proc/net/tcp6`, whoever holds them: a process
 /// that died keeps its listening sockets until its io_uring is torn down.
 pub fn listening_on(port: u16) -> usize {
-    ["/proc/net/tcp", "/proc/net/tcp6"]
-        .iter()
-        .filter_map(|p| std::fs::read_to_string(p).ok())
-        .map(|text| {
-            text.lines()
-                .skip(1)
-                .filter(|l| {
-                    let mut f = l.split_whitespace().skip(1);
-                    let local = f.next().and_then(|a| a.rsplit_once(':'));
-                    let state = f.nth(1);
-                    local.and_then(|(_, p)| u16::from_str_radix(p, 16).ok()) == Some(port)
-                        && state == Some("0A")
-                })
-                .count()
-        })
-        .sum()
+    listening_rows(port).len()
 }
 
 /// How many connections wait in the accept queues of the listening sockets
 /// on local `port` (`/proc/net/tcp`'s `rx_queue` of a LISTEN socket is its
 /// accept queue's length), over IPv4 and IPv6.
 pub fn accept_queue(port: u16) -> usize {
-    ["/proc/net/tcp", "/proc/net/tcp6"]
+    listening_rows(port)
         .iter()
-        .filter_map(|p| std::fs::read_to_string(p).ok())
-        .map(|text| {
-            text.lines()
-                .skip(1)
-                .filter_map(|l| {
-                    let f: Vec<&str> = l.split_whitespace().collect();
-                    let local = f.get(1).and_then(|a| a.rsplit_once(':'));
-                    let listening = f.get(3) == Some(&"0A");
-                    let ours =
-                        local.and_then(|(_, p)| u16::from_str_radix(p, 16).ok()) == Some(port);
-                    let queued = f
-                        .get(4)
-                        .and_then(|q| q.split_once(':'))
-                        .and_then(|(_, rx)| usize::from_str_radix(rx, 16).ok());
-                    (listening && ours).then_some(queued).flatten()
-                })
-                .sum::<usize>()
-        })
+        .filter_map(|f| f.get(4)?.split_once(':'))
+        .filter_map(|(_, rx)| usize::from_str_radix(rx, 16).ok())
         .sum()
 }
 

@@ -13,8 +13,8 @@ use std::time::Duration;
 use floodgate::tokio::{DrivenListener, TcpListener};
 use floodgate::Listener;
 use floodgate_tests::{
-    connect, cores, each_id_once, pin, serial, tagged_client, tagged_clients_from_cores, wait_for,
-    FdTable,
+    connect, cores, each_id_once, one_driven_shard, pin, serial, tagged_client,
+    tagged_clients_from_cores, wait_for, FdTable,
 };
 use tokio::io::AsyncReadExt;
 use tokio::runtime::{Builder, Runtime};
@@ -43,6 +43,15 @@ fn current_thread() -> Runtime {
 
 fn is_nonblocking(s: &tokio::net::TcpStream) -> bool {
     socket2::SockRef::from(s).nonblocking().expect("F_GETFL")
+}
+
+/// Connects to `to` and reads until the server's FIN.
+fn read_reply(to: SocketAddr) -> std::io::Result<Vec<u8>> {
+    let mut c = connect(to)?;
+    c.set_read_timeout(Some(BOUND))?;
+    let mut got = Vec::new();
+    std::io::Read::read_to_end(&mut c, &mut got)?;
+    Ok(got)
 }
 
 /// Reads the 8-byte id a `tagged_client` sent.
@@ -443,19 +452,12 @@ fn a_dropped_driven_accept_loses_nothing() {
 fn a_driven_listener_answers_on_the_shards_ring() {
     let _serial = serial();
     let fds = FdTable::now();
-    let (listener, mut shards) = Listener::builder(addr())
-        .shards(1)
-        .build_driven()
-        .expect("build driven");
-    let shard = shards.pop().expect("one shard");
+    let (listener, shard) = one_driven_shard();
     let local = listener.local_addr();
     const N: usize = 200;
     let clients = std::thread::spawn(move || {
         for _ in 0..N {
-            let mut c = connect(local).expect("connect");
-            c.set_read_timeout(Some(BOUND)).expect("timeout");
-            let mut got = Vec::new();
-            std::io::Read::read_to_end(&mut c, &mut got).expect("a FIN, not a reset");
+            let got = read_reply(local).expect("a reply and a FIN, not a reset");
             assert_eq!(got, b"ring");
         }
     });
@@ -502,19 +504,9 @@ fn a_driven_listener_answers_on_the_shards_ring() {
 fn a_flushed_driven_reply_leaves_without_another_accept() {
     let _serial = serial();
     let fds = FdTable::now();
-    let (listener, mut shards) = Listener::builder(addr())
-        .shards(1)
-        .build_driven()
-        .expect("build driven");
-    let shard = shards.pop().expect("one shard");
+    let (listener, shard) = one_driven_shard();
     let local = listener.local_addr();
-    let client = std::thread::spawn(move || -> std::io::Result<Vec<u8>> {
-        let mut c = connect(local)?;
-        c.set_read_timeout(Some(BOUND))?;
-        let mut got = Vec::new();
-        std::io::Read::read_to_end(&mut c, &mut got)?;
-        Ok(got)
-    });
+    let client = std::thread::spawn(move || read_reply(local));
     let rt = current_thread();
     rt.block_on(async {
         let mut driven = DrivenListener::new(shard).expect("driven");
