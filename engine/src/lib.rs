@@ -145,8 +145,10 @@ pub use admit::attrs::{Attr, Keepalive, SocketAttrs, INHERITED};
 pub use admit::condition::{
     Condition, ConnectRequest, Mark, Marks, RejectHow, Value, Verdict, MAX_PEEK,
 };
+pub use admit::conn::Admitted;
 pub use admit::qos::Qos;
 pub use admit::register::{Events, Interest, RegisterHandler, Registered};
+pub use admit::slot::ConnectionSlot;
 pub use connect::connector::{Connector, ConnectorBuilder};
 pub use connect::dial::{Completion, ConnectHandler, Connected, Dial, Ticket};
 pub use connect::load::{
@@ -163,14 +165,11 @@ pub use listen::config::{
     kernel_somaxconn, ListenerBuilder, Steering, DEFAULT_BACKLOG, DEFAULT_CEILING,
     DEFAULT_PENDING_TIMEOUT, MAX_CEILING,
 };
-pub use listen::conn::Admitted;
 pub use listen::drain::Drained;
 pub use listen::driven::DrivenShard;
 pub use listen::group::SteeringInForce;
 pub use listen::handover::{Handover, Successor, Takeover};
-pub use listen::limits::{
-    ConnectionSlot, DEFAULT_ACCEPT_BUDGET, MAX_ACCEPT_BUDGET, MAX_ACCEPT_RATE,
-};
+pub use listen::limits::{DEFAULT_ACCEPT_BUDGET, MAX_ACCEPT_BUDGET, MAX_ACCEPT_RATE};
 pub use relay::context::ShardContext;
 pub use relay::{
     RelayEnd, RelayOptions, RelayOutcome, RelaySide, DEFAULT_RELAY_BUFFER,
@@ -186,11 +185,11 @@ pub use stats::{
 #[cfg(test)]
 mod tests {
     use crate::admit::register::RegisterOp;
+    use crate::admit::replies::ReplyOp;
     use crate::admit::AdmitOp;
     use crate::connect::dialer::ConnectOp;
     use crate::listen::acceptor::AcceptOp;
     use crate::listen::limits::LimitOp;
-    use crate::relay::context::ReplyOp;
     use crate::relay::RelayOp;
     use crate::shard::ShardOp;
 

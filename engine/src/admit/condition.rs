@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::admit::qos::Qos;
-use crate::conditions::syn::SynInfo;
+use crate::admit::syn::SynInfo;
 
 /// The most first bytes a condition may ask to see.
 pub const MAX_PEEK: usize = 16 * 1024;

@@ -11,11 +11,24 @@
 //! wanted bytes are there), so it never holds up the ones behind it.
 //! Waiting connections are withdrawn when the peer goes away or their
 //! pending timeout passes.
+//!
+//! It also holds what every service above it hands on, so that imports
+//! point one way (driver, shard, admission, then the conditions, the relay,
+//! the listener and the connect side): [`pending`] (a connection between
+//! its accept and its delivery), [`conn`] (`Admitted`, as delivered),
+//! [`slot`] (its slot of a listener's maximum of open connections),
+//! [`replies`] (reply, then close, on the shard's ring) and [`syn`] (the
+//! saved-SYN parser the condition's request carries).
 
 pub(crate) mod attrs;
 pub(crate) mod condition;
+pub(crate) mod conn;
+pub(crate) mod pending;
 pub(crate) mod qos;
 pub(crate) mod register;
+pub(crate) mod replies;
+pub(crate) mod slot;
+pub mod syn;
 
 use std::io;
 use std::net::SocketAddr;
@@ -28,9 +41,9 @@ use socket2::SockRef;
 
 use crate::admit::attrs::SocketAttrs;
 use crate::admit::condition::{Condition, ConnectRequest, Marks, RejectHow, Verdict, MAX_PEEK};
+use crate::admit::pending::Pending;
+use crate::admit::replies::Replies;
 use crate::driver::{sys, Cqe, Driver};
-use crate::listen::backlog::Pending;
-use crate::relay::context::Replies;
 use crate::shard::{op_kinds, user_data, ShardOp};
 use crate::stats::Counters;
 
@@ -89,7 +102,7 @@ struct Waiting {
     pending: Pending,
     peer: SocketAddr,
     local: SocketAddr,
-    syn: Option<crate::conditions::syn::SynInfo>,
+    syn: Option<crate::admit::syn::SynInfo>,
     deferrals: u32,
     /// The token of its poll while one is in flight and current. Every poll
     /// gets a token of its own, so a cancelled poll's completion can never
@@ -201,7 +214,7 @@ impl Admission {
         let syn = if self.cfg.save_syn {
             sys::saved_syn(p.fd.as_fd())
                 .ok()
-                .and_then(|b| crate::conditions::syn::parse_saved_syn(&b).ok())
+                .and_then(|b| crate::admit::syn::parse_saved_syn(&b).ok())
         } else {
             None
         };

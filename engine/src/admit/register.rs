@@ -41,9 +41,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::admit::conn::Admitted;
+use crate::admit::pending::Pending;
 use crate::driver::{Cqe, Driver};
-use crate::listen::backlog::Pending;
-use crate::listen::conn::Admitted;
 use crate::shard::{op_kinds, user_data, ShardOp};
 use crate::stats::Counters;
 

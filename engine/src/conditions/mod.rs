@@ -26,7 +26,7 @@ pub mod cidr;
 pub mod proxy_protocol;
 pub mod rate_limit;
 pub mod sni;
-pub mod syn;
+pub use crate::admit::syn;
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};

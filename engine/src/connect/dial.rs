@@ -150,4 +150,4 @@ impl Connected {
     }
 }
 
-crate::listen::conn::stream_owner!(Connected);
+crate::admit::conn::stream_owner!(Connected);

@@ -18,10 +18,10 @@ use std::time::{Duration, Instant};
 
 use socket2::Socket;
 
+use crate::admit::conn::Admitted;
 use crate::driver::{sys, RingSetup};
 use crate::error::Error;
 use crate::listen::backlog::Backlog;
-use crate::listen::conn::Admitted;
 use crate::shard::ShardControl;
 use crate::stats::{Counters, KernelQueue, ListenerStats};
 
@@ -210,7 +210,7 @@ impl ShardShared {
         &self,
         delivery: &Delivery,
         pending_timeout: Duration,
-    ) -> Option<crate::listen::backlog::Pending> {
+    ) -> Option<crate::admit::pending::Pending> {
         while let Some((p, wake)) = self.backlog.pop() {
             delivery.popped();
             // A draining shard waits for its backlog to empty before it
@@ -321,7 +321,7 @@ pub struct Listener {
     pub(crate) backend: Option<crate::driver::BackendChoice>,
     pub(crate) pending_timeout: Duration,
     /// The open-connection count, with a maximum.
-    pub(crate) open: Option<Arc<crate::listen::limits::OpenCount>>,
+    pub(crate) open: Option<Arc<crate::admit::slot::OpenCount>>,
     pub(crate) steering: crate::listen::group::SteeringInForce,
     /// Every listening socket, in group order, while the listener may
     /// still hand them over; emptied by drain and shutdown.

@@ -19,14 +19,16 @@ use std::time::{Duration, Instant};
 
 use socket2::Socket;
 
+use crate::admit::conn::Admitted;
+use crate::admit::pending::Pending;
 use crate::admit::register::RegisterOp;
+use crate::admit::replies::{Replies, ReplyOp};
+use crate::admit::slot::ConnectionSlot;
 use crate::admit::{Admission, AdmissionConfig, AdmitOp};
 use crate::driver::{sys, Cqe, Driver};
 use crate::listen::accept::{Delivery, ShardShared};
-use crate::listen::backlog::Pending;
-use crate::listen::conn::Admitted;
-use crate::listen::limits::{ConnectionSlot, LimitOp, Limits, Stop};
-use crate::relay::context::{Replies, ReplyOp, ShardContext};
+use crate::listen::limits::{LimitOp, Limits, Stop};
+use crate::relay::context::ShardContext;
 use crate::relay::{RelayOp, Relays};
 use crate::shard::{op_kinds, user_data, Coalesce, Service, ShardOp};
 use crate::stats::Counters;

@@ -11,37 +11,11 @@
 //! consumer whose pop brings the depth down to the low-water mark wakes the
 //! shard, which resumes accepting.
 
-use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Instant;
 
 use crossbeam_queue::ArrayQueue;
 
-/// A connection accepted from the kernel and not yet delivered.
-#[derive(Debug)]
-pub(crate) struct Pending {
-    /// The accepted socket, owned from the moment its completion was read.
-    pub fd: OwnedFd,
-    /// When the shard read its completion.
-    pub accepted_at: Instant,
-    /// What the condition attached when it accepted it.
-    pub value: Option<crate::admit::condition::Value>,
-    /// Its slot of the listener's maximum of open connections (empty
-    /// without one): it goes wherever the socket goes.
-    pub slot: crate::listen::limits::ConnectionSlot,
-}
-
-impl Pending {
-    /// A connection just taken from the kernel.
-    pub fn new(fd: OwnedFd, accepted_at: Instant) -> Self {
-        Pending {
-            fd,
-            accepted_at,
-            value: None,
-            slot: crate::listen::limits::ConnectionSlot::none(),
-        }
-    }
-}
+use crate::admit::pending::Pending;
 
 /// One shard's ring and its backpressure state.
 #[derive(Debug)]
@@ -124,6 +98,7 @@ impl Backlog {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
 
     fn pending() -> Pending {
         let fd = crate::driver::sys::eventfd().expect("eventfd");

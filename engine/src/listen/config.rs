@@ -8,14 +8,15 @@ use std::sync::{Arc, Mutex};
 
 use crate::admit::attrs::SocketAttrs;
 use crate::admit::condition::{Condition, MAX_PEEK};
+use crate::admit::conn::Admitted;
+use crate::admit::slot::OpenCount;
 use crate::admit::AdmissionConfig;
 use crate::error::{ConfigError, Error};
 use crate::listen::accept::{BacklogLength, Delivery, Listener, ShardShared};
 use crate::listen::acceptor::{Acceptor, Handler};
-use crate::listen::conn::Admitted;
 use crate::listen::driven::DrivenShard;
 use crate::listen::group::{self, SocketSpec};
-use crate::listen::limits::{Bucket, LimitConfig, Limits, OpenCount};
+use crate::listen::limits::{Bucket, LimitConfig, Limits};
 use crate::relay::context::ShardContext;
 use crate::shard::{self, Coalesce, Moderation, Placement, ShardControl};
 use socket2::Socket;

@@ -16,11 +16,11 @@ use std::sync::Arc;
 use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
+use crate::admit::conn::Admitted;
 use crate::driver::sys;
 use crate::error::Error;
 use crate::listen::accept::ShardShared;
 use crate::listen::acceptor::Acceptor;
-use crate::listen::conn::Admitted;
 use crate::relay::context::ShardContext;
 use crate::shard::Shard;
 

@@ -10,20 +10,17 @@
 //! - [`accept`]: the running [`Listener`](accept::Listener) and its delivery
 //!   (blocking, try, timeout, the accept event), shutdown and drain;
 //! - [`driven`]: shards the application drives on its own threads;
-//! - [`conn`]: [`Admitted`](conn::Admitted), the connection as delivered;
 //! - [`limits`]: max open connections, accept budget and accept rate, which
-//!   the acceptor consults once per turn.
+//!   the acceptor consults once per turn;
 //! - [`activation`]: systemd socket activation (`LISTEN_FDS`);
 //! - [`drain`]: stop accepting, let work finish, close the rest;
-//! - [`handover`]: the listening sockets to a successor process;
-//! - [`conn`]: [`Admitted`](conn::Admitted), the connection as delivered.
+//! - [`handover`]: the listening sockets to a successor process.
 
 pub(crate) mod accept;
 pub(crate) mod acceptor;
 pub(crate) mod activation;
 pub(crate) mod backlog;
 pub(crate) mod config;
-pub(crate) mod conn;
 pub(crate) mod drain;
 pub(crate) mod driven;
 pub(crate) mod group;

@@ -1,23 +1,11 @@
 //! What an inline handler can do on its shard's io_uring.
 
 use std::io;
-use std::os::fd::OwnedFd;
 
-use crate::driver::{Cqe, Driver};
-use crate::listen::conn::Admitted;
-use crate::listen::limits::ConnectionSlot;
+use crate::admit::conn::Admitted;
+use crate::admit::replies::Replies;
+use crate::driver::Driver;
 use crate::relay::{OnEnd, RelayOptions, RelayOutcome, Relays};
-use crate::shard::{op_kinds, user_data};
-
-op_kinds! {
-    /// The operations of replies (`reply_and_close`).
-    pub(crate) enum ReplyOp {
-        /// A linked reply SEND.
-        Send = 5,
-        /// The CLOSE linked after a reply.
-        Close = 6,
-    }
-}
 
 /// The shard an inline handler runs on, and its io_uring.
 ///
@@ -220,75 +208,5 @@ impl<'a> ShardContext<'a> {
         use std::os::fd::AsFd;
         crate::driver::sys::discard_now(conn.as_fd());
         self.reply_and_close(conn, reply)
-    }
-}
-
-/// Linked reply-and-close operations in flight.
-#[derive(Debug, Default)]
-pub(crate) struct Replies {
-    /// Send without `MSG_MORE` (the reply leaves before the FIN).
-    pub(crate) at_once: bool,
-    /// Id of the last pair: it keeps the user data (and so the memory the
-    /// ring holds for each operation) of concurrent pairs apart.
-    next: u64,
-    /// SEND completions still to come.
-    sends: usize,
-    /// CLOSE completions still to come.
-    closes: usize,
-    /// The open-connection slots of pairs in flight, by id, released when
-    /// their CLOSE completes (only on a listener with a maximum).
-    slots: crate::driver::KeyMap<ConnectionSlot>,
-}
-
-impl Replies {
-    /// Posts the linked SEND of `reply` and CLOSE of `fd`, keeping `slot`
-    /// (the connection's count of the listener's maximum) until the CLOSE
-    /// completes.
-    pub(crate) fn post_counted(
-        &mut self,
-        ring: &mut Driver,
-        fd: OwnedFd,
-        reply: &[u8],
-        slot: ConnectionSlot,
-    ) -> io::Result<()> {
-        use std::os::fd::AsRawFd;
-        self.next = self.next.wrapping_add(1) & ((1 << 48) - 1);
-        let id = self.next;
-        let raw = fd.as_raw_fd();
-        let bytes: Box<[u8]> = reply.into();
-        let flags = if self.at_once {
-            libc::MSG_NOSIGNAL
-        } else {
-            libc::MSG_MORE | libc::MSG_NOSIGNAL
-        };
-        ring.reserve(2)?;
-        ring.send(raw, bytes, flags, true, user_data(ReplyOp::Send, id))?;
-        self.sends += 1;
-        ring.close(fd, user_data(ReplyOp::Close, id))?;
-        self.closes += 1;
-        if slot.is_counted() {
-            self.slots.insert(id, slot);
-        }
-        Ok(())
-    }
-
-    pub(crate) fn complete(&mut self, ring: &mut Driver, op: ReplyOp, cqe: Cqe) {
-        match op {
-            ReplyOp::Send => {
-                ring.release(cqe.user_data);
-                self.sends = self.sends.saturating_sub(1);
-            }
-            ReplyOp::Close => {
-                ring.finish_close(cqe.user_data, cqe.result);
-                self.closes = self.closes.saturating_sub(1);
-                if !self.slots.is_empty() {
-                    self.slots.remove(&crate::shard::split(cqe.user_data).1);
-                }
-            }
-        }
-    }
-
-    pub(crate) fn is_empty(&self) -> bool {
-        self.sends == 0 && self.closes == 0
     }
 }

@@ -172,7 +172,7 @@ struct Relay {
     on_end: Option<OnEnd>,
     /// The client's count of the listener's maximum of open connections,
     /// released when the relay's slot is freed (both sockets closed).
-    _open: crate::listen::limits::ConnectionSlot,
+    _open: crate::admit::slot::ConnectionSlot,
 }
 
 #[derive(Debug, Default)]
@@ -253,7 +253,7 @@ impl Relays {
         &mut self,
         ring: &mut Driver,
         client: OwnedFd,
-        open: crate::listen::limits::ConnectionSlot,
+        open: crate::admit::slot::ConnectionSlot,
         upstream: SocketAddr,
         opts: RelayOptions,
         on_end: Option<OnEnd>,

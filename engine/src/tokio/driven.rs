@@ -7,9 +7,9 @@ use std::os::fd::{AsFd, OwnedFd};
 use ::tokio::io::unix::AsyncFd;
 
 use super::{into_tokio, Accepted};
+use crate::admit::conn::Admitted;
 use crate::driver::runtime;
 use crate::error::Error;
-use crate::listen::conn::Admitted;
 use crate::listen::driven::DrivenShard;
 
 /// One [`DrivenShard`] as a tokio listener, for a `current_thread`

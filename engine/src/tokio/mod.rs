@@ -58,12 +58,12 @@ use std::time::Instant;
 use ::tokio::io::unix::AsyncFd;
 
 use crate::admit::condition::Value;
+use crate::admit::conn::Admitted;
+use crate::admit::slot::ConnectionSlot;
 use crate::driver::runtime;
 use crate::error::Error;
 use crate::listen::accept::Listener;
 use crate::listen::config::ListenerBuilder;
-use crate::listen::conn::Admitted;
-use crate::listen::limits::ConnectionSlot;
 use crate::stats::ListenerStats;
 
 #[cfg(feature = "axum")]

@@ -5,8 +5,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Instant;
 
 use crate::admit::condition::Value;
-use crate::listen::backlog::Pending;
-use crate::listen::limits::ConnectionSlot;
+use crate::admit::pending::Pending;
+use crate::admit::slot::ConnectionSlot;
 
 /// A connection accepted by a shard and delivered to the application.
 ///
