@@ -162,12 +162,12 @@ pub use error::{ConfigError, Error, UringUnavailable};
 pub use listen::accept::{BacklogLength, Listener};
 pub use listen::acceptor::Handler;
 pub use listen::config::{
-    kernel_somaxconn, ListenerBuilder, Steering, DEFAULT_BACKLOG, DEFAULT_CEILING,
-    DEFAULT_PENDING_TIMEOUT, MAX_CEILING,
+    kernel_somaxconn, ListenerBuilder, DEFAULT_BACKLOG, DEFAULT_CEILING, DEFAULT_PENDING_TIMEOUT,
+    MAX_CEILING,
 };
 pub use listen::drain::Drained;
 pub use listen::driven::DrivenShard;
-pub use listen::group::SteeringInForce;
+pub use listen::group::{Steering, SteeringInForce};
 pub use listen::handover::{Handover, Successor, Takeover};
 pub use listen::limits::{DEFAULT_ACCEPT_BUDGET, MAX_ACCEPT_BUDGET, MAX_ACCEPT_RATE};
 pub use relay::context::ShardContext;

@@ -543,3 +543,38 @@ pub(crate) fn accept4(listener: BorrowedFd<'_>, nonblocking: bool) -> io::Result
     }
     Ok(adopt_fd(fd))
 }
+
+/// How an accept error is handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AcceptErrorKind {
+    /// Our own cancel.
+    Cancelled,
+    /// Out of a resource: back off.
+    Exhausted,
+    /// The connection died before we took it, or a firewall refused it: skip.
+    Transient,
+    /// Anything else: surface it, back off.
+    Other,
+}
+
+/// Classifies a negative accept result.
+pub(crate) fn classify(errno: i32) -> AcceptErrorKind {
+    match errno {
+        libc::ECANCELED => AcceptErrorKind::Cancelled,
+        libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM => AcceptErrorKind::Exhausted,
+        libc::ECONNABORTED
+        | libc::EPROTO
+        | libc::EPERM
+        | libc::EAGAIN
+        | libc::EINTR
+        | libc::ENETDOWN
+        | libc::ENOPROTOOPT
+        | libc::EHOSTDOWN
+        | libc::ENONET
+        | libc::EHOSTUNREACH
+        | libc::EOPNOTSUPP
+        | libc::ENETUNREACH
+        | libc::ETIMEDOUT => AcceptErrorKind::Transient,
+        _ => AcceptErrorKind::Other,
+    }
+}

@@ -25,6 +25,7 @@ use crate::admit::register::RegisterOp;
 use crate::admit::replies::{Replies, ReplyOp};
 use crate::admit::slot::ConnectionSlot;
 use crate::admit::{Admission, AdmissionConfig, AdmitOp};
+use crate::driver::sys::{classify, AcceptErrorKind};
 use crate::driver::{sys, Cqe, Driver};
 use crate::listen::accept::{Delivery, ShardShared};
 use crate::listen::limits::{LimitOp, Limits, Stop};
@@ -64,41 +65,6 @@ enum Arm {
     Armed,
     /// A cancel was posted; the accept's final completion is still to come.
     Cancelling,
-}
-
-/// How an accept error is handled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum AcceptErrorKind {
-    /// Our own cancel.
-    Cancelled,
-    /// Out of a resource: back off.
-    Exhausted,
-    /// The connection died before we took it, or a firewall refused it: skip.
-    Transient,
-    /// Anything else: surface it, back off.
-    Other,
-}
-
-/// Classifies a negative accept result.
-pub(crate) fn classify(errno: i32) -> AcceptErrorKind {
-    match errno {
-        libc::ECANCELED => AcceptErrorKind::Cancelled,
-        libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM => AcceptErrorKind::Exhausted,
-        libc::ECONNABORTED
-        | libc::EPROTO
-        | libc::EPERM
-        | libc::EAGAIN
-        | libc::EINTR
-        | libc::ENETDOWN
-        | libc::ENOPROTOOPT
-        | libc::EHOSTDOWN
-        | libc::ENONET
-        | libc::EHOSTUNREACH
-        | libc::EOPNOTSUPP
-        | libc::ENETUNREACH
-        | libc::ETIMEDOUT => AcceptErrorKind::Transient,
-        _ => AcceptErrorKind::Other,
-    }
 }
 
 /// One shard's accept service.

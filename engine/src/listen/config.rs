@@ -15,7 +15,7 @@ use crate::error::{ConfigError, Error};
 use crate::listen::accept::{BacklogLength, Delivery, Listener, ShardShared};
 use crate::listen::acceptor::{Acceptor, Handler};
 use crate::listen::driven::DrivenShard;
-use crate::listen::group::{self, SocketSpec};
+use crate::listen::group::{self, SocketSpec, Steering};
 use crate::listen::limits::{Bucket, LimitConfig, Limits};
 use crate::relay::context::ShardContext;
 use crate::shard::{self, Coalesce, Moderation, Placement, ShardControl};
@@ -35,20 +35,6 @@ pub const DEFAULT_BACKLOG: usize = 1024;
 /// How long a connection may stay pending (in admission or in the ring)
 /// before it is withdrawn, unless the application says otherwise.
 pub const DEFAULT_PENDING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// How the kernel picks the shard for a new connection among the shards'
-/// `SO_REUSEPORT` sockets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Steering {
-    /// To the shard whose index is the receiving CPU modulo the shard
-    /// count, by a classic-BPF reuseport program on `SKF_AD_CPU` (4.5+).
-    /// With shards pinned to cores 0..N, each connection stays on the core
-    /// that received it. (On loopback that is the client's CPU.)
-    #[default]
-    Cpu,
-    /// The kernel's default: a hash of the connection's 4-tuple.
-    Hash,
-}
 
 /// The kernel's `net.core.somaxconn`: the natural provider ceiling.
 pub fn kernel_somaxconn() -> Option<usize> {

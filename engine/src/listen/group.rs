@@ -48,7 +48,20 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::admit::attrs::SocketAttrs;
 use crate::driver::sys;
 use crate::error::{ConfigError, Error};
-use crate::listen::config::Steering;
+
+/// How the kernel picks the shard for a new connection among the shards'
+/// `SO_REUSEPORT` sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Steering {
+    /// To the shard whose index is the receiving CPU modulo the shard
+    /// count, by a classic-BPF reuseport program on `SKF_AD_CPU` (4.5+).
+    /// With shards pinned to cores 0..N, each connection stays on the core
+    /// that received it. (On loopback that is the client's CPU.)
+    #[default]
+    Cpu,
+    /// The kernel's default: a hash of the connection's 4-tuple.
+    Hash,
+}
 
 /// How the kernel picks a socket of the group for a new connection, as it
 /// ended up once the group was bound, joined or adopted.

@@ -11,7 +11,8 @@
 //!   (blocking, try, timeout, the accept event), shutdown and drain;
 //! - [`driven`]: shards the application drives on its own threads;
 //! - [`limits`]: max open connections, accept budget and accept rate, which
-//!   the acceptor consults once per turn;
+//!   the acceptor consults once per turn (the builder's settings for them are
+//!   in `builder_limits`);
 //! - [`activation`]: systemd socket activation (`LISTEN_FDS`);
 //! - [`drain`]: stop accepting, let work finish, close the rest;
 //! - [`handover`]: the listening sockets to a successor process.
@@ -20,6 +21,7 @@ pub(crate) mod accept;
 pub(crate) mod acceptor;
 pub(crate) mod activation;
 pub(crate) mod backlog;
+mod builder_limits;
 pub(crate) mod config;
 pub(crate) mod drain;
 pub(crate) mod driven;
