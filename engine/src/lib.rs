@@ -187,7 +187,7 @@ mod tests {
     use crate::admit::register::RegisterOp;
     use crate::admit::replies::ReplyOp;
     use crate::admit::AdmitOp;
-    use crate::connect::dialer::ConnectOp;
+    use crate::connect::job::ConnectOp;
     use crate::listen::acceptor::AcceptOp;
     use crate::listen::limits::LimitOp;
     use crate::relay::RelayOp;

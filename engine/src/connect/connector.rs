@@ -18,7 +18,8 @@ use crate::listen::accept::Delivery;
 use crate::shard::{self, Placement, ShardControl};
 
 use super::dial::{Completion, ConnectHandler, Connected, Dial, Ticket};
-use super::dialer::{refuse, Common, ConnectJob, Dialer, Job, Reply, RunJob, ShardShared};
+use super::dialer::{refuse, Common, Dialer, ShardShared};
+use super::job::{ConnectJob, Job, Reply, RunJob};
 use super::load::{Load, RunSummary, SequencePlan, SequenceRecord};
 use super::socket::check_attrs;
 use super::stats::{add, ConnectorStats, Counters};

@@ -66,6 +66,7 @@
 pub(crate) mod connector;
 pub(crate) mod dial;
 pub(crate) mod dialer;
+pub(crate) mod job;
 pub(crate) mod load;
 mod sequence;
 mod slot;

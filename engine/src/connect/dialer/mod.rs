@@ -4,12 +4,15 @@
 //! A slot's life is in [`super::slot`], load sequences in
 //! [`super::sequence`].
 
+mod connects;
+mod runs;
+
 use std::collections::VecDeque;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_queue::SegQueue;
@@ -19,42 +22,18 @@ use crate::admit::attrs::SocketAttrs;
 use crate::driver::{op, sys, Cqe, Driver};
 use crate::error::Error;
 use crate::listen::accept::Delivery;
-use crate::shard::{op_kinds, user_data, Service, ShardControl, ShardOp};
+use crate::shard::{user_data, Service, ShardControl, ShardOp};
 
-use super::dial::{Completion, ConnectHandler, Connected, Ticket};
-use super::load::{CloseMode, OutcomeCounts, SequencePlan, SequenceRecord};
-use super::sequence::{direct_table, Parked, PlainSocket, Run, MIN_BACKOFF, RECV_CHUNK};
-use super::slot::{
+use crate::connect::dial::{Completion, ConnectHandler, Ticket};
+use crate::connect::job::{ConnectJob, ConnectOp, Job, Reply, RunJob};
+use crate::connect::load::{CloseMode, OutcomeCounts};
+use crate::connect::sequence::{direct_table, Parked, PlainSocket, Run, MIN_BACKOFF, RECV_CHUNK};
+use crate::connect::slot::{
     Cancel, Opening, Slot, OP_CLOSE, OP_CONNECT, OP_DISCONNECT, OP_RECV, OP_SEND, OP_SOCKET,
     OP_TIMEOUT,
 };
-use super::socket::{configure_socket, errno_of, open_socket};
-use super::stats::{add, sub, Counters};
-
-op_kinds! {
-    /// The operations of the connect side.
-    pub(crate) enum ConnectOp {
-        /// SOCKET creation.
-        Socket = 16,
-        /// The CONNECT operation.
-        Connect = 17,
-        /// The LINK_TIMEOUT linked to a CONNECT.
-        Timeout = 18,
-        /// A SEND of a connection's payload.
-        Send = 19,
-        /// A RECV of a connection's response.
-        Recv = 20,
-        /// A CLOSE.
-        Close = 21,
-        /// The shard's timer.
-        Timer = 22,
-        /// A CONNECT to AF_UNSPEC that ends a sequence (RST) and keeps its
-        /// socket for the next one.
-        Disconnect = 24,
-        /// The CLOSE of a kept socket at the end of a run.
-        Unpark = 25,
-    }
-}
+use crate::connect::socket::{configure_socket, errno_of, open_socket};
+use crate::connect::stats::{add, sub, Counters};
 
 /// How often a shard with sequences in flight checks their deadlines.
 const SCAN_INTERVAL: Duration = Duration::from_millis(10);
@@ -94,42 +73,6 @@ impl std::fmt::Debug for Common {
             .field("timeout", &self.timeout)
             .finish_non_exhaustive()
     }
-}
-
-/// A request for a shard.
-pub(super) enum Job {
-    Connect(ConnectJob),
-    Run(Box<RunJob>),
-}
-
-pub(super) struct ConnectJob {
-    pub(super) ticket: u64,
-    pub(super) addr: SocketAddr,
-    pub(super) source: Option<IpAddr>,
-    pub(super) timeout: Option<Duration>,
-    pub(super) attrs: Arc<SocketAttrs>,
-    pub(super) reply: Reply,
-}
-
-pub(super) enum Reply {
-    /// A blocking caller waits on this channel.
-    Wait(mpsc::SyncSender<Result<Connected, Error>>),
-    /// The completion queue (or the inline handler).
-    Deliver,
-}
-
-type Sink = Box<dyn FnMut(&SequenceRecord) + Send>;
-
-pub(super) struct RunJob {
-    pub(super) plan: Arc<SequencePlan>,
-    pub(super) started: Instant,
-    /// Sequences in flight at most (closed loop: exactly) on this shard.
-    pub(super) concurrency: usize,
-    /// Open loop: time between starts on this shard.
-    pub(super) interval: Option<Duration>,
-    pub(super) count: Option<u64>,
-    pub(super) sink: Sink,
-    pub(super) done: mpsc::Sender<(u64, OutcomeCounts, Instant)>,
 }
 
 /// A job that will never run: tell its waiter (or queue its completion)
