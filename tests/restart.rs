@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use floodgate::{Listener, SteeringInForce};
 use floodgate_tests::{
-    connect, cores, listening_on, open_fds, pin, reset_on_drop, serial, wait_for,
+    connect, cores, listening_on, pin, reset_on_drop, serial, wait_for, FdTable,
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_floodgate-probe");
@@ -62,7 +62,7 @@ fn clients_from_every_core(addr: SocketAddr, per_core: usize) {
 fn a_new_instance_binds_at_once_after_a_multi_shard_one_is_killed() {
     let _g = serial();
     let n = cores().len().clamp(1, 2);
-    let before = open_fds();
+    let fds = FdTable::now();
     let mut lingered = 0;
     let mut io_uring = false;
     // Bounded rounds: enough to catch the dead process's sockets still in
@@ -105,7 +105,7 @@ fn a_new_instance_binds_at_once_after_a_multi_shard_one_is_killed() {
             "no round found the killed instance's sockets still open: the test saw nothing"
         );
     }
-    assert_eq!(open_fds(), before, "descriptors left open");
+    fds.assert_back("descriptors left open");
 }
 
 /// Accepts on `listener` until `stop`, checking each connection came from
@@ -139,7 +139,7 @@ fn two_overlapping_instances_both_serve_with_steering_intact() {
     if n < 2 {
         return; // steering needs two cores to show anything
     }
-    let before = open_fds();
+    let fds = FdTable::now();
     let a = Arc::new(
         Listener::builder("127.0.0.1:0".parse().unwrap())
             .shards(n)
@@ -203,5 +203,5 @@ fn two_overlapping_instances_both_serve_with_steering_intact() {
     b.shutdown();
     assert!(b.stats().conserved());
     drop(b);
-    assert_eq!(open_fds(), before, "descriptors left open");
+    fds.assert_back("descriptors left open");
 }
