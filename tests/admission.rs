@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use floodgate::{ConnectRequest, Keepalive, Listener, Qos, RejectHow, SocketAttrs, Verdict};
-use floodgate_tests::{connect, open_fds, reset_on_drop, serial, wait_for};
+use floodgate_tests::{connect, reset_on_drop, serial, wait_for, FdTable};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -289,7 +289,7 @@ fn admitted_sockets_carry_every_declared_attribute_and_the_verdicts_qos() {
 #[test]
 fn conservation_holds_after_thousands_of_random_verdicts() {
     let _g = serial();
-    let baseline = open_fds();
+    let baseline = FdTable::now();
     const N: u64 = 3000;
     let l = Arc::new(
         Listener::builder("127.0.0.1:0".parse().unwrap())
@@ -349,13 +349,13 @@ fn conservation_holds_after_thousands_of_random_verdicts() {
         "{t:?}"
     );
     drop(l);
-    assert_eq!(open_fds(), baseline);
+    baseline.assert_back("fd table back to baseline");
 }
 
 #[test]
 fn connections_left_in_the_ring_past_the_pending_timeout_are_withdrawn_at_accept() {
     let _g = serial();
-    let baseline = open_fds();
+    let baseline = FdTable::now();
     let timeout = Duration::from_millis(50);
     let l = Listener::builder("127.0.0.1:0".parse().unwrap())
         .shards(1)
@@ -389,7 +389,7 @@ fn connections_left_in_the_ring_past_the_pending_timeout_are_withdrawn_at_accept
     drop(fresh);
     drop(clients);
     drop(l);
-    assert_eq!(open_fds(), baseline);
+    baseline.assert_back("fd table back to baseline");
 }
 
 #[test]

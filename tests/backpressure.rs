@@ -5,12 +5,12 @@ use std::collections::HashSet;
 use std::net::TcpStream;
 
 use floodgate::Listener;
-use floodgate_tests::{connect, open_fds, read_id, reset_on_drop, serial, wait_for};
+use floodgate_tests::{connect, read_id, reset_on_drop, serial, wait_for, FdTable};
 
 #[test]
 fn full_ring_pauses_accepting_and_loses_nothing() {
     let _g = serial();
-    let baseline = open_fds();
+    let baseline = FdTable::now();
     const RING: usize = 16;
     const CLIENTS: u64 = 30; // ring (16) + kernel accept queue (backlog + 1 = 17) holds 33
     let listener = Listener::builder("127.0.0.1:0".parse().unwrap())
@@ -68,7 +68,7 @@ fn full_ring_pauses_accepting_and_loses_nothing() {
     }
     drop(clients);
     drop(listener);
-    assert_eq!(open_fds(), baseline);
+    baseline.assert_back("fd table back to baseline");
 }
 
 #[test]

@@ -15,7 +15,7 @@ use floodgate::{
     CloseMode, ConnectErrorKind, Connector, Dial, Error, Listener, SequenceOutcome, SequencePlan,
 };
 use floodgate_tests::{
-    banner_listener, open_fds, refusing_port, ring_held_sockets, serial, wait_for,
+    banner_listener, refusing_port, ring_held_sockets, serial, wait_for, FdTable,
 };
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -228,7 +228,7 @@ fn inline_handler_gets_every_completion() {
 #[test]
 fn shutdown_cancels_in_flight_connects_and_closes_every_socket() {
     let _g = serial();
-    let baseline = open_fds();
+    let baseline = FdTable::now();
     {
         let (_l, addr, _fill) = full_listener();
         let c = Arc::new(
@@ -270,13 +270,13 @@ fn shutdown_cancels_in_flight_connects_and_closes_every_socket() {
         assert_eq!(cancelled, 10);
         assert!(c.submit(addr).is_err());
     }
-    assert_eq!(open_fds(), baseline, "descriptors leaked");
+    baseline.assert_back("descriptors leaked");
 }
 
 #[test]
 fn fd_table_is_back_to_baseline_after_drop() {
     let _g = serial();
-    let baseline = open_fds();
+    let baseline = FdTable::now();
     {
         let listener = banner_listener();
         let addr = listener.local_addr();
@@ -299,7 +299,7 @@ fn fd_table_is_back_to_baseline_after_drop() {
         drop(c);
         listener.shutdown();
     }
-    assert_eq!(open_fds(), baseline, "descriptors leaked");
+    baseline.assert_back("descriptors leaked");
 }
 
 #[test]
@@ -457,7 +457,7 @@ fn bad_plans_are_refused_naming_the_field() {
 #[test]
 fn sockets_come_from_io_uring_socket_where_the_kernel_has_it() {
     let _g = serial();
-    let baseline = open_fds();
+    let baseline = FdTable::now();
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let c = connector(1);
     // This kernel (6.x) has IORING_OP_SOCKET (5.19+): the shard uses it.
@@ -480,7 +480,7 @@ fn sockets_come_from_io_uring_socket_where_the_kernel_has_it() {
     }
     drop(c);
     drop(listener);
-    assert_eq!(open_fds(), baseline);
+    baseline.assert_back("fd table back to baseline");
 }
 
 /// Whether this kernel runs io_uring SOCKET into direct slots (5.19+), the
@@ -512,7 +512,7 @@ fn rst_reuse_case(attrs: Option<floodgate::SocketAttrs>) {
     let _g = serial();
     const N: u64 = 2_000;
     const C: usize = 8;
-    let baseline = open_fds();
+    let baseline = FdTable::now();
     let server = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = server.local_addr().unwrap();
     // Every 4th connection the server resets at once (the client's receive
@@ -587,7 +587,7 @@ fn rst_reuse_case(attrs: Option<floodgate::SocketAttrs>) {
     assert_eq!(ring_held_sockets(), 0);
     assert!(c.stats().conserved());
     drop(c);
-    assert_eq!(open_fds(), baseline, "descriptors leaked");
+    baseline.assert_back("descriptors leaked");
 }
 
 #[test]
@@ -618,7 +618,7 @@ fn sequence_connect_timeout_is_typed_without_a_timer_per_connect() {
 #[test]
 fn shutdown_in_the_middle_of_a_run_closes_kept_and_in_flight_sockets() {
     let _g = serial();
-    let baseline = open_fds();
+    let baseline = FdTable::now();
     {
         let listener = banner_listener();
         let c = Arc::new(connector(2));
@@ -655,7 +655,7 @@ fn shutdown_in_the_middle_of_a_run_closes_kept_and_in_flight_sockets() {
         drop(c);
         listener.shutdown();
     }
-    assert_eq!(open_fds(), baseline, "descriptors leaked");
+    baseline.assert_back("descriptors leaked");
 }
 
 #[test]

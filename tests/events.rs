@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 
 use floodgate::Listener;
 use floodgate_tests::{
-    capture, connect, ended_by_server, open_fds, reset_on_drop, serial, wait_for,
+    capture, connect, ended_by_server, reset_on_drop, serial, wait_for, FdTable,
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_floodgate-probe");
@@ -127,7 +127,7 @@ fn count(seen: &mut Vec<String>, what: &str) -> u64 {
 #[test]
 fn a_full_ring_pause_and_its_resume_emit_one_event_each() {
     let _g = serial();
-    let baseline = open_fds();
+    let baseline = FdTable::now();
     {
         let _ = capture::take(captured());
         const RING: usize = 4;
@@ -169,13 +169,13 @@ fn a_full_ring_pause_and_its_resume_emit_one_event_each() {
         drop(clients);
         listener.shutdown();
     }
-    assert_eq!(open_fds(), baseline, "descriptors leaked");
+    baseline.assert_back("descriptors leaked");
 }
 
 #[test]
 fn a_panicking_handler_emits_an_error_event_per_panic() {
     let _g = serial();
-    let baseline = open_fds();
+    let baseline = FdTable::now();
     {
         let _ = capture::take(captured());
         let listener = Listener::builder("127.0.0.1:0".parse().unwrap())
@@ -204,5 +204,5 @@ fn a_panicking_handler_emits_an_error_event_per_panic() {
         assert_eq!(field(e, "target"), Some("floodgate"), "{e}");
         listener.shutdown();
     }
-    assert_eq!(open_fds(), baseline, "descriptors leaked");
+    baseline.assert_back("descriptors leaked");
 }

@@ -12,7 +12,7 @@ use floodgate::{
     ListenerStats, SequencePlan, ShardStats, Verdict,
 };
 use floodgate_tests::{
-    banner_listener, connect_from, ended_by_server, open_fds, reset_on_drop, serial, wait_for,
+    banner_listener, connect_from, ended_by_server, reset_on_drop, serial, wait_for, FdTable,
 };
 use prometheus_client::encoding::prometheus_text::encode;
 use prometheus_client::registry::Registry;
@@ -418,7 +418,7 @@ fn listener_collector_writes_the_limit_counters_and_open_gauges() {
 
 fn listener_collector_case(max_connections: Option<usize>) {
     let _g = serial();
-    let baseline = open_fds();
+    let baseline = FdTable::now();
     {
         let mut builder = Listener::builder("127.0.0.1:0".parse().unwrap());
         if let Some(n) = max_connections {
@@ -478,13 +478,13 @@ fn listener_collector_case(max_connections: Option<usize>) {
         drop(registry);
         listener.shutdown();
     }
-    assert_eq!(open_fds(), baseline, "descriptors leaked");
+    baseline.assert_back("descriptors leaked");
 }
 
 #[test]
 fn connector_collector_writes_exactly_the_connectors_stats() {
     let _g = serial();
-    let baseline = open_fds();
+    let baseline = FdTable::now();
     {
         let server = banner_listener();
         let (_hold, refused) = floodgate_tests::refusing_port();
@@ -521,5 +521,5 @@ fn connector_collector_writes_exactly_the_connectors_stats() {
         connector.shutdown();
         server.shutdown();
     }
-    assert_eq!(open_fds(), baseline, "descriptors leaked");
+    baseline.assert_back("descriptors leaked");
 }

@@ -5,12 +5,12 @@ use std::io::Read;
 use std::sync::Arc;
 
 use floodgate::{Error, Listener};
-use floodgate_tests::{connect, open_fds, serial, wait_for};
+use floodgate_tests::{connect, serial, wait_for, FdTable};
 
 #[test]
 fn shutdown_with_pending_connections_closes_and_counts_them() {
     let _g = serial();
-    let baseline = open_fds();
+    let baseline = FdTable::now();
     let listener = Listener::builder("127.0.0.1:0".parse().unwrap())
         .build()
         .unwrap();
@@ -43,13 +43,13 @@ fn shutdown_with_pending_connections_closes_and_counts_them() {
     }
     assert_eq!(ended, 50);
     drop(listener);
-    assert_eq!(open_fds(), baseline);
+    baseline.assert_back("fd table back to baseline");
 }
 
 #[test]
 fn drop_without_shutdown_leaves_no_fd() {
     let _g = serial();
-    let baseline = open_fds();
+    let baseline = FdTable::now();
     {
         let listener = Listener::builder("127.0.0.1:0".parse().unwrap())
             .build()
@@ -59,7 +59,7 @@ fn drop_without_shutdown_leaves_no_fd() {
             .collect();
         wait_for("accepted", || listener.stats().total().accepted == 10);
     }
-    assert_eq!(open_fds(), baseline);
+    baseline.assert_back("fd table back to baseline");
 }
 
 #[test]

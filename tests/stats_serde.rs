@@ -9,7 +9,7 @@ use floodgate::{
     ListenerStats, RunSummary, SequenceOutcome, SequencePlan, Verdict,
 };
 use floodgate_tests::{
-    banner_listener, connect_from, ended_by_server, open_fds, reset_on_drop, serial, wait_for,
+    banner_listener, connect_from, ended_by_server, reset_on_drop, serial, wait_for, FdTable,
 };
 use serde_json::{json, Value};
 
@@ -34,7 +34,7 @@ fn sorted(names: &[&str]) -> Vec<String> {
 #[test]
 fn listener_stats_serialise_every_field_and_read_back_equal() {
     let _g = serial();
-    let baseline = open_fds();
+    let baseline = FdTable::now();
     {
         let listener = Listener::builder("127.0.0.1:0".parse().unwrap())
             .shards(1)
@@ -181,7 +181,7 @@ fn listener_stats_serialise_every_field_and_read_back_equal() {
         assert_eq!(v["shards"][0]["kernel"], Value::Null);
         assert_eq!(serde_json::from_value::<ListenerStats>(v).ok(), Some(stats));
     }
-    assert_eq!(open_fds(), baseline, "descriptors leaked");
+    baseline.assert_back("descriptors leaked");
 }
 
 #[test]
@@ -214,7 +214,7 @@ fn backends_and_error_kinds_are_their_display_names() {
 #[test]
 fn run_summary_and_connector_stats_serialise_and_read_back_equal() {
     let _g = serial();
-    let baseline = open_fds();
+    let baseline = FdTable::now();
     {
         let server = banner_listener();
         let connector = Connector::builder()
@@ -289,5 +289,5 @@ fn run_summary_and_connector_stats_serialise_and_read_back_equal() {
         connector.shutdown();
         server.shutdown();
     }
-    assert_eq!(open_fds(), baseline, "descriptors leaked");
+    baseline.assert_back("descriptors leaked");
 }
