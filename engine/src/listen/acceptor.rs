@@ -487,18 +487,30 @@ impl Acceptor {
                     continue;
                 }
                 for _ in 0..LEFTOVER_BUDGET {
-                    match sys::accept4(socket.as_fd(), self.nonblocking) {
-                        Ok(fd) => self.accepted_fd(ring, fd, ConnectionSlot::none(), now),
-                        Err(e) => match e.raw_os_error().map(classify) {
-                            Some(AcceptErrorKind::Transient)
-                                if e.raw_os_error() != Some(libc::EAGAIN) =>
-                            {
-                                Counters::add(&self.counters().aborted, 1);
+                    let errno = match sys::accept4(socket.as_fd(), self.nonblocking) {
+                        Ok(fd) => {
+                            self.accepted_fd(ring, fd, ConnectionSlot::none(), now);
+                            continue;
+                        }
+                        Err(e) => e.raw_os_error().unwrap_or(libc::EIO),
+                    };
+                    match errno {
+                        // Empty.
+                        libc::EAGAIN => break,
+                        libc::EINTR => continue,
+                        _ => {
+                            let c = &self.shard.counters;
+                            c.last_errno
+                                .store(errno as u64, std::sync::atomic::Ordering::Relaxed);
+                            if classify(errno) == AcceptErrorKind::Transient {
+                                Counters::add(&c.aborted, 1);
+                                continue;
                             }
-                            // EAGAIN: empty. Out of descriptors or anything
-                            // else: what is left stays with the queue.
-                            _ => break,
-                        },
+                            // Out of descriptors, or anything else: what is
+                            // left stays in the queue, with the successor.
+                            event!(warn, shard = self.index, errno, error = %io::Error::from_raw_os_error(errno), "draining: leaving the rest of the accept queue");
+                            break;
+                        }
                     }
                 }
                 if !was_nonblocking {
