@@ -646,6 +646,7 @@ impl Driver {
     }
 
     /// Whether operations were posted and not yet submitted.
+    #[cfg(feature = "tokio")]
     pub fn has_queued(&mut self) -> bool {
         match &mut self.imp {
             Imp::Uring(r) => r.has_queued(),

@@ -119,6 +119,7 @@ impl Epoll {
     }
 
     /// Whether operations were posted and not yet submitted.
+    #[cfg(feature = "tokio")]
     pub fn has_queued(&self) -> bool {
         !self.sq.is_empty()
     }
