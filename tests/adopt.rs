@@ -7,7 +7,7 @@ use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
 
 use floodgate::{Error, Listener, SteeringInForce};
-use floodgate_tests::{connect, cores, open_fds, reset_on_drop, serial};
+use floodgate_tests::{connect, cores, reset_on_drop, serial, FdTable};
 use socket2::{Domain, Protocol, Socket, Type};
 
 const PROBE: &str = env!("CARGO_BIN_EXE_floodgate-probe");
@@ -34,7 +34,7 @@ fn reuseport_listener(addr: SocketAddr) -> Socket {
 #[test]
 fn an_owned_std_listener_is_adopted_with_the_connections_already_in_its_queue() {
     let _g = serial();
-    let before = open_fds();
+    let fds = FdTable::now();
     let std_listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = std_listener.local_addr().unwrap();
     // Waiting in the kernel's queue before the engine exists.
@@ -55,17 +55,13 @@ fn an_owned_std_listener_is_adopted_with_the_connections_already_in_its_queue() 
     assert_eq!(t.accepted, 6);
     assert!(listener.stats().conserved());
     drop(listener);
-    assert_eq!(
-        open_fds(),
-        before,
-        "the adopted socket is closed with the listener"
-    );
+    fds.assert_back("the adopted socket is closed with the listener");
 }
 
 #[test]
 fn sockets_that_are_not_listening_tcp_are_refused_naming_the_field() {
     let _g = serial();
-    let before = open_fds();
+    let fds = FdTable::now();
     let bound = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
     bound
         .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
@@ -95,14 +91,14 @@ fn sockets_that_are_not_listening_tcp_are_refused_naming_the_field() {
             other => panic!("2 shards on a plain socket: {other:?}"),
         }
     }
-    assert_eq!(open_fds(), before, "refused sockets are closed");
+    fds.assert_back("refused sockets are closed");
 }
 
 #[test]
 fn fewer_sockets_get_siblings_and_more_are_shared_out_with_every_one_served() {
     let _g = serial();
     let n = cores().len().min(2);
-    let before = open_fds();
+    let fds = FdTable::now();
     // One reuseport socket, n shards: siblings join, steering attached.
     let one = reuseport_listener("127.0.0.1:0".parse().unwrap());
     let addr = one.local_addr().unwrap().as_socket().unwrap();
@@ -136,7 +132,7 @@ fn fewer_sockets_get_siblings_and_more_are_shared_out_with_every_one_served() {
     assert_eq!(listener.stats().total().accepted, 60);
     assert!(listener.stats().conserved());
     drop(listener);
-    assert_eq!(open_fds(), before);
+    fds.assert_back("fd table back to baseline");
 }
 
 /// Starts the probe as systemd starts a socket-activated service: the

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use floodgate::{Error, Listener};
-use floodgate_tests::{connect, open_fds, read_id, serial, tagged_client, wait_for};
+use floodgate_tests::{connect, read_id, serial, tagged_client, wait_for, FdTable};
 
 const CONNECTIONS: u64 = 20_000;
 const CLIENT_THREADS: u64 = 4;
@@ -18,7 +18,7 @@ const CONSUMERS: usize = 2;
 #[test]
 fn every_connection_is_delivered_exactly_once() {
     let _g = serial();
-    let baseline = open_fds();
+    let fds = FdTable::now();
     let listener = Arc::new(
         Listener::builder("127.0.0.1:0".parse().unwrap())
             .build()
@@ -80,7 +80,7 @@ fn every_connection_is_delivered_exactly_once() {
     assert!(stats.conserved(), "{stats:?}");
     drop(seen);
     drop(listener);
-    assert_eq!(open_fds(), baseline, "fd table back to its baseline");
+    fds.assert_back("fd table back to its baseline");
 }
 
 #[test]
@@ -135,7 +135,7 @@ fn accept_event_is_readable_while_connections_are_pending_and_not_before() {
 #[test]
 fn inline_handler_gets_every_connection_on_its_shard() {
     let _g = serial();
-    let baseline = open_fds();
+    let fds = FdTable::now();
     let listener = Listener::builder("127.0.0.1:0".parse().unwrap())
         .handler(|conn, ctx| {
             let shard = ctx.shard() as u8;
@@ -159,7 +159,7 @@ fn inline_handler_gets_every_connection_on_its_shard() {
     assert_eq!(total.delivered, 500);
     assert!(listener.stats().conserved());
     drop(listener);
-    assert_eq!(open_fds(), baseline);
+    fds.assert_back("fd table back to baseline");
 }
 
 #[test]
@@ -214,7 +214,7 @@ fn segments_in(s: &std::net::TcpStream) -> u32 {
 #[test]
 fn replies_leave_with_the_fin_by_default_and_at_once_when_asked() {
     let _g = serial();
-    let baseline = open_fds();
+    let fds = FdTable::now();
     for at_once in [false, true] {
         let listener = Listener::builder("127.0.0.1:0".parse().unwrap())
             .shards(1)
@@ -237,7 +237,7 @@ fn replies_leave_with_the_fin_by_default_and_at_once_when_asked() {
         listener.shutdown();
         assert!(listener.stats().conserved());
     }
-    assert_eq!(open_fds(), baseline);
+    fds.assert_back("fd table back to baseline");
 }
 
 /// `Admitted::reply_and_close` on the application's thread: every client
@@ -246,7 +246,7 @@ fn replies_leave_with_the_fin_by_default_and_at_once_when_asked() {
 #[test]
 fn an_accepted_connection_replies_with_the_fin_from_the_applications_thread() {
     let _g = serial();
-    let baseline = open_fds();
+    let fds = FdTable::now();
     {
         let listener = Listener::builder("127.0.0.1:0".parse().unwrap())
             .shards(1)
@@ -277,13 +277,13 @@ fn an_accepted_connection_replies_with_the_fin_from_the_applications_thread() {
         assert!(listener.stats().conserved(), "{t:?}");
         assert_eq!((t.accepted, t.delivered), (100, 100));
     }
-    assert_eq!(open_fds(), baseline);
+    fds.assert_back("fd table back to baseline");
 }
 
 #[test]
 fn accept_many_returns_each_connection_once_across_competing_threads() {
     let _g = serial();
-    let baseline = open_fds();
+    let fds = FdTable::now();
     let listener = Arc::new(
         Listener::builder("127.0.0.1:0".parse().unwrap())
             .build()
@@ -352,7 +352,7 @@ fn accept_many_returns_each_connection_once_across_competing_threads() {
     assert_eq!(stats.total().delivered, N);
     assert!(stats.conserved(), "{stats:?}");
     drop(listener);
-    assert_eq!(open_fds(), baseline);
+    fds.assert_back("fd table back to baseline");
 }
 
 #[test]
@@ -383,7 +383,7 @@ fn is_nonblocking(conn: &floodgate::Admitted) -> bool {
 #[test]
 fn nonblocking_accept_gives_o_nonblock_sockets_on_every_accept_path() {
     let _g = serial();
-    let baseline = open_fds();
+    let fds = FdTable::now();
     // The multishot ACCEPT (epoll: accept4), the limits' poll + accept4,
     // and a driven shard's accept, each with and without the option.
     for nonblocking in [false, true] {
@@ -428,5 +428,5 @@ fn nonblocking_accept_gives_o_nonblock_sockets_on_every_accept_path() {
         listener.shutdown();
         assert!(listener.stats().conserved());
     }
-    assert_eq!(open_fds(), baseline);
+    fds.assert_back("fd table back to baseline");
 }

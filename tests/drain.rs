@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use floodgate::Listener;
 use floodgate_tests::{
-    accept_from, connect, open_fds, relay_listener, relays, serial, silent_upstream, still_relays,
-    wait_for,
+    accept_from, connect, relay_listener, relays, serial, silent_upstream, still_relays, wait_for,
+    FdTable,
 };
 
 /// A one-shard relay listener with one relay running, idle: the client's
@@ -34,7 +34,7 @@ fn pattern(len: usize) -> Vec<u8> {
 #[test]
 fn drain_lets_a_live_download_finish_every_byte_then_fin() {
     let _g = serial();
-    let baseline = open_fds();
+    let fds = FdTable::now();
     {
         let (listener, mut c, mut s) = live_relay();
         let listener = Arc::new(listener);
@@ -87,13 +87,13 @@ fn drain_lets_a_live_download_finish_every_byte_then_fin() {
         assert_eq!(r.bytes_to_client, LEN as u64 + 1);
         assert!(listener.stats().conserved());
     }
-    wait_for("fd table back to baseline", || open_fds() == baseline);
+    fds.assert_back("fd table back to baseline");
 }
 
 #[test]
 fn at_the_drain_deadline_a_live_relay_ends_with_fin_each_way_not_rst() {
     let _g = serial();
-    let baseline = open_fds();
+    let fds = FdTable::now();
     {
         let (listener, mut c, mut s) = live_relay();
 
@@ -116,13 +116,13 @@ fn at_the_drain_deadline_a_live_relay_ends_with_fin_each_way_not_rst() {
             "{r:?}"
         );
     }
-    wait_for("fd table back to baseline", || open_fds() == baseline);
+    fds.assert_back("fd table back to baseline");
 }
 
 #[test]
 fn shutdown_winds_relays_down_with_fin_and_every_byte_received_is_passed_on() {
     let _g = serial();
-    let baseline = open_fds();
+    let fds = FdTable::now();
     {
         let up = silent_upstream();
         let listener = relay_listener(up.local_addr().unwrap());
@@ -156,13 +156,13 @@ fn shutdown_winds_relays_down_with_fin_and_every_byte_received_is_passed_on() {
             "{r:?}"
         );
     }
-    wait_for("fd table back to baseline", || open_fds() == baseline);
+    fds.assert_back("fd table back to baseline");
 }
 
 #[test]
 fn a_client_that_reads_nothing_cannot_hold_shutdown_and_its_end_is_counted() {
     let _g = serial();
-    let baseline = open_fds();
+    let fds = FdTable::now();
     {
         let (listener, mut c, mut s) = live_relay();
         // The upstream pours 64 MiB at a client that reads none of it: the
@@ -198,5 +198,5 @@ fn a_client_that_reads_nothing_cannot_hold_shutdown_and_its_end_is_counted() {
         drop(c);
         writer.join().unwrap();
     }
-    wait_for("fd table back to baseline", || open_fds() == baseline);
+    fds.assert_back("fd table back to baseline");
 }

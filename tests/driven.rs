@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use floodgate::{DrivenShard, Error, Listener};
 use floodgate_tests::{
-    connect, cores, each_id_once, one_driven_shard, open_fds, pin, read_id, serial, tagged_client,
-    tagged_clients_from_cores, wait_for,
+    connect, cores, each_id_once, one_driven_shard, pin, read_id, serial, tagged_client,
+    tagged_clients_from_cores, wait_for, FdTable,
 };
 
 fn addr() -> SocketAddr {
@@ -47,7 +47,7 @@ fn serve(mut shard: DrivenShard, ids: mpsc::Sender<(usize, u64)>, stop: Arc<Atom
 #[test]
 fn driven_shards_on_their_own_threads_deliver_every_connection_once() {
     let _serial = serial();
-    let baseline = open_fds();
+    let fds = FdTable::now();
     let cores = cores();
     let n = cores.len().clamp(1, 4);
     let (listener, shards) = Listener::builder(addr())
@@ -91,13 +91,13 @@ fn driven_shards_on_their_own_threads_deliver_every_connection_once() {
     assert_eq!(stats.total().accepted, total);
     assert_eq!(stats.total().delivered, total);
     drop(listener);
-    assert_eq!(open_fds(), baseline, "fd table back to baseline");
+    fds.assert_back("fd table back to baseline");
 }
 
 #[test]
 fn a_shard_that_is_not_driven_takes_nothing_from_the_kernel() {
     let _serial = serial();
-    let baseline = open_fds();
+    let fds = FdTable::now();
     let (listener, mut shard) = one_driven_shard();
     // Started (its accept posted), then left alone.
     assert_eq!(shard.drive(|_, _| panic!("nothing yet")).expect("drive"), 0);
@@ -133,13 +133,13 @@ fn a_shard_that_is_not_driven_takes_nothing_from_the_kernel() {
     listener.shutdown();
     assert!(listener.stats().conserved());
     drop(listener);
-    assert_eq!(open_fds(), baseline);
+    fds.assert_back("fd table back to baseline");
 }
 
 #[test]
 fn shutdown_closes_and_counts_what_a_driven_shard_holds() {
     let _serial = serial();
-    let baseline = open_fds();
+    let fds = FdTable::now();
     let (listener, mut shard) = one_driven_shard();
     shard.drive(|_, _| {}).expect("start");
     let clients: Vec<_> = (0..10)
@@ -173,13 +173,13 @@ fn shutdown_closes_and_counts_what_a_driven_shard_holds() {
     drop(shard);
     drop(clients);
     drop(listener);
-    assert_eq!(open_fds(), baseline);
+    fds.assert_back("fd table back to baseline");
 }
 
 #[test]
 fn dropping_driven_shards_stops_them_and_counts_what_they_held() {
     let _serial = serial();
-    let baseline = open_fds();
+    let fds = FdTable::now();
     let (listener, mut shard) = one_driven_shard();
     shard.drive(|_, _| {}).expect("start");
     let _clients: Vec<_> = (0..5)
@@ -191,7 +191,7 @@ fn dropping_driven_shards_stops_them_and_counts_what_they_held() {
     listener.shutdown();
     drop(listener);
     drop(_clients);
-    assert_eq!(open_fds(), baseline);
+    fds.assert_back("fd table back to baseline");
 }
 
 #[test]
@@ -274,7 +274,7 @@ fn a_driven_shard_replies_on_its_own_ring() {
 #[test]
 fn a_blocking_accept_loop_on_a_driven_shard_takes_each_connection_once() {
     let _serial = serial();
-    let baseline = open_fds();
+    let fds = FdTable::now();
     {
         let (listener, mut shard) = one_driven_shard();
         let target = listener.local_addr();
@@ -317,7 +317,7 @@ fn a_blocking_accept_loop_on_a_driven_shard_takes_each_connection_once() {
         assert!(listener.stats().conserved(), "{t:?}");
         assert_eq!((t.accepted, t.delivered, t.closed_at_shutdown), (N, N, 0));
     }
-    wait_for("fd table back to baseline", || open_fds() == baseline);
+    fds.assert_back("fd table back to baseline");
 }
 
 /// `DrivenShard::reply_and_close` after `accept()`: the reply goes on the
@@ -328,7 +328,7 @@ fn a_blocking_accept_loop_on_a_driven_shard_takes_each_connection_once() {
 fn an_accept_loop_on_a_driven_shard_replies_on_its_ring() {
     let _serial = serial();
     use std::io::Read;
-    let baseline = open_fds();
+    let fds = FdTable::now();
     {
         let (listener, mut shard) = one_driven_shard();
         let target = listener.local_addr();
@@ -360,7 +360,7 @@ fn an_accept_loop_on_a_driven_shard_replies_on_its_ring() {
         assert!(listener.stats().conserved(), "{t:?}");
         assert_eq!((t.accepted, t.delivered, t.closed_at_shutdown), (N, N, 0));
     }
-    wait_for("fd table back to baseline", || open_fds() == baseline);
+    fds.assert_back("fd table back to baseline");
 }
 
 /// A reply queued on a driven shard's ring from outside `drive()` leaves

@@ -11,7 +11,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
 use floodgate::{Admitted, Error, Interest, Listener, ListenerStats, RelayOptions, Steering};
-use floodgate_tests::{connect, open_fds, read_id, reset_on_drop, serial, wait_for};
+use floodgate_tests::{connect, read_id, reset_on_drop, serial, wait_for, FdTable};
 
 /// `accept()`, bounded: a connection that never comes fails the test
 /// instead of hanging it (the bound is not a timing assertion).
@@ -47,7 +47,7 @@ fn max_connections_hold_and_release(shards: usize) {
     const L: usize = 4;
     const K: usize = 3;
     let _g = serial();
-    let baseline = open_fds();
+    let fds = FdTable::now();
     let listener = Listener::builder("127.0.0.1:0".parse().unwrap())
         .shards(shards)
         .pin(false)
@@ -101,7 +101,7 @@ fn max_connections_hold_and_release(shards: usize) {
     }
     drop(clients);
     drop(listener);
-    assert_eq!(open_fds(), baseline);
+    fds.assert_back("fd table back to baseline");
 }
 
 #[test]
@@ -147,7 +147,7 @@ fn max_connections_counts_relayed_connections_until_the_relay_closes() {
     const L: usize = 3;
     const K: usize = 2;
     let _g = serial();
-    let baseline = open_fds();
+    let fds = FdTable::now();
     let (up, upstream, alive) = echo_to_end_upstream();
     let listener = Listener::builder("127.0.0.1:0".parse().unwrap())
         .shards(1)
@@ -196,7 +196,7 @@ fn max_connections_counts_relayed_connections_until_the_relay_closes() {
     drop(listener);
     drop(alive);
     upstream.join().unwrap();
-    assert_eq!(open_fds(), baseline);
+    fds.assert_back("fd table back to baseline");
 }
 
 #[test]
@@ -204,7 +204,7 @@ fn max_connections_counts_registered_connections_until_the_handler_closes_them()
     const L: usize = 3;
     const K: usize = 2;
     let _g = serial();
-    let baseline = open_fds();
+    let fds = FdTable::now();
     let listener = Listener::builder("127.0.0.1:0".parse().unwrap())
         .shards(1)
         .pin(false)
@@ -246,14 +246,14 @@ fn max_connections_counts_registered_connections_until_the_handler_closes_them()
     let s = listener.stats();
     assert!(s.conserved(), "{s:?}");
     drop(listener);
-    assert_eq!(open_fds(), baseline);
+    fds.assert_back("fd table back to baseline");
 }
 
 #[test]
 fn max_connections_counts_a_reply_until_its_close_and_serves_everyone() {
     const N: usize = 20;
     let _g = serial();
-    let baseline = open_fds();
+    let fds = FdTable::now();
     let listener = Listener::builder("127.0.0.1:0".parse().unwrap())
         .shards(1)
         .pin(false)
@@ -281,7 +281,7 @@ fn max_connections_counts_a_reply_until_its_close_and_serves_everyone() {
     assert_eq!(s.open.unwrap().high_water, 1, "{s:?}");
     assert!(s.conserved());
     drop(listener);
-    assert_eq!(open_fds(), baseline);
+    fds.assert_back("fd table back to baseline");
 }
 
 #[test]
@@ -316,7 +316,7 @@ fn a_slot_taken_out_with_the_socket_keeps_it_counted() {
 fn budget_bounds_every_turn(budget: usize) {
     const BURST: u64 = 20;
     let _g = serial();
-    let baseline = open_fds();
+    let fds = FdTable::now();
     let (release_tx, release_rx) = mpsc::channel::<()>();
     let release_rx = Mutex::new(release_rx);
     let (seen_tx, seen_rx) = mpsc::channel::<u64>();
@@ -362,7 +362,7 @@ fn budget_bounds_every_turn(budget: usize) {
     drop(first);
     drop(others);
     drop(listener);
-    assert_eq!(open_fds(), baseline);
+    fds.assert_back("fd table back to baseline");
 }
 
 #[test]
@@ -379,7 +379,7 @@ fn accept_budget_bounds_what_a_turn_takes_from_a_burst() {
 fn accept_rate_leaves_connections_in_the_kernel_queue_and_rejects_none() {
     const N: u64 = 4;
     let _g = serial();
-    let baseline = open_fds();
+    let fds = FdTable::now();
     // One token, then one every 500 ms: the burst of N waits in the kernel.
     let listener = Listener::builder("127.0.0.1:0".parse().unwrap())
         .shards(1)
@@ -409,7 +409,7 @@ fn accept_rate_leaves_connections_in_the_kernel_queue_and_rejects_none() {
     }
     drop(clients);
     drop(listener);
-    assert_eq!(open_fds(), baseline);
+    fds.assert_back("fd table back to baseline");
 }
 
 #[test]

@@ -11,7 +11,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use floodgate::{Coalesce, Connector, DrivenShard, Error, Listener, Moderation};
-use floodgate_tests::{connect, open_fds, read_id, serial, tagged_client, wait_for};
+use floodgate_tests::{connect, read_id, serial, tagged_client, wait_for, FdTable};
 
 const CLIENT_THREADS: u64 = 4;
 const PER_THREAD: u64 = 1_500;
@@ -79,7 +79,7 @@ fn moderation_is_adaptive_by_default() {
 #[test]
 fn under_load_every_connection_is_delivered_once_and_every_reply_leaves() {
     let _g = serial();
-    let baseline = open_fds();
+    let fds = FdTable::now();
     let (l, seen, twice) = replying(Moderation::default());
     for c in clients(l.local_addr(), CLIENT_THREADS, PER_THREAD) {
         c.join().expect("client");
@@ -98,7 +98,7 @@ fn under_load_every_connection_is_delivered_once_and_every_reply_leaves() {
     assert_eq!(t.moderation.pauses, t.coalesced_pauses);
     assert!(t.moderation.empty_pauses <= t.moderation.pauses);
     drop(l);
-    assert_eq!(open_fds(), baseline, "fd table back to baseline");
+    fds.assert_back("fd table back to baseline");
 }
 
 #[test]
@@ -146,7 +146,7 @@ fn the_fixed_mode_delivers_every_connection_once() {
 #[test]
 fn shutdown_under_load_ends_with_everything_counted() {
     let _g = serial();
-    let baseline = open_fds();
+    let fds = FdTable::now();
     let l = Arc::new(Listener::builder(addr()).shards(1).build().expect("build"));
     let stop = Arc::new(AtomicBool::new(false));
     let a = l.local_addr();
@@ -200,13 +200,13 @@ fn shutdown_under_load_ends_with_everything_counted() {
     assert_eq!(t.accepted, t.delivered + t.closed_at_shutdown);
     assert!(delivered <= t.delivered);
     drop(l);
-    assert_eq!(open_fds(), baseline, "fd table back to baseline");
+    fds.assert_back("fd table back to baseline");
 }
 
 #[test]
 fn drain_under_load_finishes_what_it_let_run() {
     let _g = serial();
-    let baseline = open_fds();
+    let fds = FdTable::now();
     let (l, seen, twice) = replying(Moderation::default());
     let a = l.local_addr();
     let stop = Arc::new(AtomicBool::new(false));
@@ -242,7 +242,7 @@ fn drain_under_load_finishes_what_it_let_run() {
     assert!(stats.conserved(), "{stats:?}");
     assert_eq!(stats.total().delivered, seen.lock().unwrap().len() as u64);
     drop(l);
-    assert_eq!(open_fds(), baseline, "fd table back to baseline");
+    fds.assert_back("fd table back to baseline");
 }
 
 /// Drives `shard` until the listener shut it down; ids go to `ids`.
@@ -270,7 +270,7 @@ fn serve(mut shard: DrivenShard, ids: mpsc::Sender<u64>) {
 #[test]
 fn a_driven_shard_under_load_delivers_every_connection_once() {
     let _g = serial();
-    let baseline = open_fds();
+    let fds = FdTable::now();
     let (l, mut shards) = Listener::builder(addr())
         .shards(1)
         .build_driven()
@@ -293,13 +293,13 @@ fn a_driven_shard_under_load_delivers_every_connection_once() {
     assert!(stats.conserved(), "{stats:?}");
     assert_eq!(stats.total().delivered, total);
     drop(l);
-    assert_eq!(open_fds(), baseline, "fd table back to baseline");
+    fds.assert_back("fd table back to baseline");
 }
 
 #[test]
 fn a_connector_with_moderation_completes_every_connect_once() {
     let _g = serial();
-    let baseline = open_fds();
+    let fds = FdTable::now();
     let server = std::net::TcpListener::bind(addr()).expect("bind");
     let target = server.local_addr().expect("addr");
     let accepted = Arc::new(AtomicU64::new(0));
@@ -343,5 +343,5 @@ fn a_connector_with_moderation_completes_every_connect_once() {
     assert!(s.conserved(), "{s:?}");
     assert_eq!(s.total().connected, 2_000);
     drop(c);
-    assert_eq!(open_fds(), baseline, "fd table back to baseline");
+    fds.assert_back("fd table back to baseline");
 }

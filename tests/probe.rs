@@ -54,6 +54,11 @@ fn main() {
     std::process::exit(code);
 }
 
+/// Number of open descriptors of this process, the listing's own included.
+/// A count on purpose, not a leak check (those compare `FdTable`s): it sizes
+/// RLIMIT_NOFILE for `emfile` in this fresh process, which holds no other
+/// test's descriptors and whose descriptors are numbered 0..count, so the
+/// count is how many numbers below the limit are taken.
 fn open_fds() -> u64 {
     std::fs::read_dir("/proc/self/fd")
         .map(|d| d.count() as u64)

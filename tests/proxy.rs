@@ -17,8 +17,8 @@ use floodgate::{
     RelaySide, Verdict,
 };
 use floodgate_tests::{
-    accept_from, connect, open_fds, refusing_port, relay_listener, relays, reset_on_drop, serial,
-    silent_upstream, still_relays, wait_for,
+    accept_from, connect, refusing_port, relay_listener, relays, reset_on_drop, serial,
+    silent_upstream, still_relays, wait_for, FdTable,
 };
 
 /// An echo server on loopback: one thread per connection copying what it
@@ -281,7 +281,7 @@ fn denied_sources_are_rejected_by_address_or_by_proxy_header() {
 fn refused_upstream_ends_the_client_and_counts_a_failure() {
     let _g = serial();
     let (_hold, closed) = refusing_port();
-    let baseline = open_fds();
+    let fds = FdTable::now();
     let listener = relay_listener(closed);
     let mut c = connect(listener.local_addr()).unwrap();
     let _ = c.write_all(b"anyone there?");
@@ -291,11 +291,7 @@ fn refused_upstream_ends_the_client_and_counts_a_failure() {
     let r = relays(&listener);
     assert_eq!((r.started, r.completed, r.active), (1, 0, 0));
     drop((c, listener));
-    assert_eq!(
-        open_fds(),
-        baseline,
-        "both sockets of the failed relay closed"
-    );
+    fds.assert_back("both sockets of the failed relay closed");
 }
 
 #[test]
@@ -303,7 +299,7 @@ fn client_reset_tears_down_both_sides() {
     let _g = serial();
     let up = TcpListener::bind("127.0.0.1:0").unwrap();
     let up_addr = up.local_addr().unwrap();
-    let baseline = open_fds();
+    let fds = FdTable::now();
     let listener = relay_listener(up_addr);
     let mut c = connect(listener.local_addr()).unwrap();
     c.write_all(b"x").unwrap();
@@ -321,18 +317,14 @@ fn client_reset_tears_down_both_sides() {
     wait_for("the relay fails", || relays(&listener).failed == 1);
     assert_eq!(relays(&listener).active, 0);
     drop((s, listener));
-    assert_eq!(
-        open_fds(),
-        baseline,
-        "both sockets of the failed relay closed"
-    );
+    fds.assert_back("both sockets of the failed relay closed");
 }
 
 #[test]
 fn shutdown_closes_relays_in_flight_and_leaves_no_fd() {
     let _g = serial();
     let echo = Echo::start();
-    let baseline = open_fds();
+    let fds = FdTable::now();
     let listener = relay_listener(echo.addr);
     const N: usize = 8;
     let mut clients = Vec::new();
@@ -359,7 +351,7 @@ fn shutdown_closes_relays_in_flight_and_leaves_no_fd() {
     }
     drop(listener);
     // The echo server's ends close as their reads see end of stream.
-    wait_for("fd table back to baseline", || open_fds() == baseline);
+    fds.assert_back("fd table back to baseline");
 }
 
 #[test]
@@ -585,7 +577,7 @@ fn outcome_of_a_completed_relay_names_the_side_that_closed_first_and_the_bytes()
 fn outcome_of_a_refused_upstream_says_refused() {
     let _g = serial();
     let (_hold, closed) = refusing_port();
-    let baseline = open_fds();
+    let fds = FdTable::now();
     let (listener, outcomes) = outcome_listener(closed, RelayOptions::default(), |b| b);
     let mut c = connect(listener.local_addr()).unwrap();
     assert!(ended_by_server(&mut c));
@@ -596,7 +588,7 @@ fn outcome_of_a_refused_upstream_says_refused() {
     let r = relays(&listener);
     assert_eq!((r.failed, r.upstream_refused, r.active), (1, 1, 0));
     drop((c, listener));
-    assert_eq!(open_fds(), baseline, "both sockets closed");
+    fds.assert_back("both sockets closed");
 }
 
 #[test]
@@ -651,7 +643,7 @@ fn a_silent_relay_is_torn_down_at_its_idle_timeout_and_counted() {
     let _g = serial();
     // An upstream that accepts and never says anything.
     let up = TcpListener::bind("127.0.0.1:0").unwrap();
-    let baseline = open_fds();
+    let fds = FdTable::now();
     let opts = RelayOptions::default().with_idle_timeout(Duration::from_millis(100));
     let (listener, outcomes) = outcome_listener(up.local_addr().unwrap(), opts, |b| b);
     let mut c = connect(listener.local_addr()).unwrap();
@@ -670,7 +662,7 @@ fn a_silent_relay_is_torn_down_at_its_idle_timeout_and_counted() {
         (1, 0, 0, 0)
     );
     drop((c, s, listener));
-    assert_eq!(open_fds(), baseline, "both sockets closed");
+    fds.assert_back("both sockets closed");
 }
 
 #[test]
@@ -716,7 +708,7 @@ fn finish(mut c: TcpStream, mut s: TcpStream) {
 fn at_the_relay_cap_a_further_relay_is_refused_counted_and_the_others_go_on() {
     let _g = serial();
     let up = silent_upstream();
-    let baseline = open_fds();
+    let fds = FdTable::now();
     let (listener, outcomes) =
         outcome_listener(up.local_addr().unwrap(), RelayOptions::default(), |b| {
             b.max_relays_per_shard(2)
@@ -753,7 +745,7 @@ fn at_the_relay_cap_a_further_relay_is_refused_counted_and_the_others_go_on() {
         (3, 3, 1, 0)
     );
     drop((c3, listener));
-    assert_eq!(open_fds(), baseline, "every socket closed");
+    fds.assert_back("every socket closed");
 }
 
 #[test]

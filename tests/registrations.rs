@@ -6,7 +6,7 @@ use std::net::{Shutdown, TcpStream};
 use std::sync::{Arc, Mutex};
 
 use floodgate::{Admitted, Events, Interest, Listener, Registered};
-use floodgate_tests::{connect, open_fds, reset_on_drop, serial, wait_for};
+use floodgate_tests::{connect, reset_on_drop, serial, wait_for, FdTable};
 
 /// Reads what is there and echoes it; closes on EOF or error.
 fn echo(conn: &mut Registered<'_>, _ev: Events) {
@@ -147,7 +147,7 @@ fn release_hands_the_admitted_connection_back() {
 #[test]
 fn shutdown_closes_and_counts_every_registered_connection() {
     let _g = serial();
-    let baseline = open_fds();
+    let fds = FdTable::now();
     let l = Listener::builder("127.0.0.1:0".parse().unwrap())
         .shards(1)
         .register(Interest::READABLE | Interest::HANGUP, echo)
@@ -176,5 +176,5 @@ fn shutdown_closes_and_counts_every_registered_connection() {
     }
     drop(clients);
     drop(l);
-    assert_eq!(open_fds(), baseline, "fd table back to baseline");
+    fds.assert_back("fd table back to baseline");
 }

@@ -10,18 +10,11 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-/// Tests in one binary share the process's fd table; the ones that count
+/// Tests in one binary share the process's fd table; the ones that check
 /// descriptors hold this lock so that no other test opens any meanwhile.
 pub fn serial() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
     LOCK.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Number of open descriptors of this process.
-pub fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd")
-        .map(|d| d.count())
-        .unwrap_or(0)
 }
 
 /// The process's fd table at one moment: each open descriptor with what it
@@ -88,7 +81,7 @@ impl FdTable {
 /// Sockets held in the direct-descriptor tables of this process's io_uring
 /// instances, as the kernel lists them (`/proc/self/fdinfo/<ring>`: one
 /// `N: socket:[inode]` line per occupied slot). Direct sockets are not in
-/// the fd table, so [`open_fds`] cannot see them; this can.
+/// the fd table, so [`FdTable`] cannot see them; this can.
 pub fn ring_held_sockets() -> usize {
     let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
         return 0;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use floodgate::conditions::{ProxyProtocol, Sni};
 use floodgate::{proxy_protocol, sni, ConnectRequest, Listener, Verdict};
-use floodgate_tests::{connect, ended_by_server, open_fds, serial, tcp_socket_exists, wait_for};
+use floodgate_tests::{connect, ended_by_server, serial, tcp_socket_exists, wait_for, FdTable};
 
 /// Shuts `l` down on another thread and waits (bounded) for it to return.
 fn shutdown_returns(l: Arc<Listener>) -> bool {
@@ -26,7 +26,7 @@ fn shutdown_returns(l: Arc<Listener>) -> bool {
 #[test]
 fn deferred_silent_clients_are_closed_at_their_timeout_and_do_not_block_shutdown() {
     let _g = serial();
-    let baseline = open_fds();
+    let fds = FdTable::now();
     const N: usize = 50;
     let l = Arc::new(
         Listener::builder("127.0.0.1:0".parse().unwrap())
@@ -52,13 +52,13 @@ fn deferred_silent_clients_are_closed_at_their_timeout_and_do_not_block_shutdown
     assert!(l.stats().conserved(), "{t:?}");
     drop(clients);
     drop(l);
-    assert_eq!(open_fds(), baseline, "the fd table is back to baseline");
+    fds.assert_back("the fd table is back to baseline");
 }
 
 #[test]
 fn shutdown_does_not_wait_for_deferred_clients() {
     let _g = serial();
-    let baseline = open_fds();
+    let fds = FdTable::now();
     let l = Arc::new(
         Listener::builder("127.0.0.1:0".parse().unwrap())
             .shards(1)
@@ -86,7 +86,7 @@ fn shutdown_does_not_wait_for_deferred_clients() {
     assert!(l.stats().conserved(), "{t:?}");
     drop(clients);
     drop(l);
-    assert_eq!(open_fds(), baseline);
+    fds.assert_back("fd table back to baseline");
 }
 
 #[test]
@@ -122,7 +122,7 @@ fn a_deferring_condition_is_asked_once_per_interval() {
 #[test]
 fn malformed_and_incomplete_headers_are_all_closed() {
     let _g = serial();
-    let baseline = open_fds();
+    let fds = FdTable::now();
     let proxy = Listener::builder("127.0.0.1:0".parse().unwrap())
         .shards(1)
         .pending_timeout(Duration::from_millis(300))
@@ -177,13 +177,13 @@ fn malformed_and_incomplete_headers_are_all_closed() {
     assert!(shutdown_returns(p.clone()) && shutdown_returns(t.clone()));
     assert!(p.stats().conserved() && t.stats().conserved());
     drop((clients, p, t));
-    assert_eq!(open_fds(), baseline);
+    fds.assert_back("fd table back to baseline");
 }
 
 #[test]
 fn a_peer_that_resets_in_the_ring_is_withdrawn_not_delivered() {
     let _g = serial();
-    let baseline = open_fds();
+    let fds = FdTable::now();
     let l = Listener::builder("127.0.0.1:0".parse().unwrap())
         .shards(1)
         .build()
@@ -222,5 +222,5 @@ fn a_peer_that_resets_in_the_ring_is_withdrawn_not_delivered() {
     assert_eq!((t.delivered, t.withdrawn.peer_gone), (ROUNDS, ROUNDS));
     assert!(l.stats().conserved(), "{t:?}");
     drop(l);
-    assert_eq!(open_fds(), baseline);
+    fds.assert_back("fd table back to baseline");
 }
