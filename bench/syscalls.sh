@@ -15,7 +15,7 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 peer=$1
 shift
-calls=io_uring_enter,read,write,epoll_wait,epoll_ctl,accept4,getpeername,getsockopt,sendto,close,futex
+calls=io_uring_enter,read,write,epoll_wait,epoll_pwait2,epoll_ctl,nanosleep,clock_nanosleep,accept4,getpeername,getsockopt,sendto,close,futex
 events=$(tr , '\n' <<<"$calls" | sed 's/^/syscalls:sys_enter_/' | paste -sd, -),context-switches
 coproc SERVER { exec "$bin/$peer" "$@" --pin 0 --max-seconds 30; }
 pid=$SERVER_PID

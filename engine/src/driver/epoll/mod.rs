@@ -163,7 +163,20 @@ pub(crate) struct Epoll {
     park_at: Option<Instant>,
     /// Accept slices taken since epoll was last asked.
     slices: usize,
+    /// Listening sockets whose multishot accept took connections, then
+    /// found the queue empty, since the last wait: tried once more before
+    /// the next wait (see [`Epoll::retry_accepts`]).
+    retry: Vec<RawFd>,
+    spare_retry: Vec<RawFd>,
+    /// Waits that skip the retry, after one found nothing.
+    retry_skip: u32,
+    /// How many the next retry that finds nothing makes skip (1, 2, 4 …
+    /// [`RETRY_BACKOFF_MAX`]; reset by a retry that finds a connection).
+    retry_backoff: u32,
 }
+
+/// The most waits a retry that found nothing makes skip the next retry.
+const RETRY_BACKOFF_MAX: u32 = 64;
 
 /// The epoll user data of the park timer (no descriptor number is this).
 const PARK_TAG: u64 = u64::MAX;
@@ -195,6 +208,10 @@ impl Epoll {
             park: None,
             park_at: None,
             slices: 0,
+            retry: Vec::new(),
+            spare_retry: Vec::new(),
+            retry_skip: 0,
+            retry_backoff: 0,
         })
     }
 
@@ -355,6 +372,9 @@ impl Epoll {
                 }
                 return Ok(());
             }
+            if self.retry_accepts(mem) {
+                continue;
+            }
             self.slices = 0;
             let timeout = if !self.ready.is_empty() {
                 Some(std::time::Duration::ZERO)
@@ -392,6 +412,45 @@ impl Epoll {
             }
             self.dispatch(n as usize, mem);
         }
+    }
+
+    /// Before a wait: tries once more each multishot accept that took
+    /// connections and then found its queue empty since the last wait;
+    /// returns whether that took any. Meanwhile the shard replied to what
+    /// it took, and under load the next connections came in that time: a
+    /// hand-written loop finds them with its next `accept4` (it accepts,
+    /// replies and accepts again until EAGAIN), where the engine, which
+    /// takes a slice before replying, would otherwise ask epoll first (an
+    /// `epoll_pwait2` more per 2–3 connections at C=64, PERF.md). A retry
+    /// that finds nothing costs an `accept4`; it makes the next 1, 2, 4 …
+    /// [`RETRY_BACKOFF_MAX`] waits skip theirs, so at light load nearly
+    /// none is made. An accept tried again stays parked on its descriptor
+    /// as before (its EAGAIN leaves the edge to epoll).
+    fn retry_accepts(&mut self, mem: &mut KeyMap<OpMemory>) -> bool {
+        if self.retry.is_empty() {
+            return false;
+        }
+        if self.retry_skip > 0 {
+            self.retry_skip -= 1;
+            self.retry.clear();
+            return false;
+        }
+        let before = self.cq.len();
+        let spare = std::mem::take(&mut self.spare_retry);
+        let mut retry = std::mem::replace(&mut self.retry, spare);
+        for fd in retry.drain(..) {
+            self.readiness(fd, libc::EPOLLIN as u32, mem);
+        }
+        self.spare_retry = retry;
+        if self.cq.len() > before {
+            self.retry_backoff = 0;
+            return true;
+        }
+        // Found nothing: what the retries of this wait pushed is cleared too.
+        self.retry.clear();
+        self.retry_backoff = (self.retry_backoff * 2).clamp(1, RETRY_BACKOFF_MAX);
+        self.retry_skip = self.retry_backoff;
+        false
     }
 
     /// Acts on the first `n` events of the last wait, then on the listening

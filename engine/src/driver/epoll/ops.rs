@@ -256,7 +256,14 @@ impl Epoll {
                     }
                 }
                 Ok(new) => return Try::Done(new),
-                Err(e) if would_block(&e) => return Try::Wait(fd),
+                Err(e) if would_block(&e) => {
+                    // Took some: the queue may fill again while the shard
+                    // replies to them (`retry_accepts`).
+                    if multishot && taken > 0 && !self.retry.contains(&fd) {
+                        self.retry.push(fd);
+                    }
+                    return Try::Wait(fd);
+                }
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
                 Err(e) => return Try::Done(-errno(&e)),
             }
