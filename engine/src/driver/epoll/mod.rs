@@ -27,7 +27,8 @@
 //! F_MORE until it ends; a multishot accept hands over [`ACCEPT_SLICE`]
 //! connections at a time and takes at most [`ACCEPT_BUDGET`] between two
 //! looks at epoll, so the other descriptors wait no longer (the kernel's
-//! queue holds the rest meanwhile).
+//! queue holds the rest meanwhile); one that took connections is tried
+//! again before the next wait, within the same budget.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -435,6 +436,14 @@ impl Epoll {
             self.retry.clear();
             return false;
         }
+        // A retry is a slice of the budget: a listener whose every retry
+        // finds more would otherwise keep epoll from ever being asked, and
+        // the shard's other descriptors (its wake-up, relays) from a turn.
+        if self.slices + 1 >= ACCEPT_BUDGET / ACCEPT_SLICE {
+            self.retry.clear();
+            return false;
+        }
+        self.slices += 1;
         let before = self.cq.len();
         let spare = std::mem::take(&mut self.spare_retry);
         let mut retry = std::mem::replace(&mut self.retry, spare);
