@@ -46,20 +46,20 @@ impl Replies {
         reply: &[u8],
         slot: ConnectionSlot,
     ) -> io::Result<()> {
-        use std::os::fd::AsRawFd;
         self.next = self.next.wrapping_add(1) & ((1 << 48) - 1);
         let id = self.next;
-        let raw = fd.as_raw_fd();
-        let bytes: Box<[u8]> = reply.into();
         let flags = if self.at_once {
             libc::MSG_NOSIGNAL
         } else {
             libc::MSG_MORE | libc::MSG_NOSIGNAL
         };
-        ring.reserve(2)?;
-        ring.send(raw, bytes, flags, true, user_data(ReplyOp::Send, id))?;
+        let (send_ud, close_ud) = (user_data(ReplyOp::Send, id), user_data(ReplyOp::Close, id));
+        if ring.send_then_close(fd, reply, flags, send_ud, close_ud)? {
+            // Sent and closed already: the slot goes with the socket.
+            drop(slot);
+            return Ok(());
+        }
         self.sends += 1;
-        ring.close(fd, user_data(ReplyOp::Close, id))?;
         self.closes += 1;
         if slot.is_counted() {
             self.slots.insert(id, slot);

@@ -551,6 +551,35 @@ impl Driver {
         self.post(op, Some(OpMemory::Bytes(bytes)), link, user_data)
     }
 
+    /// A reply: SEND of `reply` on `fd` with `flags`, then the CLOSE of
+    /// `fd` linked behind it (user data `send_ud` and `close_ud`). Returns
+    /// `true` when both are already done and no completion will come: the
+    /// epoll backend tries them at once when nothing of the shard names
+    /// `fd` and the send does not block (the way an epoll loop replies; a
+    /// reply's first send into an empty buffer does not). Otherwise (and
+    /// always on io_uring) they are posted and complete as [`Driver::send`]'s
+    /// and [`Driver::close`]'s do.
+    pub fn send_then_close(
+        &mut self,
+        fd: OwnedFd,
+        reply: &[u8],
+        flags: i32,
+        send_ud: u64,
+        close_ud: u64,
+    ) -> io::Result<bool> {
+        let fd = match &mut self.imp {
+            Imp::Epoll(e) => match e.send_close_now(fd, reply, flags) {
+                Ok(()) => return Ok(true),
+                Err(fd) => fd,
+            },
+            Imp::Uring(_) => fd,
+        };
+        self.reserve(2)?;
+        self.send(fd.as_raw_fd(), reply.into(), flags, true, send_ud)?;
+        self.close(fd, close_ud)?;
+        Ok(false)
+    }
+
     /// CLOSE of a descriptor the caller gives up. Its completion must be
     /// passed to [`Driver::finish_close`], which closes the descriptor itself
     /// if the close did not run (a cancelled link), so it is closed exactly once.

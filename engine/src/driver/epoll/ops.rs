@@ -14,7 +14,7 @@
 
 use std::io;
 use std::mem::size_of;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::time::Instant;
 
 use super::{errno, Epoll, Try, ACCEPT_SLICE, ALWAYS, IN, OUT};
@@ -228,6 +228,36 @@ impl Epoll {
         }
     }
 
+    /// A reply SEND of `bytes` on `fd`, then its CLOSE, performed now,
+    /// the way an epoll loop replies: the send is tried at once and only a
+    /// send that would block waits for epoll. Done now (`Ok`) when nothing
+    /// of this driver names `fd` (no operation waits on it or is queued
+    /// for it, so doing it now keeps every order the chain would) and the
+    /// send did not block; the descriptor is closed whatever the send's
+    /// outcome, as the linked chain would close it (a failed SEND cancels
+    /// the CLOSE, and the service's drop closes it). Otherwise `fd` comes
+    /// back untouched and the caller posts the chain.
+    pub(crate) fn send_close_now(
+        &mut self,
+        fd: OwnedFd,
+        bytes: &[u8],
+        flags: i32,
+    ) -> Result<(), OwnedFd> {
+        let raw = fd.as_raw_fd();
+        if self.fds.contains_key(&raw) || self.sq.iter().any(|(_, op, _)| names_fd(op, raw)) {
+            return Err(fd);
+        }
+        match send(raw, bytes, flags | libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) {
+            Err(e) if would_block(&e) => Err(fd),
+            _ => {
+                // Linux frees the number even when close fails (EINTR
+                // included): nothing to retry.
+                let _ = close(fd.into_raw_fd());
+                Ok(())
+            }
+        }
+    }
+
     /// Accepts on listening socket `fd` until EAGAIN; a multishot accept
     /// completes (F_MORE) for each connection, at most
     /// [`ACCEPT_SLICE`] per try (then it is tried again before the next
@@ -332,6 +362,16 @@ fn recv(fd: RawFd, buf: &mut [u8], flags: i32) -> io::Result<usize> {
 fn close(fd: RawFd) -> io::Result<()> {
     // SAFETY: closing a number the caller owns and no one uses after.
     syscall!(unsafe { libc::syscall(libc::SYS_close, libc::c_long::from(fd)) }).map(|_| ())
+}
+
+/// Whether operation `op` names descriptor `fd` (waits on it, closes it,
+/// or acts on it).
+fn names_fd(op: &Op, fd: RawFd) -> bool {
+    match op {
+        Op::Close { fd: f } | Op::Shutdown { fd: f, .. } => *f == fd,
+        Op::Disconnect { desc } => *desc == Desc::Fd(fd),
+        _ => wait_fd(op) == Some(fd),
+    }
 }
 
 /// The descriptor an operation waits on, if any.
