@@ -210,6 +210,7 @@ impl ShardShared {
         &self,
         delivery: &Delivery,
         pending_timeout: Duration,
+        now: Option<Instant>,
     ) -> Option<crate::admit::pending::Pending> {
         while let Some((p, wake)) = self.backlog.pop() {
             delivery.popped();
@@ -218,7 +219,10 @@ impl ShardShared {
             if wake || (self.control.draining() && self.backlog.len() == 0) {
                 self.control.wake();
             }
-            let waited = p.accepted_at.elapsed();
+            let waited = match now {
+                Some(now) => now.saturating_duration_since(p.accepted_at),
+                None => p.accepted_at.elapsed(),
+            };
             if waited > pending_timeout {
                 Counters::add(&self.counters.withdrawn_timeout, 1);
                 continue; // drop closes it
@@ -442,7 +446,8 @@ impl Listener {
                 }
             }
             while taken < max {
-                let Some(p) = shard.take_deliverable(&self.delivery, self.pending_timeout) else {
+                let Some(p) = shard.take_deliverable(&self.delivery, self.pending_timeout, None)
+                else {
                     break;
                 };
                 sink(Admitted::new(p, index));
