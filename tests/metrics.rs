@@ -11,9 +11,7 @@ use floodgate::{
     BackendChoice, ConnectRequest, ConnectShardStats, Connector, ConnectorStats, Listener,
     ListenerStats, SequencePlan, ShardStats, Verdict,
 };
-use floodgate_tests::{
-    banner_listener, connect_from, ended_by_server, reset_on_drop, serial, wait_for, FdTable,
-};
+use floodgate_tests::{banner_listener, ended_by_server_from, serial, wait_for, FdTable};
 use prometheus_client::encoding::prometheus_text::encode;
 use prometheus_client::registry::Registry;
 use prometheus_parse::{Scrape, Value};
@@ -444,9 +442,8 @@ fn listener_collector_case(max_connections: Option<usize>) {
         let addr = listener.local_addr();
         let from = |last: u8, n: usize| {
             for _ in 0..n {
-                let mut c = connect_from([127, 0, 0, last].into(), addr).expect("connect");
-                assert!(ended_by_server(&mut c));
-                reset_on_drop(&c);
+                let ended = ended_by_server_from([127, 0, 0, last].into(), addr).expect("connect");
+                assert!(ended);
             }
         };
         from(2, NORMAL);

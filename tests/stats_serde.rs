@@ -8,9 +8,7 @@ use floodgate::{
     Backend, BackendChoice, ConnectErrorKind, ConnectRequest, Connector, ConnectorStats, Listener,
     ListenerStats, RunSummary, SequenceOutcome, SequencePlan, Verdict,
 };
-use floodgate_tests::{
-    banner_listener, connect_from, ended_by_server, reset_on_drop, serial, wait_for, FdTable,
-};
+use floodgate_tests::{banner_listener, ended_by_server_from, serial, wait_for, FdTable};
 use serde_json::{json, Value};
 
 /// The keys of a JSON object, sorted.
@@ -50,9 +48,8 @@ fn listener_stats_serialise_every_field_and_read_back_equal() {
             .expect("listener");
         let addr = listener.local_addr();
         for last in [2, 2, 2, 3] {
-            let mut c = connect_from([127, 0, 0, last].into(), addr).expect("connect");
-            assert!(ended_by_server(&mut c));
-            reset_on_drop(&c);
+            let ended = ended_by_server_from([127, 0, 0, last].into(), addr).expect("connect");
+            assert!(ended);
         }
         wait_for("four decided", || {
             let t = listener.stats().total();

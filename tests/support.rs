@@ -174,6 +174,24 @@ pub fn connect_from(src: std::net::IpAddr, addr: SocketAddr) -> io::Result<TcpSt
     Ok(s.into())
 }
 
+/// A client from `src` that the server ends (closes or resets) and that
+/// then resets: whether it was ended by the server. A server that resets
+/// at once (a reset verdict decided on the address alone) may do so
+/// before the client's blocking `connect()` has looked at its socket
+/// again: the connect then fails with ECONNRESET, which is the same
+/// outcome seen earlier, not a failure of the connect.
+pub fn ended_by_server_from(src: std::net::IpAddr, addr: SocketAddr) -> io::Result<bool> {
+    match connect_from(src, addr) {
+        Ok(mut c) => {
+            let ended = ended_by_server(&mut c);
+            reset_on_drop(&c);
+            Ok(ended)
+        }
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Ok(true),
+        Err(e) => Err(e),
+    }
+}
+
 /// Sets SO_LINGER 0 so that dropping `s` sends an RST and leaves no
 /// TIME_WAIT behind (tests make tens of thousands of connections).
 pub fn reset_on_drop(s: &TcpStream) {
