@@ -63,6 +63,13 @@ struct Cli {
     /// Where to write the JSON results.
     #[arg(long, value_name = "FILE")]
     out: PathBuf,
+
+    /// A directory with another build's `peer_floodgate` (for example
+    /// one `bench/baseline.sh` built at an earlier commit): adds the rows
+    /// `baseline_handler` (its inline handler, `--mode handler`), run in
+    /// every round beside this build's, for an interleaved A/B of the two.
+    #[arg(long, value_name = "DIR")]
+    baseline_dir: Option<PathBuf>,
 }
 
 /// A scenario: its name, flood's load options, whether the server is CPU-capped.
@@ -333,6 +340,15 @@ fn goals(t: &Table) -> Vec<Value> {
         1.05,
         true,
     );
+    for (scenario, label) in [("saturated", "saturated"), ("c64", "C=64")] {
+        check(
+            &format!("{label} server µs/conn, io_uring handler vs the baseline build"),
+            get(t, scenario, "floodgate_handler").map(|f| f.server_us),
+            get(t, scenario, "baseline_handler").map(|f| ("baseline_handler", f.server_us)),
+            1.02,
+            true,
+        );
+    }
     check(
         "saturated server µs/conn, epoll backend vs epoll loop with MSG_MORE",
         get(t, "saturated", "floodgate_epoll").map(|f| f.server_us),
@@ -500,6 +516,14 @@ fn main() -> ExitCode {
     ];
     for (name, args) in FLOODGATE {
         servers.push(Server::peer(b, name, "peer_floodgate", args));
+    }
+    if let Some(dir) = &cli.baseline_dir {
+        servers.push(Server::peer(
+            dir,
+            "baseline_handler",
+            "peer_floodgate",
+            &["--mode", "handler"],
+        ));
     }
     if let Some(only) = &cli.servers {
         servers.retain(|s| only.iter().any(|o| o == s.name));
