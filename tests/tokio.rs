@@ -13,7 +13,7 @@ use std::time::Duration;
 use floodgate::tokio::{DrivenListener, TcpListener};
 use floodgate::Listener;
 use floodgate_tests::{
-    connect, cores, each_id_once, one_driven_shard, pin, serial, tagged_client,
+    connect, cores, each_id_once, one_driven_shard, pin, reset_on_drop, serial, tagged_client,
     tagged_clients_from_cores, wait_for, FdTable,
 };
 use tokio::io::AsyncReadExt;
@@ -528,5 +528,57 @@ fn a_flushed_driven_reply_leaves_without_another_accept() {
     assert_eq!((t.accepted, t.delivered), (1, 1));
     drop(rt);
     drop(listener);
+    fds.assert_back("fd table back to baseline");
+}
+
+/// Clients that reset while their connections wait in the ring are
+/// withdrawn (counted `withdrawn.peer_gone`), never handed to the application
+/// as streams; the one that stays is.
+#[test]
+fn connections_reset_in_the_ring_are_withdrawn_not_handed_over() {
+    let _serial = serial();
+    let fds = FdTable::now();
+    let rt = multi_thread();
+    rt.block_on(async {
+        let listener = Arc::new(
+            TcpListener::from_builder(Listener::builder(addr()).shards(1).pin(false))
+                .expect("listener"),
+        );
+        const GONE: u64 = 8;
+        for _ in 0..GONE {
+            let c = connect(listener.local_addr()).expect("connect");
+            // SO_LINGER 0: the close sends an RST, which loopback hands to
+            // the server's socket before close() returns.
+            reset_on_drop(&c);
+        }
+        let l = listener.clone();
+        tokio::task::spawn_blocking(move || {
+            wait_for("the reset ones accepted into the ring", || {
+                l.stats().total().accepted == GONE
+            })
+        })
+        .await
+        .expect("waiter");
+        let stays = connect(listener.local_addr()).expect("connect");
+        let (s, meta) = tokio::time::timeout(BOUND, listener.accept())
+            .await
+            .expect("accept in time")
+            .expect("accept");
+        assert_eq!(meta.peer_addr, stays.local_addr().expect("client address"));
+        assert_eq!(
+            s.peer_addr().expect("stream's peer"),
+            stays.local_addr().expect("client address")
+        );
+        let t = listener.stats().total();
+        assert_eq!(
+            (t.accepted, t.delivered, t.withdrawn.peer_gone),
+            (GONE + 1, 1, GONE)
+        );
+        assert!(listener.stats().conserved());
+        drop(s);
+        drop(stays);
+        listener.shutdown();
+    });
+    drop(rt);
     fds.assert_back("fd table back to baseline");
 }

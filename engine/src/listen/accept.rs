@@ -202,15 +202,18 @@ impl ShardShared {
 
     /// Pops the next connection that can still be delivered, withdrawing
     /// (closing and counting) the ones that cannot: pending longer than
-    /// `pending_timeout` (its client has most likely given up), or reset by
-    /// the peer while it waited in the ring at least [`RESET_CHECK_AFTER`]
-    /// (`SO_ERROR` set: one getsockopt, PERF.md). Counts the one returned as delivered and wakes
-    /// the shard when this pop ends its backpressure pause.
+    /// `pending_timeout` (its client has most likely given up), or, with
+    /// `reset_check`, reset by the peer while it waited in the ring at
+    /// least [`RESET_CHECK_AFTER`] (`SO_ERROR` set: one getsockopt,
+    /// PERF.md). `now` is the time to judge the wait by (`None`: the
+    /// clock). Counts the one returned as delivered and wakes the shard
+    /// when this pop ends its backpressure pause.
     pub fn take_deliverable(
         &self,
         delivery: &Delivery,
         pending_timeout: Duration,
         now: Option<Instant>,
+        reset_check: bool,
     ) -> Option<crate::admit::pending::Pending> {
         while let Some((p, wake)) = self.backlog.pop() {
             delivery.popped();
@@ -230,7 +233,8 @@ impl ShardShared {
             // The getsockopt costs ~0.45 µs here (PERF.md): asked only of a
             // connection that sat in the ring; a reset in the first moments
             // is no different from one just after delivery.
-            if waited >= RESET_CHECK_AFTER
+            if reset_check
+                && waited >= RESET_CHECK_AFTER
                 && !matches!(socket2::SockRef::from(&p.fd).take_error(), Ok(None))
             {
                 Counters::add(&self.counters.withdrawn_gone, 1);
@@ -379,7 +383,7 @@ impl Listener {
     /// delivers to an inline handler.
     pub fn try_accept(&self) -> Result<Option<Admitted>, Error> {
         let mut got = None;
-        self.take(1, &mut |c| got = Some(c))?;
+        self.take(1, true, &mut |c| got = Some(c))?;
         Ok(got)
     }
 
@@ -411,13 +415,32 @@ impl Listener {
     /// As [`Listener::try_accept`]; a shard's accept error is returned only
     /// when no connection was taken (it waits for the next call otherwise).
     pub fn accept_many(&self, out: &mut Vec<Admitted>, max: usize) -> Result<usize, Error> {
-        self.take(max, &mut |c| out.push(c))
+        self.take(max, true, &mut |c| out.push(c))
+    }
+
+    /// As [`Listener::accept_many`], for a caller that asks each
+    /// connection's peer address at once (the tokio listener): a peer
+    /// that reset while its connection waited in the ring has none, which
+    /// finds it as the ring's own check (`SO_ERROR` after a millisecond)
+    /// would, so that check is not made twice.
+    #[cfg(feature = "tokio")]
+    pub(crate) fn accept_many_asking_peer(
+        &self,
+        out: &mut Vec<Admitted>,
+        max: usize,
+    ) -> Result<usize, Error> {
+        self.take(max, false, &mut |c| out.push(c))
     }
 
     /// The one delivery path of `try_accept`, `accept_many`, `accept` and
     /// `accept_timeout`: up to `max` connections to `sink`, round-robin over
     /// the shards from a rotating start.
-    fn take(&self, max: usize, sink: &mut dyn FnMut(Admitted)) -> Result<usize, Error> {
+    fn take(
+        &self,
+        max: usize,
+        reset_check: bool,
+        sink: &mut dyn FnMut(Admitted),
+    ) -> Result<usize, Error> {
         if self.inline {
             return Err(Error::InlineDelivery);
         }
@@ -446,7 +469,8 @@ impl Listener {
                 }
             }
             while taken < max {
-                let Some(p) = shard.take_deliverable(&self.delivery, self.pending_timeout, None)
+                let Some(p) =
+                    shard.take_deliverable(&self.delivery, self.pending_timeout, None, reset_check)
                 else {
                     break;
                 };

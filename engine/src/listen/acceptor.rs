@@ -420,7 +420,7 @@ impl Acceptor {
     /// `now` (`None`: the clock).
     fn take_one_at(&mut self, now: Option<Instant>) -> Option<Admitted> {
         self.shard
-            .take_deliverable(&self.delivery, self.pending_timeout, now)
+            .take_deliverable(&self.delivery, self.pending_timeout, now, true)
             .map(|p| Admitted::new(p, self.index))
     }
 

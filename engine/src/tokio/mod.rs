@@ -236,7 +236,7 @@ impl TcpListener {
             return Ok(Some(got));
         }
         let mut batch = Vec::with_capacity(BATCH);
-        self.listener.accept_many(&mut batch, BATCH)?;
+        self.listener.accept_many_asking_peer(&mut batch, BATCH)?;
         let mut first = None;
         let mut failed = None;
         let mut queue = self.lock();
