@@ -397,6 +397,10 @@ fn a_reply_queued_outside_drive_leaves_with_flush_or_wait() {
         assert_eq!(got, b"queued");
         let _ = go_tx.send(());
     }
+    // The reply was read while the server sat in wait(); a reply the
+    // backend made at once (epoll) leaves no completion to end that wait:
+    // a new connection does (closed and counted at shutdown).
+    let _wake = connect(target).expect("connect");
     let mut shard = server.join().expect("server thread");
     assert!(matches!(shard.context(), Err(Error::WrongThread { .. })));
     drop(shard);
