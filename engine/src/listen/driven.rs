@@ -262,7 +262,9 @@ impl DrivenShard {
     /// SEND with `MSG_MORE`, so the reply leaves with the FIN, and a CLOSE),
     /// submitted with the shard's next `accept()`, `drive()`, `wait()` or
     /// [`DrivenShard::flush`]: an `accept()` loop that answers this way pays
-    /// no syscall of its own per connection.
+    /// no syscall of its own per connection. (On the epoll backend the send
+    /// and close are made at once, as an epoll loop makes them, unless the
+    /// send would block.)
     ///
     /// ```
     /// use std::io::Read;
