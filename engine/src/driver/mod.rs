@@ -718,6 +718,27 @@ impl Driver {
         }
     }
 
+    /// For a driven shard whose application waits on [`Driver::wait_fd`]
+    /// edge-triggered (tokio's reactor: woken by each signal, whatever the
+    /// descriptor's level): [`Driver::prepare_wait`] then makes it readable
+    /// when work waits without first clearing it (on io_uring: no read of
+    /// the eventfd per wait). The epoll backend's descriptor needs no
+    /// clearing either way.
+    pub fn wait_edge_triggered(&mut self) {
+        if let Imp::Uring(r) = &mut self.imp {
+            r.park_edge_triggered();
+        }
+    }
+
+    /// Before a level-triggered wait (`poll(2)`) on [`Driver::wait_fd`] of
+    /// a driver set [`Driver::wait_edge_triggered`]: clears the descriptor
+    /// unless work waits (nothing to do otherwise).
+    pub fn prepare_level_wait(&mut self) {
+        if let Imp::Uring(r) = &mut self.imp {
+            r.prepare_level_wait();
+        }
+    }
+
     /// Whether work is already there without waiting: completions not yet
     /// drained, or (io_uring) deferred task work, or (epoll) listeners with
     /// accepts left over; and whether operations wait to be submitted.

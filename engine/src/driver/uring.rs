@@ -63,6 +63,10 @@ pub(crate) struct Ring {
     /// deferred work (an accept's task work); the eventfd is signalled for
     /// it and for every completion.
     park: Option<std::os::fd::OwnedFd>,
+    /// The application waits on `park` edge-triggered (tokio's reactor):
+    /// every signal wakes it whatever the counter holds, so the counter is
+    /// never read back (see [`Ring::prepare_wait`]).
+    park_edge: bool,
 }
 
 impl Ring {
@@ -120,6 +124,7 @@ impl Ring {
                         ring,
                         setup,
                         park: None,
+                        park_edge: false,
                     })
                 }
                 Err(e) => {
@@ -385,6 +390,12 @@ impl Ring {
         Ok(())
     }
 
+    /// For a driven shard whose application waits on its eventfd
+    /// edge-triggered: [`Ring::prepare_wait`] leaves the counter as it is.
+    pub fn park_edge_triggered(&mut self) {
+        self.park_edge = true;
+    }
+
     /// Whether SQEs wait to be submitted.
     pub fn has_queued(&mut self) -> bool {
         !self.ring.submission().is_empty()
@@ -406,14 +417,32 @@ impl Ring {
     /// again if work is already there (completions not reaped, or deferred
     /// work, which TASKRUN_FLAG shows): work that comes after the clear
     /// signals it by itself, so no wake-up is lost and none is spurious.
+    /// An edge-triggered waiter ([`Ring::park_edge_triggered`]) is woken
+    /// by each signal whatever the counter holds: the read that clears it
+    /// (a syscall per wait) is left out for it.
     pub fn prepare_wait(&mut self, ready: bool) {
+        self.settle_park(ready, !self.park_edge);
+    }
+
+    /// Before a level-triggered wait (`poll(2)`) on an eventfd that an
+    /// edge-triggered waiter has left set: clears it as
+    /// [`Ring::prepare_wait`] does for level-triggered waiters.
+    pub fn prepare_level_wait(&mut self) {
+        if self.park_edge {
+            self.settle_park(false, true);
+        }
+    }
+
+    fn settle_park(&mut self, ready: bool, clear: bool) {
         use std::os::fd::{AsRawFd, BorrowedFd};
         let Some(fd) = self.park.as_ref().map(|p| p.as_raw_fd()) else {
             return;
         };
         // SAFETY: `park` is owned by `self` and stays open for this call.
         let park = unsafe { BorrowedFd::borrow_raw(fd) };
-        super::sys::eventfd_clear(park);
+        if clear {
+            super::sys::eventfd_clear(park);
+        }
         if ready || self.has_work() {
             super::sys::eventfd_signal(park);
         }

@@ -429,6 +429,8 @@ impl DrivenShard {
         if self.shard.ring.has_work() {
             self.flush()?;
         }
+        // A tokio listener's edge-triggered waits leave the descriptor set.
+        self.shard.ring.prepare_level_wait();
         sys::poll_readable(self.as_fd(), timeout).map_err(|e| Error::setup("poll", e))
     }
 
@@ -436,6 +438,14 @@ impl DrivenShard {
     #[cfg(feature = "tokio")]
     pub(crate) fn has_queued(&mut self) -> bool {
         self.shard.ring.has_queued()
+    }
+
+    /// The application waits on [`DrivenShard::as_fd`] edge-triggered
+    /// (tokio's reactor): the drive leaves the descriptor as it is rather
+    /// than read it clear (the driver's `wait_edge_triggered`).
+    #[cfg(feature = "tokio")]
+    pub(crate) fn wait_edge_triggered(&mut self) {
+        self.shard.ring.wait_edge_triggered();
     }
 
     /// Whether the shard's accepts give non-blocking sockets.

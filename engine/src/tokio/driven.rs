@@ -83,9 +83,12 @@ impl DrivenListener {
     ///
     /// # Errors
     /// `Other` outside a tokio runtime; the reactor's registration error.
-    pub fn new(shard: DrivenShard) -> io::Result<Self> {
+    pub fn new(mut shard: DrivenShard) -> io::Result<Self> {
         let fd = shard.as_fd().try_clone_to_owned()?;
         let ready = runtime::readable(fd)?;
+        // The reactor waits edge-triggered: woken by each signal, it needs
+        // no read of the descriptor per wait.
+        shard.wait_edge_triggered();
         Ok(DrivenListener {
             ready,
             nonblocking: shard.accepts_nonblocking(),
