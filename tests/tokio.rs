@@ -41,6 +41,11 @@ fn current_thread() -> Runtime {
         .expect("runtime")
 }
 
+/// A tokio listener over one unpinned shard (inside a runtime).
+fn one_shard_listener() -> TcpListener {
+    TcpListener::from_builder(Listener::builder(addr()).shards(1).pin(false)).expect("listener")
+}
+
 fn is_nonblocking(s: &tokio::net::TcpStream) -> bool {
     socket2::SockRef::from(s).nonblocking().expect("F_GETFL")
 }
@@ -152,8 +157,7 @@ fn dropped_accept_futures_lose_no_connection() {
     let rt = current_thread();
     let total = 300usize;
     rt.block_on(async {
-        let listener = TcpListener::from_builder(Listener::builder(addr()).shards(1).pin(false))
-            .expect("listener");
+        let listener = one_shard_listener();
         let local = listener.local_addr();
         // Polled once with nothing pending, then dropped: certainly cancelled.
         for _ in 0..10 {
@@ -223,10 +227,7 @@ fn shutdown_accounts_for_what_was_not_taken_and_wakes_waiting_accepts() {
     let fds = FdTable::now();
     let rt = multi_thread();
     rt.block_on(async {
-        let listener = Arc::new(
-            TcpListener::from_builder(Listener::builder(addr()).shards(1).pin(false))
-                .expect("listener"),
-        );
+        let listener = Arc::new(one_shard_listener());
         let clients: Vec<_> = (0..10)
             .map(|_| connect(listener.local_addr()).expect("connect"))
             .collect();
@@ -271,8 +272,7 @@ fn shutdown_accounts_for_what_was_not_taken_and_wakes_waiting_accepts() {
     // Not taken at all: closed and counted at shutdown.
     let rt = current_thread();
     rt.block_on(async {
-        let listener = TcpListener::from_builder(Listener::builder(addr()).shards(1).pin(false))
-            .expect("listener");
+        let listener = one_shard_listener();
         let _clients: Vec<_> = (0..5)
             .map(|_| connect(listener.local_addr()).expect("connect"))
             .collect();
@@ -540,10 +540,7 @@ fn connections_reset_in_the_ring_are_withdrawn_not_handed_over() {
     let fds = FdTable::now();
     let rt = multi_thread();
     rt.block_on(async {
-        let listener = Arc::new(
-            TcpListener::from_builder(Listener::builder(addr()).shards(1).pin(false))
-                .expect("listener"),
-        );
+        let listener = Arc::new(one_shard_listener());
         const GONE: u64 = 8;
         for _ in 0..GONE {
             let c = connect(listener.local_addr()).expect("connect");
