@@ -64,8 +64,9 @@ pub(crate) struct Ring {
     /// it and for every completion.
     park: Option<std::os::fd::OwnedFd>,
     /// The application waits on `park` edge-triggered (tokio's reactor):
-    /// every signal wakes it whatever the counter holds, so the counter is
-    /// never read back (see [`Ring::prepare_wait`]).
+    /// every signal wakes it whatever the counter holds, so a drive does
+    /// not read the counter back (see [`Ring::prepare_wait`]; only a
+    /// level-triggered wait does, [`Ring::prepare_level_wait`]).
     park_edge: bool,
 }
 
