@@ -463,6 +463,12 @@ fn main() -> ExitCode {
         Server::peer(b, "peer_std", "peer_std", &[]),
         Server::peer(b, "peer_epoll", "peer_epoll", &[]),
         Server::peer(b, "epoll_msg_more", "peer_epoll", &["--msg-more"]),
+        Server::peer(
+            b,
+            "epoll_msg_more_mt",
+            "peer_epoll",
+            &["--msg-more", "--extra-thread"],
+        ),
         Server::peer(b, "peer_tokio", "peer_tokio", &[]),
         Server::peer(b, "tokio_mt", "peer_tokio", &["--multi-thread"]),
         Server::peer(b, "peer_uring", "peer_uring", &[]),

@@ -26,10 +26,23 @@ struct Cli {
     /// uses).
     #[arg(long)]
     msg_more: bool,
+
+    /// Start one more thread that only sleeps, so that the process is
+    /// multi-threaded as an engine with shard threads always is: the
+    /// kernel then takes a file reference on every descriptor syscall
+    /// (`fdget`), which a one-thread process skips.
+    #[arg(long)]
+    extra_thread: bool,
 }
 
 fn main() {
     let cli = Cli::parse();
+    if cli.extra_thread {
+        // Parks for the life of the process; it never runs again.
+        std::thread::spawn(|| loop {
+            std::thread::park();
+        });
+    }
     let std_listener = peer::start(NAME, &cli.peer);
     if let Err(e) = std_listener.set_nonblocking(true) {
         peer::fatal(
