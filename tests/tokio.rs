@@ -579,3 +579,38 @@ fn connections_reset_in_the_ring_are_withdrawn_not_handed_over() {
     drop(rt);
     fds.assert_back("fd table back to baseline");
 }
+
+/// A DrivenListener leaves its shard's descriptor as it is between waits
+/// (tokio waits edge-triggered); a level-triggered `wait()` on that shard
+/// still reports it readable only when there is work.
+#[test]
+fn a_driven_listeners_shard_waits_level_triggered_for_work_only() {
+    let _serial = serial();
+    let fds = FdTable::now();
+    let (listener, shard) = one_driven_shard();
+    let local = listener.local_addr();
+    let rt = current_thread();
+    rt.block_on(async {
+        let mut driven = DrivenListener::new(shard).expect("driven");
+        let client = connect(local).expect("connect");
+        // Its completion signalled the descriptor; the drive reaped it.
+        drop(driven.accept_admitted().await.expect("accept"));
+        drop(client);
+        let shard = driven.shard_mut();
+        assert!(
+            !shard.wait(Some(Duration::ZERO)).expect("wait"),
+            "readable with nothing to do"
+        );
+        let _second = connect(local).expect("connect");
+        assert!(
+            shard.wait(None).expect("wait"),
+            "a new connection makes it readable"
+        );
+        drop(driven);
+    });
+    listener.shutdown();
+    assert!(listener.stats().conserved());
+    drop(rt);
+    drop(listener);
+    fds.assert_back("fd table back to baseline");
+}
