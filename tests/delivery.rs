@@ -430,3 +430,77 @@ fn nonblocking_accept_gives_o_nonblock_sockets_on_every_accept_path() {
     }
     fds.assert_back("fd table back to baseline");
 }
+
+/// An inline handler's connections reach it without passing through the
+/// ring while it has room (one at a time: the ring is never used); a burst
+/// larger than the ring, queued while the handler is busy, still arrives
+/// exactly once and in the kernel's order; the stats conserve throughout.
+#[test]
+fn an_inline_handler_takes_its_connections_in_order_past_the_ring() {
+    use std::io::Write;
+    const RING: usize = 4;
+    // The kernel queues one more than the backlog it was given.
+    const BURST: u64 = RING as u64 + 1;
+    let _g = serial();
+    let fds = FdTable::now();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let release_rx = Mutex::new(release_rx);
+    let (seen_tx, seen_rx) = std::sync::mpsc::channel::<u64>();
+    let seen_tx = Mutex::new(seen_tx);
+    let listener = Listener::builder("127.0.0.1:0".parse().unwrap())
+        .shards(1)
+        .pin(false)
+        .backlog(RING)
+        .handler(move |mut conn, _ctx| {
+            let id = read_id(&mut conn).unwrap();
+            if id == 0 {
+                let _ = release_rx.lock().unwrap().recv();
+            }
+            let _ = seen_tx.lock().unwrap().send(id);
+        })
+        .build()
+        .unwrap();
+    let addr = listener.local_addr();
+    let client = |id: u64| {
+        let mut s = connect(addr).unwrap();
+        s.write_all(&id.to_le_bytes()).unwrap();
+        s
+    };
+    let mut kept = Vec::new();
+    for id in 100..103 {
+        kept.push(client(id));
+        assert_eq!(seen_rx.recv().unwrap(), id);
+    }
+    let s = listener.stats();
+    assert_eq!(
+        s.total().ring_high_water,
+        0,
+        "one at a time, the ring is not used: {s:?}"
+    );
+    kept.push(client(0));
+    wait_for("the first of the burst is with the handler", || {
+        listener.stats().total().delivered == 4
+    });
+    kept.extend((1..=BURST).map(client));
+    wait_for("the burst waits in the kernel's queue", || {
+        listener
+            .stats()
+            .total()
+            .kernel
+            .map_or(0, |k| k.accept_queue as u64)
+            == BURST
+    });
+    release_tx.send(()).unwrap();
+    let ids: Vec<u64> = (0..=BURST).map(|_| seen_rx.recv().unwrap()).collect();
+    assert_eq!(ids, (0..=BURST).collect::<Vec<_>>(), "in order, once each");
+    wait_for("all delivered and conserved", || {
+        let s = listener.stats();
+        s.total().delivered == BURST + 4 && s.conserved()
+    });
+    for c in &kept {
+        floodgate_tests::reset_on_drop(c);
+    }
+    drop(kept);
+    drop(listener);
+    fds.assert_back("fd table back to baseline");
+}

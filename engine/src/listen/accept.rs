@@ -222,28 +222,43 @@ impl ShardShared {
             if wake || (self.control.draining() && self.backlog.len() == 0) {
                 self.control.wake();
             }
-            let waited = match now {
-                Some(now) => now.saturating_duration_since(p.accepted_at),
-                None => p.accepted_at.elapsed(),
-            };
-            if waited > pending_timeout {
-                Counters::add(&self.counters.withdrawn_timeout, 1);
-                continue; // drop closes it
+            if let Some(p) = self.deliverable(p, pending_timeout, now, reset_check) {
+                return Some(p);
             }
-            // The getsockopt costs ~0.45 µs here (PERF.md): asked only of a
-            // connection that sat in the ring; a reset in the first moments
-            // is no different from one just after delivery.
-            if reset_check
-                && waited >= RESET_CHECK_AFTER
-                && !matches!(socket2::SockRef::from(&p.fd).take_error(), Ok(None))
-            {
-                Counters::add(&self.counters.withdrawn_gone, 1);
-                continue;
-            }
-            Counters::add(&self.counters.delivered, 1);
-            return Some(p);
         }
         None
+    }
+
+    /// `p`, counted delivered, unless it waited past `pending_timeout` or
+    /// (with `reset_check`, after [`RESET_CHECK_AFTER`]) its peer reset it:
+    /// then it is counted withdrawn and dropped, which closes it.
+    pub fn deliverable(
+        &self,
+        p: crate::admit::pending::Pending,
+        pending_timeout: Duration,
+        now: Option<Instant>,
+        reset_check: bool,
+    ) -> Option<crate::admit::pending::Pending> {
+        let waited = match now {
+            Some(now) => now.saturating_duration_since(p.accepted_at),
+            None => p.accepted_at.elapsed(),
+        };
+        if waited > pending_timeout {
+            Counters::add(&self.counters.withdrawn_timeout, 1);
+            return None; // drop closes it
+        }
+        // The getsockopt costs ~0.45 µs here (PERF.md): asked only of a
+        // connection that sat in the ring; a reset in the first moments
+        // is no different from one just after delivery.
+        if reset_check
+            && waited >= RESET_CHECK_AFTER
+            && !matches!(socket2::SockRef::from(&p.fd).take_error(), Ok(None))
+        {
+            Counters::add(&self.counters.withdrawn_gone, 1);
+            return None;
+        }
+        Counters::add(&self.counters.delivered, 1);
+        Some(p)
     }
 
     /// A connection counted as delivered was gone (reset, no peer address)

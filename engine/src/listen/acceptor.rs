@@ -14,6 +14,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -97,6 +98,11 @@ pub(crate) struct Acceptor {
     backoff_step: Duration,
     backoff_timer: bool,
     held: VecDeque<Pending>,
+    /// An inline handler's connections of this turn: they go to it at the
+    /// turn's end without passing through the ring (no other thread takes
+    /// from a listener with a handler), at most the ring's capacity; more
+    /// take the ring as before.
+    inline: VecDeque<Pending>,
     paused: bool,
     stopping: bool,
     pushed: bool,
@@ -157,6 +163,7 @@ impl Acceptor {
             backoff_step: MIN_BACKOFF,
             backoff_timer: false,
             held: VecDeque::new(),
+            inline: VecDeque::new(),
             paused: false,
             stopping: false,
             pushed: false,
@@ -337,6 +344,18 @@ impl Acceptor {
     }
 
     fn enqueue_ring(&mut self, pending: Pending) {
+        if self.handler.is_some()
+            && self.held.is_empty()
+            && self.inline.len() < self.shard.backlog.capacity()
+            && (!self.inline.is_empty() || self.shard.backlog.len() == 0)
+        {
+            // Older than anything the ring may take after it (the ring is
+            // used only once this is full), so the order holds.
+            self.inline.push_back(pending);
+            let pending = (self.held.len() + self.inline.len()) as u64;
+            self.counters().held.store(pending, Ordering::Relaxed);
+            return;
+        }
         if self.held.is_empty() {
             if let Err(p) = self.push(pending) {
                 self.held.push_back(p);
@@ -385,8 +404,15 @@ impl Acceptor {
             if n > 0 && n % CLOCK_EVERY == 0 {
                 now = Instant::now();
             }
-            let Some(p) = self.take_one_at(Some(now)) else {
-                break;
+            let p = match self.inline.pop_front() {
+                Some(p) => match self.inline_deliverable(p, now) {
+                    Some(p) => p,
+                    None => continue,
+                },
+                None => match self.take_one_at(Some(now)) {
+                    Some(p) => p,
+                    None => break,
+                },
             };
             n += 1;
             let conn = p;
@@ -401,6 +427,17 @@ impl Acceptor {
             }
         }
         n
+    }
+
+    /// A connection the inline handler takes without the ring, judged as
+    /// one from the ring would be; the stats stop counting it pending.
+    fn inline_deliverable(&mut self, p: Pending, now: Instant) -> Option<Admitted> {
+        // A plain store: only this thread writes the gauge.
+        let left = (self.held.len() + self.inline.len()) as u64;
+        self.counters().held.store(left, Ordering::Relaxed);
+        self.shard
+            .deliverable(p, self.pending_timeout, Some(now), true)
+            .map(|p| Admitted::new(p, self.index))
     }
 
     /// The shard's context outside [`Acceptor::deliver_to`]: for a
@@ -599,7 +636,7 @@ impl Acceptor {
             Some(a) => a.close_all(&self.shard.counters),
             None => 0,
         };
-        for p in self.held.drain(..) {
+        for p in self.held.drain(..).chain(self.inline.drain(..)) {
             drop(p);
             closed += 1;
         }
@@ -743,9 +780,10 @@ impl Service for Acceptor {
                 break;
             }
         }
-        self.counters()
-            .held
-            .store(self.held.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        // Pending in the stats: what is held, and what goes to the inline
+        // handler without the ring.
+        let pending = (self.held.len() + self.inline.len()) as u64;
+        self.counters().held.store(pending, Ordering::Relaxed);
         if self.handler.is_some() {
             self.pushed = false;
             self.deliver_inline(ring);

@@ -10,6 +10,10 @@
 //! accepting, so further connections wait in the kernel's own backlog. A
 //! consumer whose pop brings the depth down to the low-water mark wakes the
 //! shard, which resumes accepting.
+//!
+//! A listener with an inline handler has no other consumer: the shard
+//! hands each turn's connections to the handler without the ring while
+//! they fit in its capacity, and the ring carries only what is past that.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
