@@ -373,6 +373,12 @@ impl Epoll {
                 }
                 return Ok(());
             }
+            // A listener whose last slice was full has more waiting: its
+            // next slice comes before epoll is asked, within the budget.
+            if !self.ready.is_empty() && self.slices + 1 < ACCEPT_BUDGET / ACCEPT_SLICE {
+                self.take_ready(mem);
+                continue;
+            }
             if self.retry_accepts(mem) {
                 continue;
             }
