@@ -66,7 +66,8 @@ struct Cli {
 
     /// A directory with another build's `peer_floodgate` (for example
     /// one `bench/baseline.sh` built at an earlier commit): adds the rows
-    /// `baseline_handler` (its inline handler, `--mode handler`), run in
+    /// `baseline_handler` (its inline handler, `--mode handler`) and
+    /// `baseline_epoll` (the same on the epoll backend), run in
     /// every round beside this build's, for an interleaved A/B of the two.
     #[arg(long, value_name = "DIR")]
     baseline_dir: Option<PathBuf>,
@@ -350,6 +351,13 @@ fn goals(t: &Table) -> Vec<Value> {
         );
     }
     check(
+        "saturated server µs/conn, epoll backend vs the baseline build",
+        get(t, "saturated", "floodgate_epoll").map(|f| f.server_us),
+        get(t, "saturated", "baseline_epoll").map(|f| ("baseline_epoll", f.server_us)),
+        1.02,
+        true,
+    );
+    check(
         "saturated server µs/conn, epoll backend vs epoll loop with MSG_MORE",
         get(t, "saturated", "floodgate_epoll").map(|f| f.server_us),
         get(t, "saturated", "epoll_msg_more").map(|f| ("epoll_msg_more", f.server_us)),
@@ -529,6 +537,12 @@ fn main() -> ExitCode {
             "baseline_handler",
             "peer_floodgate",
             &["--mode", "handler"],
+        ));
+        servers.push(Server::peer(
+            dir,
+            "baseline_epoll",
+            "peer_floodgate",
+            &["--mode", "handler", "--backend", "epoll"],
         ));
     }
     if let Some(only) = &cli.servers {
