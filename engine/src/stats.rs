@@ -210,11 +210,14 @@ pub struct ShardStats {
     /// its loop (any listener, limits or not).
     pub max_accepted_per_turn: u64,
     /// Connections accepted and not yet delivered or closed: in the ring,
-    /// plus any the shard holds while the ring is full.
+    /// plus any the shard holds while the ring is full, plus (with an
+    /// inline handler) those of the current turn on their way to it.
     pub pending: u64,
     /// Connections in the ring now.
     pub ring_depth: usize,
-    /// Deepest the ring has been.
+    /// Deepest the ring has been. With an inline handler the ring carries
+    /// only what one turn took past its capacity, so this stays 0 until a
+    /// burst that large.
     pub ring_high_water: usize,
     /// The ring's capacity (the effective backlog).
     pub ring_capacity: usize,
