@@ -477,6 +477,12 @@ fn main() -> ExitCode {
             "peer_epoll",
             &["--msg-more", "--extra-thread"],
         ),
+        Server::peer(
+            b,
+            "epoll_msg_more_batch16",
+            "peer_epoll",
+            &["--msg-more", "--batch", "16"],
+        ),
         Server::peer(b, "peer_tokio", "peer_tokio", &[]),
         Server::peer(b, "tokio_mt", "peer_tokio", &["--multi-thread"]),
         Server::peer(b, "peer_uring", "peer_uring", &[]),

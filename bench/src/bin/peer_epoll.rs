@@ -33,6 +33,12 @@ struct Cli {
     /// (`fdget`), which a one-thread process skips.
     #[arg(long)]
     extra_thread: bool,
+
+    /// Accept up to this many connections before replying to (and closing)
+    /// them, as an engine that takes a slice of accepts per turn does; 1
+    /// (the default) replies to each as it is accepted.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    batch: u16,
 }
 
 fn main() {
@@ -71,33 +77,48 @@ fn main() {
         }
         for event in events.iter() {
             if event.token() == LISTENER {
-                drain_accept(&listener, cli.msg_more);
+                drain_accept(&listener, cli.msg_more, usize::from(cli.batch));
             }
         }
     }
 }
 
-/// Accepts until `WouldBlock` (mio registers edge-triggered), replying to each connection.
-fn drain_accept(listener: &TcpListener, msg_more: bool) {
+/// Accepts until `WouldBlock` (mio registers edge-triggered), replying to each connection:
+/// at once, or after `batch` of them were accepted (and at `WouldBlock`).
+fn drain_accept(listener: &TcpListener, msg_more: bool, batch: usize) {
+    let mut taken = Vec::with_capacity(batch);
     loop {
-        match listener.accept() {
-            Ok((mut stream, _)) if msg_more => {
-                let _ = socket2::SockRef::from(&stream).send_with_flags(REPLY, libc::MSG_MORE);
-                let _ = stream.flush();
+        let more = match listener.accept() {
+            Ok((stream, _)) => {
+                taken.push(stream);
+                true
             }
-            Ok((mut stream, _)) => {
-                // One byte into an empty send buffer: succeeds unless the peer is gone.
-                let _ = stream.write(REPLY);
-            }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => false,
             Err(e)
                 if matches!(
                     e.kind(),
                     ErrorKind::ConnectionAborted
                         | ErrorKind::ConnectionReset
                         | ErrorKind::Interrupted
-                ) => {}
+                ) =>
+            {
+                true
+            }
             Err(e) => peer::fatal(NAME, format_args!("accept failed: {e}")),
+        };
+        if taken.len() >= batch || !more {
+            for mut stream in taken.drain(..) {
+                if msg_more {
+                    let _ = socket2::SockRef::from(&stream).send_with_flags(REPLY, libc::MSG_MORE);
+                    let _ = stream.flush();
+                } else {
+                    // One byte into an empty send buffer: succeeds unless the peer is gone.
+                    let _ = stream.write(REPLY);
+                }
+            }
+        }
+        if !more {
+            return;
         }
     }
 }
