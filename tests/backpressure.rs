@@ -74,21 +74,11 @@ fn full_ring_pauses_accepting_and_loses_nothing() {
 #[test]
 fn blocked_handler_leaves_connections_in_the_kernel_and_loses_none() {
     let _g = serial();
-    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
-    let release_rx = std::sync::Mutex::new(release_rx);
-    let (seen_tx, seen_rx) = std::sync::mpsc::channel::<u64>();
-    let seen_tx = std::sync::Mutex::new(seen_tx);
+    let (gate, handler) = floodgate_tests::gated_handler();
     let listener = Listener::builder("127.0.0.1:0".parse().unwrap())
         .shards(1)
         .backlog(4)
-        .handler(move |mut conn, _ctx| {
-            let id = read_id(&mut conn).unwrap();
-            if id == 0 {
-                // Block the shard until the test releases it.
-                let _ = release_rx.lock().unwrap().recv();
-            }
-            let _ = seen_tx.lock().unwrap().send(id);
-        })
+        .handler(handler)
         .build()
         .unwrap();
     let addr = listener.local_addr();
@@ -118,8 +108,8 @@ fn blocked_handler_leaves_connections_in_the_kernel_and_loses_none() {
                 == 4
         });
     }
-    release_tx.send(()).unwrap();
-    let mut ids: Vec<u64> = (0..5).map(|_| seen_rx.recv().unwrap()).collect();
+    gate.release();
+    let mut ids: Vec<u64> = (0..5).map(|_| gate.next()).collect();
     ids.sort();
     assert_eq!(ids, vec![0, 1, 2, 3, 4]);
     drop(first);

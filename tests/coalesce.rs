@@ -2,11 +2,9 @@
 //! a batch of connections, never at light load, and loses nothing.
 
 use std::io::{Read, Write};
-use std::sync::mpsc;
-use std::sync::Mutex;
 
 use floodgate::{Coalesce, Listener};
-use floodgate_tests::{connect, read_id, serial, wait_for};
+use floodgate_tests::{connect, serial, wait_for};
 
 #[test]
 fn light_load_never_pauses() {
@@ -36,20 +34,11 @@ fn light_load_never_pauses() {
 #[test]
 fn a_batch_of_connections_makes_the_shard_pause_and_none_is_lost() {
     let _g = serial();
-    let (release_tx, release_rx) = mpsc::channel::<()>();
-    let release_rx = Mutex::new(release_rx);
-    let (seen_tx, seen_rx) = mpsc::channel::<u64>();
-    let seen_tx = Mutex::new(seen_tx);
+    let (gate, handler) = floodgate_tests::gated_handler();
     let l = Listener::builder("127.0.0.1:0".parse().unwrap())
         .shards(1)
         .coalesce(Some(Coalesce::default()))
-        .handler(move |mut conn, _ctx| {
-            let id = read_id(&mut conn).unwrap();
-            if id == 0 {
-                let _ = release_rx.lock().unwrap().recv();
-            }
-            let _ = seen_tx.lock().unwrap().send(id);
-        })
+        .handler(handler)
         .build()
         .unwrap();
     if !l.ring_setup().defer_taskrun {
@@ -79,8 +68,8 @@ fn a_batch_of_connections_makes_the_shard_pause_and_none_is_lost() {
             .unwrap_or(0)
             == 20
     });
-    release_tx.send(()).unwrap();
-    let mut ids: Vec<u64> = (0..21).map(|_| seen_rx.recv().unwrap()).collect();
+    gate.release();
+    let mut ids: Vec<u64> = (0..21).map(|_| gate.next()).collect();
     ids.sort();
     assert_eq!(ids, (0..=20).collect::<Vec<_>>());
     // The pause is counted right after the turn that delivered the batch.

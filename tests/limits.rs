@@ -7,8 +7,7 @@
 use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use floodgate::{Admitted, Error, Interest, Listener, ListenerStats, RelayOptions, Steering};
 use floodgate_tests::{connect, read_id, reset_on_drop, serial, wait_for, FdTable};
@@ -317,21 +316,12 @@ fn budget_bounds_every_turn(budget: usize) {
     const BURST: u64 = 20;
     let _g = serial();
     let fds = FdTable::now();
-    let (release_tx, release_rx) = mpsc::channel::<()>();
-    let release_rx = Mutex::new(release_rx);
-    let (seen_tx, seen_rx) = mpsc::channel::<u64>();
-    let seen_tx = Mutex::new(seen_tx);
+    let (gate, handler) = floodgate_tests::gated_handler();
     let listener = Listener::builder("127.0.0.1:0".parse().unwrap())
         .shards(1)
         .pin(false)
         .accept_budget(budget)
-        .handler(move |mut conn, _ctx| {
-            let id = read_id(&mut conn).unwrap();
-            if id == 0 {
-                let _ = release_rx.lock().unwrap().recv();
-            }
-            let _ = seen_tx.lock().unwrap().send(id);
-        })
+        .handler(handler)
         .build()
         .unwrap();
     let addr = listener.local_addr();
@@ -343,8 +333,8 @@ fn budget_bounds_every_turn(budget: usize) {
     wait_for("the burst waits in the kernel's queue", || {
         kernel_queue(&listener.stats()) == BURST
     });
-    release_tx.send(()).unwrap();
-    let mut ids: Vec<u64> = (0..=BURST).map(|_| seen_rx.recv().unwrap()).collect();
+    gate.release();
+    let mut ids: Vec<u64> = (0..=BURST).map(|_| gate.next()).collect();
     ids.sort();
     assert_eq!(ids, (0..=BURST).collect::<Vec<_>>());
     let s = listener.stats();

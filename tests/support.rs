@@ -216,6 +216,46 @@ pub fn read_id(s: &mut impl Read) -> io::Result<u64> {
     Ok(u64::from_le_bytes(b))
 }
 
+/// The other end of [`gated_handler`]: lets the held connection go, and
+/// reads the ids in the order the handler got them.
+pub struct Gate {
+    release: std::sync::mpsc::Sender<()>,
+    seen: std::sync::mpsc::Receiver<u64>,
+}
+
+impl Gate {
+    /// Lets the handler go on past the connection with id 0.
+    pub fn release(&self) {
+        self.release.send(()).expect("the handler is alive");
+    }
+
+    /// The next id the handler got.
+    pub fn next(&self) -> u64 {
+        self.seen.recv().expect("the handler is alive")
+    }
+}
+
+/// An inline handler for ordering tests: it reads each connection's id
+/// (as a [`tagged_client`] sends it), holds the shard on id 0 until
+/// [`Gate::release`], and reports every id to the [`Gate`].
+pub fn gated_handler() -> (
+    Gate,
+    impl Fn(floodgate::Admitted, &mut floodgate::ShardContext<'_>) + Send + Sync + 'static,
+) {
+    let (release, release_rx) = std::sync::mpsc::channel::<()>();
+    let (seen_tx, seen) = std::sync::mpsc::channel::<u64>();
+    let (release_rx, seen_tx) = (Mutex::new(release_rx), Mutex::new(seen_tx));
+    let handler = move |mut conn: floodgate::Admitted, _: &mut floodgate::ShardContext<'_>| {
+        let id = read_id(&mut conn).expect("the client sends its id");
+        if id == 0 {
+            // Holds the shard until the test releases it.
+            let _ = release_rx.lock().expect("not poisoned").recv();
+        }
+        let _ = seen_tx.lock().expect("not poisoned").send(id);
+    };
+    (Gate { release, seen }, handler)
+}
+
 /// Pins the calling thread to `core`, if it exists.
 pub fn pin(core: usize) -> bool {
     core_affinity::get_core_ids()
