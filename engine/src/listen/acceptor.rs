@@ -852,6 +852,7 @@ impl Service for Acceptor {
             && self.sockets.is_empty()
             && self.all_idle()
             && self.held.is_empty()
+            && self.inline.is_empty()
             && self.shard.backlog.len() == 0
             && self.replies.is_empty()
             && self.relays.live() == 0
