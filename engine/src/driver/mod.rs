@@ -724,6 +724,7 @@ impl Driver {
     /// when work waits without first clearing it (on io_uring: no read of
     /// the eventfd per wait). The epoll backend's descriptor needs no
     /// clearing either way.
+    #[cfg(feature = "tokio")]
     pub fn wait_edge_triggered(&mut self) {
         if let Imp::Uring(r) = &mut self.imp {
             r.park_edge_triggered();

@@ -393,6 +393,7 @@ impl Ring {
 
     /// For a driven shard whose application waits on its eventfd
     /// edge-triggered: [`Ring::prepare_wait`] leaves the counter as it is.
+    #[cfg(feature = "tokio")]
     pub fn park_edge_triggered(&mut self) {
         self.park_edge = true;
     }
