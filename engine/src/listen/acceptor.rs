@@ -352,8 +352,7 @@ impl Acceptor {
             // Older than anything the ring may take after it (the ring is
             // used only once this is full), so the order holds.
             self.inline.push_back(pending);
-            let pending = (self.held.len() + self.inline.len()) as u64;
-            self.counters().held.store(pending, Ordering::Relaxed);
+            self.count_held();
             return;
         }
         if self.held.is_empty() {
@@ -432,12 +431,18 @@ impl Acceptor {
     /// A connection the inline handler takes without the ring, judged as
     /// one from the ring would be; the stats stop counting it pending.
     fn inline_deliverable(&mut self, p: Pending, now: Instant) -> Option<Admitted> {
-        // A plain store: only this thread writes the gauge.
-        let left = (self.held.len() + self.inline.len()) as u64;
-        self.counters().held.store(left, Ordering::Relaxed);
+        self.count_held();
         self.shard
             .deliverable(p, self.pending_timeout, Some(now), true)
             .map(|p| Admitted::new(p, self.index))
+    }
+
+    /// Pending in the stats, besides the ring: what the shard holds while
+    /// the ring is full, and what goes to the inline handler without it. A
+    /// plain store: only this thread writes the gauge.
+    fn count_held(&self) {
+        let n = (self.held.len() + self.inline.len()) as u64;
+        self.counters().held.store(n, Ordering::Relaxed);
     }
 
     /// The shard's context outside [`Acceptor::deliver_to`]: for a
@@ -646,9 +651,7 @@ impl Acceptor {
             closed += 1;
         }
         Counters::add(&self.counters().closed_at_shutdown, closed);
-        self.counters()
-            .held
-            .store(0, std::sync::atomic::Ordering::Relaxed);
+        self.count_held();
     }
 }
 
@@ -780,10 +783,7 @@ impl Service for Acceptor {
                 break;
             }
         }
-        // Pending in the stats: what is held, and what goes to the inline
-        // handler without the ring.
-        let pending = (self.held.len() + self.inline.len()) as u64;
-        self.counters().held.store(pending, Ordering::Relaxed);
+        self.count_held();
         if self.handler.is_some() {
             self.pushed = false;
             self.deliver_inline(ring);
