@@ -23,7 +23,7 @@
 //!   connection stays on its shard's io_uring with the listener's declared
 //!   [`Interest`], its events going to a handler on the shard thread.
 //!
-//! With feature `tokio`, [`tokio`] adds `accept().await` over the rings
+//! With feature `tokio`, the `floodgate::tokio` module adds `accept().await` over the rings
 //! (`floodgate::tokio::TcpListener`) and over a driven shard on a `current_thread`
 //! runtime (`floodgate::tokio::DrivenListener`); with feature `axum`, both are
 //! `axum::serve::Listener`s.
@@ -108,7 +108,7 @@
 //!   ring-full pauses and resumes, the backend's fallback, panics caught on
 //!   a shard, errors surfaced to `accept()`, connector backoffs and relay
 //!   refusals; none per connection.
-//! - `tokio`: the [`tokio`] module, async listeners giving
+//! - `tokio`: the `floodgate::tokio` module, async listeners giving
 //!   `tokio::net::TcpStream`s.
 //! - `axum` (implies `tokio`): `axum::serve::Listener` for them.
 #![deny(unsafe_code, unsafe_op_in_unsafe_fn)]
